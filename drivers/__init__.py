@@ -1,0 +1,1 @@
+"""iotgw device drivers: the sources of readings."""

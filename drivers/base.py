@@ -1,0 +1,80 @@
+"""What every driver is: a source of readings that runs until cancelled.
+
+A driver moves bytes and frames; decoding lives in pure parser modules beside it. It hands each
+reading, and each frame it could not decode, to a :class:`Sink` that the gateway provides.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class DriverReading:
+    device_id: str
+    metric: str
+    value: float
+    unit: str | None
+    device_ts: datetime | None = None
+    seq: int | None = None
+
+
+class Sink(Protocol):
+    async def reading(self, reading: DriverReading) -> None: ...
+
+    async def error(self, device_id: str, reason: str, detail: str, raw: bytes) -> None: ...
+
+
+@dataclass(slots=True)
+class DriverStats:
+    frames: int = 0
+    readings: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)  # not errors: duplicates, strangers
+    disconnects: int = 0
+    connected: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "frames": self.frames, "readings": self.readings, "errors": dict(sorted(self.errors.items())),
+            "skipped": dict(sorted(self.skipped.items())),
+            "disconnects": self.disconnects, "connected": self.connected,
+        }
+
+
+class Driver(Protocol):
+    name: str
+    stats: DriverStats
+
+    async def run(self, sink: Sink) -> None:
+        """Read until cancelled; recover from device faults by itself."""
+        ...
+
+
+def backoff_delay(attempt: int, *, cap_s: float = 30.0) -> float:
+    """Random, exponential, capped: ``uniform(0, min(cap, 1.5 ** attempt))`` seconds."""
+    return random.uniform(0, min(cap_s, 1.5 ** min(attempt, 20)))
+
+
+class StateLog:
+    """Logs a source going down once, and its recovery once: state changes, not every failure."""
+
+    def __init__(self, logger: logging.Logger, name: str) -> None:
+        self._log = logger
+        self._name = name
+        self._down_since: datetime | None = None
+
+    def down(self, now: datetime, reason: str) -> None:
+        if self._down_since is None:
+            self._down_since = now
+            self._log.warning("%s: unavailable (%s); retrying with backoff", self._name, reason)
+
+    def up(self, now: datetime) -> None:
+        if self._down_since is not None:
+            self._log.warning("%s: recovered after %.1f s", self._name, (now - self._down_since).total_seconds())
+            self._down_since = None

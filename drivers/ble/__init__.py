@@ -1,0 +1,1 @@
+"""Bluetooth LE drivers and their advertisement decoders."""

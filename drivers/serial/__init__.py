@@ -1,0 +1,1 @@
+"""Serial-port drivers and their frame parsers."""

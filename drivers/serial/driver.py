@@ -1,0 +1,73 @@
+"""The serial driver: one per port. Opens the port, feeds bytes to the protocol's decoder, and
+survives unplugs by reopening the same path with capped, jittered backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+import serial
+import serial_asyncio_fast
+
+from drivers.base import DriverReading, DriverStats, Sink, StateLog, backoff_delay
+from drivers.errors import DriverError
+from drivers.reading import FrameError
+from drivers.serial.protocols import PROTOCOLS
+
+log = logging.getLogger(__name__)
+READ_SIZE = 256
+
+
+class SerialDriver:
+    def __init__(self, device_id: str, port: str, protocol: str, baudrate: int) -> None:
+        if protocol not in PROTOCOLS:
+            raise DriverError(f"unknown serial protocol {protocol!r}; known: {', '.join(sorted(PROTOCOLS))}")
+        self.name = f"serial:{device_id}"
+        self.device_id = device_id
+        self.port = port
+        self.protocol = protocol
+        self.baudrate = baudrate
+        self.stats = DriverStats()
+        self._state = StateLog(log, f"serial device {device_id} on {port}")
+
+    async def run(self, sink: Sink) -> None:
+        attempt = 0
+        while True:
+            try:
+                reader, writer = await serial_asyncio_fast.open_serial_connection(
+                    url=self.port, baudrate=self.baudrate
+                )
+            except (serial.SerialException, OSError) as exc:
+                self._state.down(datetime.now(UTC), str(exc))
+                attempt += 1
+                await asyncio.sleep(backoff_delay(attempt))
+                continue
+            self._state.up(datetime.now(UTC))
+            self.stats.connected = True
+            attempt = 0
+            try:
+                await self._read(reader, sink)
+            except (serial.SerialException, OSError) as exc:
+                self.stats.disconnects += 1
+                self._state.down(datetime.now(UTC), str(exc))
+            finally:
+                self.stats.connected = False
+                writer.close()
+            await asyncio.sleep(backoff_delay(1))
+
+    async def _read(self, reader: asyncio.StreamReader, sink: Sink) -> None:
+        stream = PROTOCOLS[self.protocol]()
+        while True:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                raise OSError("end of file on the serial port")
+            for item in stream.feed(data):
+                if isinstance(item, FrameError):
+                    self.stats.errors[item.reason] += 1
+                    await sink.error(self.device_id, item.reason, item.detail, data)
+                    continue
+                self.stats.frames += 1
+                for m in item.measurements():
+                    self.stats.readings += 1
+                    await sink.reading(DriverReading(self.device_id, m.metric, m.value, m.unit))

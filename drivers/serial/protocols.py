@@ -1,0 +1,24 @@
+"""Serial frame protocols, registered by the name used in config (``protocol = "sds011"``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from drivers.reading import FrameError, Measurement
+from drivers.serial.sds011 import Sds011Stream
+
+
+class Frame(Protocol):
+    def measurements(self) -> tuple[Measurement, ...]: ...
+
+
+class FrameStream(Protocol):
+    """An incremental decoder: bytes as they arrive in, whole frames (or counted errors) out."""
+
+    def feed(self, data: bytes) -> Sequence[Frame | FrameError]: ...
+
+
+PROTOCOLS: dict[str, Callable[[], FrameStream]] = {
+    "sds011": Sds011Stream,
+}

@@ -1,0 +1,1 @@
+"""Simulated device firmware used by the demo and the tests."""

@@ -1,0 +1,1 @@
+"""iotgw gateway: the composition root (broker, service, CLI)."""

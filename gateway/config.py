@@ -1,0 +1,236 @@
+"""The gateway's typed configuration: every default lives here, and nowhere else.
+
+A TOML file is parsed into :class:`GatewayConfig`. Problems come back as one line each,
+``field.path: reason``, through :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.errors import ConfigError
+from pipeline.errors import TopicError
+from pipeline.topics import DEFAULT_TEMPLATE, DEFAULT_VERSION, TopicTemplate
+
+BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400)
+_MAC = re.compile(r"^[0-9A-F]{2}(:[0-9A-F]{2}){5}$")
+_LEVEL = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def _level(value: str) -> str:
+    """A value that becomes one topic level: letters, digits, '_', '-', '.'."""
+    if not _LEVEL.fullmatch(value):
+        raise ValueError("must be letters, digits, '_', '-' or '.' (it becomes a topic level)")
+    return value
+
+
+Level = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_level)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=0, le=65535)
+
+
+class StorageSettings(_Model):
+    data_dir: Path = Path("iotgw-data")
+
+
+class Range(_Model):
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.min > self.max:
+            raise ValueError("min must not exceed max")
+        return self
+
+
+DEFAULT_RANGES: dict[str, Range] = {
+    "temperature": Range(min=-60, max=150),
+    "humidity": Range(min=0, max=100),
+    "battery": Range(min=0, max=100),
+    "pm2_5": Range(min=0, max=1000),
+    "pm10": Range(min=0, max=2000),
+    "co2": Range(min=0, max=40000),
+    "pressure": Range(min=300, max=1200),
+}
+
+
+class PipelineSettings(_Model):
+    queue_size: int = Field(default=1000, ge=1, le=1_000_000, description="messages")
+    batch_size: int = Field(default=500, ge=1, le=50_000)
+    max_latency_s: float = Field(default=0.5, ge=0, le=60, description="how long a short batch waits to fill")
+    ranges: dict[str, Range] = Field(default_factory=lambda: dict(DEFAULT_RANGES))
+    agg_interval_s: float = Field(default=10.0, gt=0)
+
+
+class TopicSettings(_Model):
+    template: str = DEFAULT_TEMPLATE
+    version: str = DEFAULT_VERSION
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:
+            TopicTemplate(value)
+        except TopicError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+\.\d+", value):
+            raise ValueError("must be MAJOR.MINOR, for example 1.0")
+        return value
+
+
+class _Device(_Model):
+    id: Level
+    device_class: Level | None = None
+
+
+class SerialDevice(_Device):
+    transport: Literal["serial"]
+    port: str = Field(min_length=1, description="prefer a stable /dev/serial/by-id/... path")
+    protocol: Literal["sds011"]
+    baudrate: int = 9600
+
+    @field_validator("baudrate")
+    @classmethod
+    def _baud(cls, value: int) -> int:
+        if value not in BAUDRATES:
+            raise ValueError(f"must be one of {', '.join(map(str, BAUDRATES))}")
+        return value
+
+
+class BleDevice(_Device):
+    transport: Literal["ble"]
+    address: str
+    protocol: Literal["bthome"]
+    bindkey: str | None = Field(default=None, description="32 hex digits for encrypted BTHome")
+
+    @field_validator("address")
+    @classmethod
+    def _mac(cls, value: str) -> str:
+        value = value.upper()
+        if not _MAC.fullmatch(value):
+            raise ValueError("must be a MAC address like A4:C1:38:00:00:01")
+        return value
+
+    @field_validator("bindkey")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9A-Fa-f]{32}", value):
+            raise ValueError("must be 32 hexadecimal digits (a 128-bit key)")
+        return value
+
+
+class MqttDevice(_Device):
+    transport: Literal["mqtt"]
+
+
+Device = Annotated[SerialDevice | BleDevice | MqttDevice, Field(discriminator="transport")]
+TRANSPORTS = ("serial", "ble", "mqtt")
+DEFAULT_DEVICE_CLASS = {"serial": "particulate", "ble": "environment", "mqtt": "generic"}
+
+
+class BleSettings(_Model):
+    backend: Literal["bleak", "simulated"] = "bleak"
+
+
+class GatewayConfig(_Model):
+    site: Level = "site1"
+    broker: BrokerSettings = BrokerSettings()
+    storage: StorageSettings = StorageSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    topics: TopicSettings = TopicSettings()
+    ble: BleSettings = BleSettings()
+    devices: list[Device] = []
+
+    @model_validator(mode="after")
+    def _unique_devices(self) -> GatewayConfig:
+        seen: set[str] = set()
+        for device in self.devices:
+            if device.id in seen:
+                raise ValueError(f"device id {device.id!r} is configured twice")
+            seen.add(device.id)
+        return self
+
+    def device_class(self, device: SerialDevice | BleDevice | MqttDevice) -> str:
+        return device.device_class or DEFAULT_DEVICE_CLASS[device.transport]
+
+    def with_overrides(self, *, data_dir: Path | None = None, mqtt_port: int | None = None) -> GatewayConfig:
+        """The command line's flags win over the file."""
+        config = self
+        if data_dir is not None:
+            config = config.model_copy(update={"storage": config.storage.model_copy(update={"data_dir": data_dir})})
+        if mqtt_port is not None:
+            config = config.model_copy(update={"broker": config.broker.model_copy(update={"port": mqtt_port})})
+        return config
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    previous: int | str | None = None
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif isinstance(previous, int) and item in TRANSPORTS:
+            pass  # the discriminated union's tag: not a field the user wrote
+        else:
+            parts.append(("." if parts else "") + item)
+        previous = item
+    return "".join(parts) or "(root)"
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    lines = []
+    for error in exc.errors():
+        reason = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            reason = "unknown field"
+        elif error["type"] == "union_tag_invalid":
+            reason = f"must be one of {', '.join(TRANSPORTS)}"
+        elif error["type"] == "union_tag_not_found":
+            reason = f"missing transport (one of {', '.join(TRANSPORTS)})"
+        lines.append(f"{_format_loc(tuple(error['loc']))}: {reason}")
+    return lines
+
+
+def parse_config(data: dict[str, Any]) -> GatewayConfig:
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc)) from None
+
+
+def load_config(path: Path) -> GatewayConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML ({exc})"]) from None
+    return parse_config(data)

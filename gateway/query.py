@@ -1,0 +1,82 @@
+"""Series queries over the store, downsampled with pandas, rendered as table, CSV or JSON."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pandas as pd
+
+from gateway.errors import GatewayError
+from pipeline.store import StoreReader
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d|w)$")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+AGGREGATES = ("mean", "min", "max", "last", "count")
+
+
+class QueryError(GatewayError):
+    pass
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``15m``, ``2h``, ``7d``, ``1w``, ``250ms``."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match or float(match[1]) <= 0:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 7d)")
+    return timedelta(seconds=float(match[1]) * _UNIT_S[match[2]])
+
+
+parse_duration.__name__ = "duration"  # argparse names the type in its error message
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    ts_ms: int
+    value: float
+
+
+def query_series(
+    store: StoreReader, device_id: str, metric: str, *, since: timedelta | None = None,
+    every: timedelta | None = None, agg: str = "mean", now_ms: int | None = None,
+) -> list[Point]:
+    if agg not in AGGREGATES:
+        raise QueryError(f"unknown aggregate {agg!r}; one of {', '.join(AGGREGATES)}")
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    since_ms = now_ms - int(since.total_seconds() * 1000) if since is not None else None
+    found = store.series(device_id, metric, since_ms)
+    if found is None:
+        raise QueryError(f"no series {device_id}/{metric} in the store (see: iotgw devices)")
+    rows = found[1]
+    if every is None:
+        return [Point(ts, value) for ts, value in rows]
+    if not rows:
+        return []
+    frame = pd.DataFrame(rows, columns=["ts", "value"])
+    series = pd.Series(frame["value"].to_numpy(), index=pd.to_datetime(frame["ts"], unit="ms", utc=True))
+    buckets = series.resample(every, origin="epoch", label="left").agg(agg)
+    buckets = buckets[buckets > 0] if agg == "count" else buckets.dropna()
+    stamps_ms = pd.DatetimeIndex(buckets.index).asi8 // 1_000_000  # nanoseconds since the epoch -> ms
+    return [Point(int(ts), float(v)) for ts, v in zip(stamps_ms, buckets.to_numpy(), strict=True)]
+
+
+def iso_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def render_points(points: list[Point], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps([{"ts": iso_ms(p.ts_ms), "value": p.value} for p in points], indent=1) + "\n"
+    out = io.StringIO()
+    if fmt == "csv":
+        out.write("ts,value\n")
+        for p in points:
+            out.write(f"{iso_ms(p.ts_ms)},{p.value!r}\n")
+        return out.getvalue()
+    for p in points:
+        out.write(f"{iso_ms(p.ts_ms):<32} {p.value:g}\n")
+    return out.getvalue()

@@ -1,0 +1,1 @@
+"""iotgw pipeline: collect -> clean -> define -> store -> analyze."""

@@ -1,0 +1,143 @@
+"""The canonical event: one reading from one device, as it leaves the define stage.
+
+A reading is serialised as a CloudEvents 1.0 structured-mode JSON document whose ``data`` is the
+reading itself. Event ids are ULIDs: 26 Crockford base32 characters, sortable by creation time
+(millisecond prefix) and monotonic within a process, so sorting by id sorts by gateway time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+CLOUDEVENTS_SPEC = "1.0"
+READING_TYPE = "io.iotgw.telemetry.reading.v1"
+AGGREGATE_TYPE = "io.iotgw.telemetry.aggregate.v1"
+REJECT_TYPE = "io.iotgw.telemetry.rejected.v1"
+
+Transport = Literal["serial", "ble", "mqtt"]
+
+
+class Quality(StrEnum):
+    """Flags that qualify a reading without rejecting it."""
+
+    DEVICE_TIME_MISSING = "device_time_missing"  # no device timestamp: receive time used
+    GATEWAY_TIME = "gateway_time"  # the reading's time is the gateway's, not the device's
+
+
+class _UlidGenerator:
+    """Monotonic ULIDs: same millisecond -> random part incremented, never repeated."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = -1
+        self._last_rand = 0
+
+    def new(self, now_ms: int | None = None) -> str:
+        ms = int(time.time() * 1000) if now_ms is None else now_ms
+        with self._lock:
+            if ms <= self._last_ms:
+                ms = self._last_ms
+                rand = (self._last_rand + 1) & ((1 << 80) - 1)
+            else:
+                rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
+            self._last_ms, self._last_rand = ms, rand
+        value = (ms << 80) | rand
+        return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+_ulids = _UlidGenerator()
+
+
+def new_event_id(now_ms: int | None = None) -> str:
+    """A new ULID (26 characters, time-sortable, unique within and across processes)."""
+    return _ulids.new(now_ms)
+
+
+def ulid_time_ms(event_id: str) -> int:
+    """The millisecond timestamp encoded in a ULID."""
+    value = 0
+    for char in event_id[:10]:
+        value = value * 32 + _CROCKFORD.index(char)
+    return value
+
+
+class Reading(BaseModel):
+    """One validated measurement. Frozen: a reading is a fact, never edited after define."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(min_length=26, max_length=26, description="ULID, time-sortable")
+    site: str = Field(min_length=1)
+    device_id: str = Field(min_length=1, max_length=128)
+    device_class: str = Field(min_length=1)
+    transport: Transport
+    metric: str = Field(min_length=1, max_length=128)
+    value: float
+    unit: str | None = None
+    device_ts: datetime | None = Field(default=None, description="time the device reported")
+    received_at: datetime = Field(description="time the gateway received the reading")
+    seq: int | None = Field(default=None, ge=0, description="device sequence or packet id")
+    quality: tuple[Quality, ...] = ()
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("device_ts", "received_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("must carry a time zone")
+        return value
+
+    @property
+    def ts(self) -> datetime:
+        """The reading's time: the device's when it sent one, else the gateway's."""
+        return self.device_ts or self.received_at
+
+    def to_cloudevent(self, topic: str) -> dict[str, Any]:
+        """CloudEvents 1.0 structured-mode envelope with this reading as ``data``."""
+        return cloudevent(
+            event_id=self.id,
+            source=f"/iotgw/{self.site}/{self.device_id}",
+            type_=READING_TYPE,
+            subject=topic,
+            time=self.ts,
+            data=self.model_dump(mode="json"),
+        )
+
+
+def cloudevent(
+    *, event_id: str, source: str, type_: str, subject: str, time: datetime, data: dict[str, Any]
+) -> dict[str, Any]:
+    """A CloudEvents 1.0 structured JSON envelope (``datacontenttype`` is always JSON)."""
+    return {
+        "specversion": CLOUDEVENTS_SPEC,
+        "id": event_id,
+        "source": source,
+        "type": type_,
+        "subject": subject,
+        "time": time.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+
+
+def utc_from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def to_ms(value: datetime) -> int:
+    return int(value.timestamp() * 1000)

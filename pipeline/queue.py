@@ -1,0 +1,96 @@
+"""A bounded queue that hands out batches and tells producers when it has room.
+
+Producers ``await put()`` (they wait while it is full: that is the backpressure); the broker's
+socket readers ``await wait_for_room()`` so a full pipeline stops reading from clients instead of
+buffering their messages in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class QueueClosedError(Exception):
+    pass
+
+
+class BatchQueue(Generic[T]):
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be at least 1")
+        self.maxsize = maxsize
+        self._items: deque[T] = deque()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._ready = asyncio.Event()
+        self._closed = False
+        self.high_water = 0
+        self.put_waits = 0  # how often a producer had to wait: the pipeline was behind
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def wait_for_room(self) -> None:
+        while not self._room.is_set():
+            await self._room.wait()
+
+    async def put(self, item: T) -> None:
+        if len(self._items) >= self.maxsize:
+            self.put_waits += 1
+            while len(self._items) >= self.maxsize:
+                if self._closed:
+                    raise QueueClosedError("queue closed")
+                self._room.clear()
+                await self._room.wait()
+        if self._closed:
+            raise QueueClosedError("queue closed")
+        self._items.append(item)
+        self.high_water = max(self.high_water, len(self._items))
+        if len(self._items) >= self.maxsize:
+            self._room.clear()
+        self._ready.set()
+
+    async def get_batch(self, max_items: int, linger_s: float = 0.0) -> list[T]:
+        """Up to ``max_items``, waiting for at least one; [] once closed and empty.
+
+        With ``linger_s``, a short batch waits that long for more items: under light load that
+        turns many tiny transactions into a few larger ones (an SD card's write budget).
+        """
+        while not self._items:
+            if self._closed:
+                return []
+            self._ready.clear()
+            await self._ready.wait()
+        if linger_s > 0:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + linger_s
+            limit = min(max_items, self.maxsize)
+            while len(self._items) < limit and not self._closed:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._ready.clear()
+                try:
+                    await asyncio.wait_for(self._ready.wait(), remaining)
+                except TimeoutError:
+                    break
+        count = min(max_items, len(self._items))
+        batch = [self._items.popleft() for _ in range(count)]
+        if not self._items:
+            self._ready.clear()
+        self._room.set()
+        return batch
+
+    def close(self) -> None:
+        """No more puts; consumers get what is left, then []."""
+        self._closed = True
+        self._ready.set()
+        self._room.set()

@@ -1,0 +1,63 @@
+"""The pipeline: an ordered chain of stages run batch by batch.
+
+The gateway builds the stages from config and hands them here; :meth:`Pipeline.run` turns one
+batch of raw messages into stored readings plus the events (valid, agg, rejected) to publish.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.model import REJECT_TYPE, cloudevent, new_event_id
+from pipeline.stage import Emitter, RawMessage, Reject, Stage
+from pipeline.topics import TopicFields, TopicTemplate
+
+STAGE_NAMES = ("collect", "clean", "define", "store", "analyze")
+
+
+class Pipeline:
+    def __init__(self, stages: Sequence[Stage[Any, Any]], template: TopicTemplate, *, site: str, version: str) -> None:
+        self.stages = tuple(stages)
+        self._template = template
+        self._site = site
+        self._version = version
+
+    async def run(self, batch: list[RawMessage]) -> Emitter:
+        emit = Emitter()
+        items: list[Any] = batch
+        for stage in self.stages:
+            if not items:
+                break
+            items = await stage.process(items, emit)
+        return emit
+
+    def reject_event(self, reject: Reject) -> tuple[str, dict[str, Any]]:
+        """Where a reject is published (the ``rejected`` stage) and its CloudEvent."""
+        topic = self._template.with_stage(reject.topic, "rejected")
+        if topic is None:  # the topic itself was the problem: file it under placeholders
+            topic = self._template.format(TopicFields(
+                stage="rejected", version=self._version, site=self._site,
+                device_class="_unknown", device_id="_unknown", metric="_unknown",
+            ))
+        try:
+            payload: str = reject.payload.decode("utf-8")
+            encoding = "utf-8"
+        except UnicodeDecodeError:
+            payload, encoding = base64.b64encode(reject.payload).decode("ascii"), "base64"
+        return topic, cloudevent(
+            event_id=new_event_id(),
+            source=f"/iotgw/{self._site}/pipeline/{reject.stage}",
+            type_=REJECT_TYPE,
+            subject=topic,
+            time=datetime.now(UTC),
+            data={
+                "stage": reject.stage, "reason": reject.reason, "detail": reject.detail,
+                "topic": reject.topic, "payload": payload, "payload_encoding": encoding,
+            },
+        )
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {stage.name: stage.stats.as_dict() for stage in self.stages}

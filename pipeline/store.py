@@ -1,0 +1,246 @@
+"""store: validated readings -> SQLite (WAL) under the data directory.
+
+One transaction per batch. Readings are clustered by ``(series_id, ts)`` in a WITHOUT ROWID table,
+so "one series over a time range" is a single index range scan. SQLite runs on one dedicated
+thread so the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from pipeline.errors import PipelineError
+from pipeline.model import Reading, to_ms
+from pipeline.stage import Emitter, StageStats
+
+log = logging.getLogger(__name__)
+DB_NAME = "iotgw.sqlite3"
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id    TEXT PRIMARY KEY,
+    transport    TEXT NOT NULL,
+    device_class TEXT NOT NULL,
+    site         TEXT NOT NULL,
+    first_seen   INTEGER NOT NULL,
+    last_seen    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS series (
+    series_id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    metric    TEXT NOT NULL,
+    unit      TEXT,
+    UNIQUE (device_id, metric)
+);
+CREATE TABLE IF NOT EXISTS readings (
+    series_id   INTEGER NOT NULL,
+    ts          INTEGER NOT NULL,
+    event_id    TEXT NOT NULL,
+    value       REAL NOT NULL,
+    seq         INTEGER,
+    received_at INTEGER NOT NULL,
+    quality     TEXT,
+    PRIMARY KEY (series_id, ts, event_id)
+) WITHOUT ROWID;
+"""
+
+
+class StoreError(PipelineError):
+    """The local store cannot be opened or written."""
+
+
+def db_path(data_dir: Path) -> Path:
+    return data_dir / DB_NAME
+
+
+class SqliteStore:
+    """The writer. Use as ``async with SqliteStore(dir) as store: await store.write(batch)``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = db_path(data_dir)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotgw-sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._series: dict[tuple[str, str], int] = {}
+        self.rows_written = 0
+        self.transactions = 0
+
+    async def __aenter__(self) -> Self:
+        await self._run(self._open)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._run(self._close)
+        self._executor.shutdown(wait=True)
+
+    async def write(self, readings: list[Reading]) -> None:
+        if readings:
+            await self._run(self._write, readings)
+
+    async def _run(self, fn: object, *args: object) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, fn, *args)  # type: ignore[arg-type]
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
+        self._db = db
+        for series_id, device_id, metric in db.execute("SELECT series_id, device_id, metric FROM series"):
+            self._series[(device_id, metric)] = series_id
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _series_id(self, db: sqlite3.Connection, reading: Reading) -> int:
+        key = (reading.device_id, reading.metric)
+        series_id = self._series.get(key)
+        if series_id is None:
+            db.execute(
+                "INSERT OR IGNORE INTO series (device_id, metric, unit) VALUES (?, ?, ?)",
+                (reading.device_id, reading.metric, reading.unit),
+            )
+            row = db.execute(
+                "SELECT series_id FROM series WHERE device_id = ? AND metric = ?", key
+            ).fetchone()
+            series_id = int(row[0])
+            self._series[key] = series_id
+        return series_id
+
+    def _write(self, readings: list[Reading]) -> None:
+        db = self._db
+        if db is None:
+            raise StoreError("the store is not open")
+        devices: dict[str, tuple[str, str, str, int, int]] = {}
+        rows = []
+        db.execute("BEGIN")
+        try:
+            for r in readings:
+                received = to_ms(r.received_at)
+                rows.append((
+                    self._series_id(db, r),
+                    to_ms(r.ts),
+                    r.id,
+                    r.value,
+                    r.seq,
+                    received,
+                    ",".join(r.quality) or None,
+                ))
+                first = devices.get(r.device_id)
+                devices[r.device_id] = (
+                    r.transport, r.device_class, r.site, min(first[3], received) if first else received,
+                    max(first[4], received) if first else received,
+                )
+            db.executemany("INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany(
+                "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+                "transport = excluded.transport, device_class = excluded.device_class, site = excluded.site, "
+                "last_seen = max(last_seen, excluded.last_seen)",
+                [(device_id, *info) for device_id, info in devices.items()],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.rows_written += len(rows)
+        self.transactions += 1
+
+
+class StoreStage:
+    name = "store"
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+        self.stats = StageStats()
+        self.write_failures = 0
+
+    async def process(self, batch: list[Reading], emit: Emitter) -> list[Reading]:
+        attempt = 0
+        while True:  # a full or failing disk holds the batch (and, behind it, ingestion): it is never dropped
+            try:
+                await self._store.write(batch)
+                break
+            except (StoreError, sqlite3.Error, OSError) as exc:
+                attempt += 1
+                if attempt == 1:
+                    log.error("store write failed, retrying until it succeeds: %s", exc)
+                self.write_failures += 1
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(attempt, 6)))
+        if attempt:
+            log.warning("store write recovered after %d failed attempt(s)", attempt)
+        self.stats.received += len(batch)
+        self.stats.passed += len(batch)
+        return batch
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRow:
+    device_id: str
+    transport: str
+    device_class: str
+    site: str
+    first_seen_ms: int
+    last_seen_ms: int
+    metrics: tuple[str, ...]
+
+
+class StoreReader:
+    """Read-only queries for the CLI and, later, the HTTP API."""
+
+    def __init__(self, data_dir: Path) -> None:
+        path = db_path(data_dir)
+        if not path.exists():
+            raise StoreError(f"no store at {path} (is --data-dir right?)")
+        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._db.close()
+
+    def devices(self) -> list[DeviceRow]:
+        metrics: dict[str, list[str]] = {}
+        for device_id, metric in self._db.execute("SELECT device_id, metric FROM series ORDER BY device_id, metric"):
+            metrics.setdefault(device_id, []).append(metric)
+        return [
+            DeviceRow(device_id, transport, device_class, site, first, last, tuple(metrics.get(device_id, ())))
+            for device_id, transport, device_class, site, first, last in self._db.execute(
+                "SELECT device_id, transport, device_class, site, first_seen, last_seen FROM devices "
+                "ORDER BY device_id"
+            )
+        ]
+
+    def series(
+        self, device_id: str, metric: str, since_ms: int | None = None, until_ms: int | None = None
+    ) -> tuple[str | None, list[tuple[int, float]]] | None:
+        """(unit, [(ts_ms, value), ...]) of one series in time order; None if there is no such series."""
+        row = self._db.execute(
+            "SELECT series_id, unit FROM series WHERE device_id = ? AND metric = ?", (device_id, metric)
+        ).fetchone()
+        if row is None:
+            return None
+        points = self._db.execute(
+            "SELECT ts, value FROM readings WHERE series_id = ? AND ts >= ? AND ts <= ? ORDER BY ts",
+            (row[0], since_ms if since_ms is not None else -(2**62), until_ms if until_ms is not None else 2**62),
+        ).fetchall()
+        return row[1], points
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM readings").fetchone()[0])

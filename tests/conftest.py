@@ -1,0 +1,118 @@
+"""Shared fixtures: free loopback ports, the gateway as a subprocess, and an independent MQTT
+client (paho) to watch it from outside."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+def iotgw(*args: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the CLI exactly as a user would (``python -m gateway``), from a clean environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=timeout, check=check,
+        cwd=ROOT,
+    )
+
+
+class GatewayProcess:
+    """``iotgw ...`` in the background; waits for the broker to listen."""
+
+    def __init__(self, args: list[str], port: int) -> None:
+        self.port = port
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited early: {self.proc.communicate()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.proc.kill()
+        raise AssertionError("gateway did not listen within 30 s")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> tuple[int, str, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+
+@pytest.fixture
+def gateway_process() -> Iterator[type[GatewayProcess]]:
+    started: list[GatewayProcess] = []
+
+    class Tracked(GatewayProcess):
+        def __init__(self, args: list[str], port: int) -> None:
+            super().__init__(args, port)
+            started.append(self)
+
+    yield Tracked
+    for gw in started:
+        if gw.proc.poll() is None:
+            gw.proc.kill()
+            gw.proc.communicate()
+
+
+class Watcher:
+    """An independent paho client subscribed to the gateway's broker; records every message."""
+
+    def __init__(self, port: int, topics: list[str]) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watcher-{os.getpid()}-{port}")
+        self.client.on_connect = lambda c, *_: c.subscribe([(t, 0) for t in topics])
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "watcher could not subscribe"
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+
+    def topics(self) -> list[str]:
+        with self._lock:
+            return [t for t, _ in self.messages]
+
+    def json(self, prefix: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [json.loads(p) for t, p in self.messages if t.startswith(prefix)]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

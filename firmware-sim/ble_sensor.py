@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections import deque
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Self
@@ -27,6 +28,7 @@ class BTHomeSensorSim:
         self._task: asyncio.Task[None] | None = None
         self.packet_id = 0
         self.packets_sent = 0
+        self.history: deque[tuple[int, float, float, int]] = deque(maxlen=10_000)  # (packet id, t, rh, battery)
         self.temperature = 21.5
         self.humidity = 45.0
         self.battery = 97
@@ -51,6 +53,7 @@ class BTHomeSensorSim:
             data = encode_service_data(
                 packet_id=self.packet_id, temperature=self.temperature, humidity=self.humidity, battery=self.battery
             )
+            self.history.append((self.packet_id, self.temperature, self.humidity, self.battery))
             for _ in range(self.repeats):  # the same packet again: the driver must suppress it
                 self._radio(self.address, self._rng.randint(-80, -50), {BTHOME_UUID: data})
                 await asyncio.sleep(self.interval_s / (self.repeats * 4))

@@ -12,6 +12,7 @@ import contextlib
 import os
 import random
 import tty
+from collections import deque
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -37,6 +38,7 @@ class Sds011Sim:
         self._master = -1
         self._slave = -1
         self._task: asyncio.Task[None] | None = None
+        self.history: deque[tuple[float, float, bool]] = deque(maxlen=10_000)  # (pm2_5, pm10, corrupt)
         self.frames_sent = 0
         self.bad_frames_sent = 0
         self.pm2_5 = 12.0
@@ -78,6 +80,7 @@ class Sds011Sim:
             pm2_5, pm10 = self._next_values()
             corrupt = self.bad_checksum_every > 0 and (self.frames_sent + 1) % self.bad_checksum_every == 0
             frame = encode_frame(pm2_5, pm10, corrupt_checksum=corrupt)
+            self.history.append((pm2_5, pm10, corrupt))  # before the bytes leave: a reader may be quick
             for offset in range(0, len(frame), 4):  # UART-like: a few bytes at a time, at the baud rate
                 with contextlib.suppress(BlockingIOError):  # nobody reading: the bytes are lost, as on a wire
                     os.write(self._master, frame[offset:offset + 4])

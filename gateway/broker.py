@@ -165,6 +165,10 @@ class EmbeddedBroker:
         """Publish in-process, as if a client had: subscribers and the tap see it."""
         await self._running.internal_message_broadcast(topic, payload, qos)
 
+    def pending_deliveries(self) -> int:
+        """Messages the broker has read from clients that are not on the pipeline's queue yet."""
+        return self._broker.pending_deliveries() if self._broker else 0
+
     @property
     def tapped(self) -> int:
         return self._broker.tapped if self._broker else 0

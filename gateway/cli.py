@@ -119,7 +119,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"iotgw: MQTT broker on {config.broker.host}:{gw.broker.port}, data in {config.storage.data_dir}",
               flush=True)
 
-    return _run_gateway(lambda: Gateway(config), args.seconds, announce)
+    return _run_gateway(lambda: Gateway(config, port_option="--mqtt-port or [broker] port"), args.seconds, announce)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

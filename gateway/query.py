@@ -9,8 +9,6 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import pandas as pd
-
 from gateway.errors import GatewayError
 from pipeline.store import StoreReader
 
@@ -56,6 +54,8 @@ def query_series(
         return [Point(ts, value) for ts, value in rows]
     if not rows:
         return []
+    import pandas as pd  # loaded only when a query downsamples: the running gateway never pays for it
+
     frame = pd.DataFrame(rows, columns=["ts", "value"])
     series = pd.Series(frame["value"].to_numpy(), index=pd.to_datetime(frame["ts"], unit="ms", utc=True))
     buckets = series.resample(every, origin="epoch", label="left").agg(agg)

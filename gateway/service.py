@@ -15,11 +15,9 @@ import logging
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from drivers.base import Driver, DriverReading
-from drivers.ble.driver import BleDeviceSpec, BleDriver
-from drivers.ble.sources import AdvertisementSource, BleakSource
 from drivers.serial.driver import SerialDriver
 from gateway.broker import EmbeddedBroker
 from gateway.config import BleDevice, GatewayConfig, SerialDevice
@@ -32,6 +30,9 @@ from pipeline.runner import Pipeline
 from pipeline.stage import Emitter, RawMessage, Reject
 from pipeline.store import SqliteStore, StoreStage
 from pipeline.topics import TopicFields, TopicTemplate
+
+if TYPE_CHECKING:
+    from drivers.ble.sources import AdvertisementSource
 
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 10.0
@@ -97,16 +98,20 @@ class Gateway:
         self.undrained = 0
 
     def _build_drivers(self, ble_source: AdvertisementSource | None) -> list[Driver]:
-        drivers: list[Driver] = []
-        ble: dict[str, BleDeviceSpec] = {}
-        for device in self.config.devices:
-            if isinstance(device, SerialDevice):
-                drivers.append(SerialDriver(device.id, device.port, device.protocol, device.baudrate))
-            elif isinstance(device, BleDevice):
-                key = bytes.fromhex(device.bindkey) if device.bindkey else None
-                ble[device.address] = BleDeviceSpec(device.id, device.address, device.protocol, key)
-        if ble:
-            drivers.append(BleDriver(ble, ble_source or BleakSource()))
+        devices = self.config.devices
+        drivers: list[Driver] = [
+            SerialDriver(d.id, d.port, d.protocol, d.baudrate) for d in devices if isinstance(d, SerialDevice)
+        ]
+        ble_devices = [d for d in devices if isinstance(d, BleDevice)]
+        if ble_devices:  # the BLE stack (bleak, bthome-ble) loads only when a BLE device is configured
+            from drivers.ble.driver import BleDeviceSpec, BleDriver
+            from drivers.ble.sources import BleakSource
+
+            specs = {
+                d.address: BleDeviceSpec(d.id, d.address, d.protocol, bytes.fromhex(d.bindkey) if d.bindkey else None)
+                for d in ble_devices
+            }
+            drivers.append(BleDriver(specs, ble_source or BleakSource()))
         return drivers
 
     def raw_topic(self, device_id: str, metric: str) -> str:

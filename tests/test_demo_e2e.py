@@ -46,7 +46,8 @@ def test_demo_stores_and_publishes_readings_from_all_three_transports(
     listed = json.loads(iotgw("devices", "--data-dir", str(tmp_path), "--format", "json", check=True).stdout)
     assert {d["device_id"]: d["transport"] for d in listed} == DEVICES
     for d in listed:
-        assert d["last_seen"] and d["metrics"]
+        assert d["last_seen"]
+        assert d["metrics"]
     for device, metric in (("pm-1", "pm2_5"), ("t-1", "temperature"), ("co2-1", "co2")):
         points = json.loads(iotgw("query", "--data-dir", str(tmp_path), "--device", device, "--metric", metric,
                                   "--format", "json", check=True).stdout)

@@ -1,0 +1,208 @@
+"""Messages per second from external MQTT publishers through the embedded broker into the store,
+beside a bare amqtt broker relaying the same load to one subscriber, in the same run.
+
+    .venv/bin/python bench/broker_ingest.py [--messages 20000] [--publishers 4] [--qos 1] [--rounds 3]
+
+Both brokers run in their own process, as in production; the publishers run in other processes.
+The gateway's figure counts a message when it is in SQLite; the bare broker's when the subscriber
+has it. Rounds alternate between the two, and medians are reported, with their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPIC = "telemetry/raw/1.0/bench/meter/m-{p}/power"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("server did not listen")
+
+
+def bare_broker(port: int) -> None:
+    """The baseline: amqtt with only anonymous auth, as the gateway embeds it, relaying."""
+    import logging
+
+    from amqtt.broker import Broker
+
+    logging.disable(logging.ERROR)  # the readiness probe's empty connection is not news
+
+    async def main() -> None:
+        broker = Broker({
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        })
+        await broker.start()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def _publisher(port: int, index: int, count: int, qos: int, *, ready: Any, go: Any) -> None:
+    connected = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{index}")
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    client.on_connect = lambda *_: connected.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    connected.wait(10)
+    topic = TOPIC.format(p=index)
+    payloads = [json.dumps({"value": float(i % 500), "unit": "W", "seq": i}) for i in range(count)]
+    ready.release()
+    go.wait()
+    infos = [client.publish(topic, body, qos=qos) for body in payloads]
+    for info in infos:
+        info.wait_for_publish(120)
+    client.disconnect()
+    client.loop_stop()
+
+
+def _run_load(port: int, messages: int, publishers: int, qos: int, done: Any) -> float:
+    """Start publishers, release them together, return seconds until ``done()`` is true."""
+    ctx = mp.get_context("spawn")
+    ready, go = ctx.Semaphore(0), ctx.Event()
+    per = messages // publishers
+    procs = [ctx.Process(target=_publisher, args=(port, i, per, qos), kwargs={"ready": ready, "go": go})
+             for i in range(publishers)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.acquire()
+    start = time.perf_counter()
+    go.set()
+    while not done():
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - start
+    for p in procs:
+        p.join(60)
+    return elapsed
+
+
+def run_bare(messages: int, publishers: int, qos: int) -> float:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(port)])
+    try:
+        _wait_listening(port, proc)
+        received = 0
+        subscribed = threading.Event()
+
+        def on_message(*_: object) -> None:
+            nonlocal received
+            received += 1
+
+        sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-sub")
+        sub.on_connect = lambda c, *_: c.subscribe("telemetry/raw/#", qos)
+        sub.on_subscribe = lambda *_: subscribed.set()
+        sub.on_message = on_message
+        sub.connect("127.0.0.1", port)
+        sub.loop_start()
+        subscribed.wait(10)
+        target = (messages // publishers) * publishers
+        elapsed = _run_load(port, messages, publishers, qos, lambda: received >= target)
+        sub.disconnect()
+        sub.loop_stop()
+        return target / elapsed
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def run_gateway(messages: int, publishers: int, qos: int) -> tuple[float, int]:
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "gw.toml"
+        data = Path(tmp) / "data"
+        config.write_text(f'site = "bench"\n[broker]\nport = {port}\n[storage]\ndata_dir = "{data}"\n')
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_listening(port, proc)
+            target = (messages // publishers) * publishers
+            db_path = data / "iotgw.sqlite3"
+
+            def stored() -> bool:
+                try:
+                    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+                        return int(db.execute("SELECT count(*) FROM readings").fetchone()[0]) >= target
+                except sqlite3.Error:
+                    return False
+
+            elapsed = _run_load(port, messages, publishers, qos, stored)
+            rss_kib = _peak_rss_kib(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        return target / elapsed, rss_kib
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--publishers", type=int, default=4)
+    parser.add_argument("--qos", type=int, choices=(0, 1), default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--serve-bare", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_bare:
+        bare_broker(args.serve_bare)
+        return
+    bare: list[float] = []
+    gateway: list[float] = []
+    rss: list[int] = []
+    for round_no in range(1, args.rounds + 1):
+        bare.append(run_bare(args.messages, args.publishers, args.qos))
+        rate, peak = run_gateway(args.messages, args.publishers, args.qos)
+        gateway.append(rate)
+        rss.append(peak)
+        print(f"round {round_no}: bare amqtt relay {bare[-1]:8.0f} msg/s   gateway into SQLite {rate:8.0f} msg/s"
+              f"   ratio {rate / bare[-1]:.2f}   gateway peak RSS {peak / 1024:.0f} MiB", flush=True)
+    b, g = statistics.median(bare), statistics.median(gateway)
+    print(f"median ({args.messages} messages, {args.publishers} publishers, QoS {args.qos}): "
+          f"bare amqtt relay {b:.0f} msg/s, gateway broker->pipeline->SQLite {g:.0f} msg/s, "
+          f"ratio {g / b:.2f}, gateway peak RSS {max(rss) / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

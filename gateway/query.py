@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from gateway.errors import GatewayError
 from pipeline.store import StoreReader
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d|w)$")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d|w)$", re.ASCII)
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 AGGREGATES = ("mean", "min", "max", "last", "count")
 
@@ -24,9 +24,13 @@ class QueryError(GatewayError):
 def parse_duration(text: str) -> timedelta:
     """``90s``, ``15m``, ``2h``, ``7d``, ``1w``, ``250ms``."""
     match = _DURATION.fullmatch(text.strip())
-    if not match or float(match[1]) <= 0:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 2h, 7d)")
-    return timedelta(seconds=float(match[1]) * _UNIT_S[match[2]])
+    try:
+        duration = timedelta(seconds=float(match[1]) * _UNIT_S[match[2]]) if match else timedelta(0)
+    except OverflowError:
+        duration = timedelta(0)
+    if duration < timedelta(milliseconds=1):
+        raise ValueError(f"not a duration of at least 1ms: {text!r} (use e.g. 90s, 15m, 2h, 7d)")
+    return duration
 
 
 parse_duration.__name__ = "duration"  # argparse names the type in its error message
@@ -60,7 +64,7 @@ def query_series(
     series = pd.Series(frame["value"].to_numpy(), index=pd.to_datetime(frame["ts"], unit="ms", utc=True))
     buckets = series.resample(every, origin="epoch", label="left").agg(agg)
     buckets = buckets[buckets > 0] if agg == "count" else buckets.dropna()
-    stamps_ms = pd.DatetimeIndex(buckets.index).asi8 // 1_000_000  # nanoseconds since the epoch -> ms
+    stamps_ms = pd.DatetimeIndex(buckets.index).as_unit("ms").asi8
     return [Point(int(ts), float(v)) for ts, v in zip(stamps_ms, buckets.to_numpy(), strict=True)]
 
 
@@ -78,5 +82,5 @@ def render_points(points: list[Point], fmt: str) -> str:
             out.write(f"{iso_ms(p.ts_ms)},{p.value!r}\n")
         return out.getvalue()
     for p in points:
-        out.write(f"{iso_ms(p.ts_ms):<32} {p.value:g}\n")
+        out.write(f"{iso_ms(p.ts_ms):<26} {p.value!r}\n")
     return out.getvalue()

@@ -31,11 +31,12 @@ class RunningStats:
 
     def add(self, reading: Reading) -> None:
         self.count += 1
-        self.mean += (reading.value - self.mean) / self.count  # Welford-style: no large sums
+        # Incremental, and in a form that cannot overflow for finite inputs (no x - mean).
+        self.mean = self.mean * (1 - 1 / self.count) + reading.value / self.count
         self.min = min(self.min, reading.value)
         self.max = max(self.max, reading.value)
         self.first_ts = self.first_ts or reading.ts
-        self.last_ts = reading.ts
+        self.last_ts = max(self.last_ts, reading.ts) if self.last_ts else reading.ts
         self.dirty = True
 
 

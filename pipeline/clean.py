@@ -46,8 +46,12 @@ class CleanStage:
         value = draft.value
         if isinstance(value, bool) or not isinstance(value, int | float):
             return "non_numeric", f"value {value!r} is not a number"
-        if not math.isfinite(value):
-            return "non_numeric", f"value {value!r} is not finite"
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
+            return "non_numeric", f"value {str(value)[:40]} is not a finite float"
         bounds = self._ranges.get(draft.fields.metric)
         if bounds is not None and not bounds[0] <= value <= bounds[1]:
             return "out_of_range", f"{value} outside [{bounds[0]}, {bounds[1]}] for {draft.fields.metric}"

@@ -8,10 +8,11 @@ object: ``value`` (required), ``unit`` (string), ``ts`` (epoch seconds or RFC 33
 from __future__ import annotations
 
 import json
-import math
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
+from pipeline.model import MAX_SEQ
 from pipeline.stage import Draft, Emitter, RawMessage, StageStats
 from pipeline.topics import TopicTemplate
 
@@ -57,8 +58,8 @@ class CollectStage:
             transport = "mqtt"
         try:
             body = json.loads(message.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            self._reject(message, emit, "invalid_json", str(exc))
+        except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd integers or nesting
+            self._reject(message, emit, "invalid_json", str(exc)[:200])
             return None
         if not isinstance(body, dict):
             self._reject(message, emit, "not_an_object", f"payload is a JSON {type(body).__name__}")
@@ -71,8 +72,8 @@ class CollectStage:
             self._reject(message, emit, "invalid_unit", "'unit' must be a string")
             return None
         seq = body.get("seq")
-        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 0):
-            self._reject(message, emit, "invalid_seq", "'seq' must be a non-negative integer")
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ):
+            self._reject(message, emit, "invalid_seq", "'seq' must be an integer from 0 to 2**63-1")
             return None
         device_ts = None
         if "ts" in body and body["ts"] is not None:
@@ -93,20 +94,27 @@ class CollectStage:
         )
 
 
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
+_MAX_EPOCH_S = 253402300800  # year 10000
+
+
 def parse_timestamp(value: object) -> datetime | None:
-    """Epoch seconds (int or float) or an RFC 3339 string with an offset; None when neither."""
+    """Epoch seconds (int or float) or an RFC 3339 date-time (offset required); None when neither."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        if not math.isfinite(value) or not 0 <= value < 253402300800:  # year 10000
-            return None
-        return datetime.fromtimestamp(value, tz=UTC)
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError:
-            return None
-        if parsed.tzinfo is None:  # RFC 3339 requires an offset
-            return None
-        return parsed.astimezone(UTC)
-    return None
+    if isinstance(value, int):
+        return datetime.fromtimestamp(value, tz=UTC) if 0 <= value < _MAX_EPOCH_S else None
+    if isinstance(value, float):
+        return datetime.fromtimestamp(value, tz=UTC) if 0 <= value < _MAX_EPOCH_S else None  # NaN fails too
+    if not isinstance(value, str) or not (match := _RFC3339.fullmatch(value)):
+        return None
+    date, hour_minute, second, fraction, offset = match.groups()
+    second = "59" if second == "60" else second  # a leap second: the last representable instant
+    fraction = (fraction or "")[:7]  # datetime keeps microseconds
+    offset = "+00:00" if offset in "Zz" else offset
+    try:
+        return datetime.fromisoformat(f"{date}T{hour_minute}:{second}{fraction}{offset}").astimezone(UTC)
+    except (ValueError, OverflowError):  # impossible dates, or an offset past year 1 or 9999
+        return None

@@ -23,6 +23,7 @@ READING_TYPE = "io.iotgw.telemetry.reading.v1"
 AGGREGATE_TYPE = "io.iotgw.telemetry.aggregate.v1"
 REJECT_TYPE = "io.iotgw.telemetry.rejected.v1"
 
+MAX_SEQ = 2**63 - 1  # SQLite's INTEGER
 Transport = Literal["serial", "ble", "mqtt"]
 
 
@@ -85,7 +86,7 @@ class Reading(BaseModel):
     unit: str | None = None
     device_ts: datetime | None = Field(default=None, description="time the device reported")
     received_at: datetime = Field(description="time the gateway received the reading")
-    seq: int | None = Field(default=None, ge=0, description="device sequence or packet id")
+    seq: int | None = Field(default=None, ge=0, le=MAX_SEQ, description="device sequence or packet id")
     quality: tuple[Quality, ...] = ()
 
     @field_validator("value")

@@ -64,6 +64,8 @@ class BatchQueue(Generic[T]):
         With ``linger_s``, a short batch waits that long for more items: under light load that
         turns many tiny transactions into a few larger ones (an SD card's write budget).
         """
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
         while not self._items:
             if self._closed:
                 return []

@@ -7,15 +7,26 @@ batch of raw messages into stored readings plus the events (valid, agg, rejected
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.model import REJECT_TYPE, cloudevent, new_event_id
-from pipeline.stage import Emitter, RawMessage, Reject, Stage
+from pipeline.model import REJECT_TYPE, Reading, cloudevent, new_event_id
+from pipeline.stage import Draft, Emitter, RawMessage, Reject, Stage
 from pipeline.topics import TopicFields, TopicTemplate
 
+log = logging.getLogger(__name__)
 STAGE_NAMES = ("collect", "clean", "define", "store", "analyze")
+
+
+def _origin(item: object) -> tuple[str, bytes]:
+    """The topic and payload an item came from, for the reject topic."""
+    if isinstance(item, RawMessage | Draft):
+        return item.topic, item.payload
+    if isinstance(item, Reading):
+        return "", item.model_dump_json().encode()
+    return "", repr(item).encode()
 
 
 class Pipeline:
@@ -31,7 +42,17 @@ class Pipeline:
         for stage in self.stages:
             if not items:
                 break
-            items = await stage.process(items, emit)
+            try:
+                items = await stage.process(items, emit)
+            except Exception as exc:
+                # A bug in one stage must not stop ingestion, and the batch must not vanish:
+                # every item goes to the reject topic with the error, and the next batch runs.
+                log.exception("stage %s failed on a batch of %d; rejecting it as internal_error", stage.name,
+                              len(items))
+                stage.stats.rejected["internal_error"] += len(items)
+                for item in items:
+                    emit.reject(stage.name, "internal_error", repr(exc)[:300], *_origin(item))
+                break
         return emit
 
     def reject_event(self, reject: Reject) -> tuple[str, dict[str, Any]]:

@@ -108,9 +108,9 @@ class SqliteStore:
             self._db.close()
             self._db = None
 
-    def _series_id(self, db: sqlite3.Connection, reading: Reading) -> int:
+    def _series_id(self, db: sqlite3.Connection, reading: Reading, new: dict[tuple[str, str], int]) -> int:
         key = (reading.device_id, reading.metric)
-        series_id = self._series.get(key)
+        series_id = self._series.get(key) or new.get(key)
         if series_id is None:
             db.execute(
                 "INSERT OR IGNORE INTO series (device_id, metric, unit) VALUES (?, ?, ?)",
@@ -119,8 +119,7 @@ class SqliteStore:
             row = db.execute(
                 "SELECT series_id FROM series WHERE device_id = ? AND metric = ?", key
             ).fetchone()
-            series_id = int(row[0])
-            self._series[key] = series_id
+            series_id = new[key] = int(row[0])
         return series_id
 
     def _write(self, readings: list[Reading]) -> None:
@@ -128,13 +127,14 @@ class SqliteStore:
         if db is None:
             raise StoreError("the store is not open")
         devices: dict[str, tuple[str, str, str, int, int]] = {}
+        new_series: dict[tuple[str, str], int] = {}  # cached only once committed
         rows = []
         db.execute("BEGIN")
         try:
             for r in readings:
                 received = to_ms(r.received_at)
                 rows.append((
-                    self._series_id(db, r),
+                    self._series_id(db, r, new_series),
                     to_ms(r.ts),
                     r.id,
                     r.value,
@@ -147,7 +147,9 @@ class SqliteStore:
                     r.transport, r.device_class, r.site, min(first[3], received) if first else received,
                     max(first[4], received) if first else received,
                 )
+            before = db.total_changes
             db.executemany("INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            inserted = db.total_changes - before  # duplicates (same event id) are not counted
             db.executemany(
                 "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
                 "transport = excluded.transport, device_class = excluded.device_class, site = excluded.site, "
@@ -158,7 +160,8 @@ class SqliteStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        self.rows_written += len(rows)
+        self._series.update(new_series)
+        self.rows_written += inserted
         self.transactions += 1
 
 

@@ -4,6 +4,8 @@ MQTT client, then queried through ``iotgw query`` and ``iotgw devices``."""
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
 
 from conftest import GatewayProcess, Watcher, iotgw
@@ -56,3 +58,14 @@ def test_demo_stores_and_publishes_readings_from_all_three_transports(
         assert [p["ts"] for p in points] == sorted(p["ts"] for p in points)
     with StoreReader(tmp_path) as store:
         assert store.count() == stored
+
+
+def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path, port: int, gateway_process: type[GatewayProcess]) -> None:
+    gw = gateway_process(["demo", "--data-dir", str(tmp_path), "--mqtt-port", str(port)], port)
+    time.sleep(3)
+    rc, out, err = gw.stop(signal.SIGINT)
+    assert rc == 0, err
+    assert "Traceback" not in err
+    stored = int(out.split("stored=")[1].split()[0])
+    with StoreReader(tmp_path) as store:
+        assert store.count() == stored > 0

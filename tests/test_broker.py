@@ -7,6 +7,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -29,11 +30,14 @@ def _publish(port: int, count: int, qos: int, client_id: str, topic: str) -> Non
     client.connect("127.0.0.1", port)
     client.loop_start()
     assert done.wait(10)
-    infos = [client.publish(topic, json.dumps({"value": i, "seq": i}), qos=qos) for i in range(1, count + 1)]
-    for info in infos:
-        info.wait_for_publish(60)
-    client.disconnect()
-    client.loop_stop()
+    try:
+        infos = [client.publish(topic, json.dumps({"value": i, "seq": i}), qos=qos) for i in range(1, count + 1)]
+        deadline = time.monotonic() + 60
+        for info in infos:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 async def test_full_pipeline_queue_pauses_clients_and_loses_nothing(port: int) -> None:
@@ -44,7 +48,10 @@ async def test_full_pipeline_queue_pauses_clients_and_loses_nothing(port: int) -
             asyncio.create_task(asyncio.to_thread(_publish, port, 2000, qos, f"pub-{qos}", RAW.format(n=qos)))
             for qos in (0, 1)
         ]
-        await asyncio.sleep(2.0)  # nobody consumes: the queue fills and the broker stops reading
+        async with asyncio.timeout(30):  # nobody consumes: the queue fills and the broker stops reading
+            while len(queue) < 50:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # publishers keep sending; the broker must not keep reading
         assert len(queue) == 50
         assert broker.pending_deliveries() <= 4  # one packet a client at most, not thousands
         assert queue.put_waits >= 1

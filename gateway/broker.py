@@ -13,23 +13,92 @@ import asyncio
 import errno
 import logging
 import time
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
+import amqtt.broker as amqtt_broker_module
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.errors import BrokerError
-from amqtt.session import Session
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.session import INCOMING, Session
 
 from gateway.config import BrokerSettings
 from gateway.errors import GatewayError, PortInUseError
-from pipeline.queue import BatchQueue
-from pipeline.stage import RawMessage
-from pipeline.topics import TopicFilter
 
 log = logging.getLogger(__name__)
 _DRAIN_POLL_S = 0.02
+
+
+class Ingest(Protocol):
+    """What the broker hands every message to. It returns futures that resolve once the message is
+    durable (journal, outboxes); a QoS 1 PUBACK goes out only after they have."""
+
+    async def __call__(
+        self, topic: str, payload: bytes, origin: str | None, event_id: str | None
+    ) -> Sequence[asyncio.Future[None]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _PublishMeta:
+    origin: str | None
+    event_id: str | None
+
+
+_PUBLISH_META: ContextVar[_PublishMeta | None] = ContextVar("iotgw_publish_meta", default=None)
+_DELIVERING: ContextVar[Any] = ContextVar("iotgw_delivering", default=None)
+_AWAITING_DURABILITY: dict[int, asyncio.Future[None]] = {}  # id(incoming QoS 1 message) -> its PUBACK gate
+
+
+class _DurableHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is untyped
+    """Sends the PUBACK of an incoming QoS 1 message only once the gateway has it durably.
+
+    amqtt acknowledges as soon as the message is in its in-memory session queue; a crash then loses
+    it although the device was told it arrived. Here the message carries a future that the broker
+    resolves when what it was handed to (journal, outboxes) has committed.
+    """
+
+    async def _handle_qos1_message_flow(self, app_message: Any) -> None:
+        if app_message.direction != INCOMING:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        _AWAITING_DURABILITY[id(app_message)] = durable  # amqtt's messages have __slots__: keep it aside
+        try:
+            await self.session.delivered_message_queue.put(app_message)
+            await durable
+        finally:
+            _AWAITING_DURABILITY.pop(id(app_message), None)
+        puback = PubackPacket.build(app_message.packet_id)
+        await self._send_packet(puback)
+        app_message.puback_packet = puback
+
+
+amqtt_broker_module.BrokerProtocolHandler = _DurableHandler  # a patch carried by the project (see above)
+
+
+def _settle(durable: asyncio.Future[None], futures: Sequence[asyncio.Future[None]]) -> None:
+    """Resolve ``durable`` when every future has (with the first failure, if any)."""
+    if not futures:
+        if not durable.done():
+            durable.set_result(None)
+        return
+
+    def done(gathered: asyncio.Future[list[None]]) -> None:
+        if durable.done():
+            return
+        if gathered.cancelled():
+            durable.cancel()
+        elif (exc := gathered.exception()) is not None:
+            durable.set_exception(exc)
+        else:
+            durable.set_result(None)
+
+    asyncio.gather(*futures).add_done_callback(done)
 
 
 class _GatedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
@@ -49,10 +118,10 @@ class _GatedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
 
 
 class _TappedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
-    def __init__(self, config: dict[str, Any], tap: TopicFilter, queue: BatchQueue[RawMessage]) -> None:
+    def __init__(self, config: dict[str, Any], ingest: Ingest, room: Callable[[], Awaitable[None]]) -> None:
         super().__init__(config)
-        self._tap = tap
-        self._queue = queue
+        self._ingest = ingest
+        self._room = room
         self.in_tap = 0
         self.draining = asyncio.Event()
         self.tapped = 0
@@ -60,13 +129,25 @@ class _TappedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     async def wait_read_allowed(self) -> None:
         if self.draining.is_set():
             await asyncio.Future()  # read nothing more; the connection ends with the broker
-        await self._queue.wait_for_room()
+        await self._room()
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
         await self._client_connected(listener_name, _GatedReader(StreamReaderAdapter(reader), self),
                                      StreamWriterAdapter(writer))
+
+    async def _handle_message_delivery(self, client_session: Session, handler: Any, wait_deliver: Any) -> bool:
+        message = wait_deliver.result()
+        token = _DELIVERING.set(message)
+        try:
+            result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        finally:
+            _DELIVERING.reset(token)
+            unclaimed = _AWAITING_DURABILITY.pop(id(message), None)
+            if unclaimed is not None and not unclaimed.done():
+                unclaimed.set_result(None)  # not handed to the gateway (refused by ACL, say): nothing to wait for
+        return result
 
     async def _broadcast_message(
         self,
@@ -76,15 +157,20 @@ class _TappedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         force_qos: int | None = None,
     ) -> None:
         await super()._broadcast_message(session, topic, data, force_qos)
-        if topic is None or data is None or not self._tap.matches(topic):
+        if topic is None or data is None:
             return
-        message = RawMessage(topic, bytes(data), session.client_id if session else None, datetime.now(UTC))
+        meta = _PUBLISH_META.get()
+        origin = meta.origin if meta else (f"mqtt:{session.client_id}" if session else None)
         self.in_tap += 1
         try:
-            await self._queue.put(message)
+            futures = await self._ingest(topic, bytes(data), origin, meta.event_id if meta else None)
             self.tapped += 1
         finally:
             self.in_tap -= 1
+        message = _DELIVERING.get()
+        durable = _AWAITING_DURABILITY.pop(id(message), None) if message is not None and session is not None else None
+        if durable is not None:
+            _settle(durable, futures)
 
     def pending_deliveries(self) -> int:
         """Messages read from clients (and maybe acknowledged) that have not reached the queue yet."""
@@ -116,12 +202,12 @@ class EmbeddedBroker:
     """``async with EmbeddedBroker(...) as broker``: listening on exit of ``__aenter__``."""
 
     def __init__(
-        self, settings: BrokerSettings, tap: TopicFilter, queue: BatchQueue[RawMessage], *, port_option: str
+        self, settings: BrokerSettings, ingest: Ingest, room: Callable[[], Awaitable[None]], *, port_option: str
     ) -> None:
         self._settings = settings
         self._port_option = port_option
-        self._tap = tap
-        self._queue = queue
+        self._ingest = ingest
+        self._room = room
         self._broker: _TappedBroker | None = None
         self.port = settings.port
 
@@ -132,8 +218,8 @@ class EmbeddedBroker:
                 # Name the plugins: amqtt's defaults (packet logger, $SYS...) cost a third of throughput.
                 "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
             },
-            self._tap,
-            self._queue,
+            self._ingest,
+            self._room,
         )
         quiet = _HideStartupTraceback()
         amqtt_log = logging.getLogger("amqtt.broker")
@@ -161,9 +247,20 @@ class EmbeddedBroker:
             raise GatewayError("the broker is not running")
         return self._broker
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
-        """Publish in-process, as if a client had: subscribers and the tap see it."""
-        await self._running.internal_message_broadcast(topic, payload, qos)
+    async def publish(
+        self, topic: str, payload: bytes, *, event_id: str | None = None, origin: str | None = None, qos: int = 0
+    ) -> None:
+        """Publish in-process, as if a client had: subscribers and the ingest see it. ``origin`` names
+        where it came from (None: this gateway) and ``event_id`` keeps the id it already has."""
+        token = _PUBLISH_META.set(_PublishMeta(origin, event_id))
+        try:
+            await self._running.internal_message_broadcast(topic, payload, qos)
+        finally:
+            _PUBLISH_META.reset(token)
+
+    def has_subscriber(self, topic: str) -> bool:
+        broker = self._running
+        return any(broker._matches(topic, f) and subs for f, subs in broker._subscriptions.items())
 
     def pending_deliveries(self) -> int:
         """Messages the broker has read from clients that are not on the pipeline's queue yet."""

@@ -7,6 +7,7 @@ A TOML file is parsed into :class:`GatewayConfig`. Problems come back as one lin
 from __future__ import annotations
 
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -23,11 +25,12 @@ from pydantic import (
 
 from gateway.errors import ConfigError
 from pipeline.errors import TopicError
-from pipeline.topics import DEFAULT_TEMPLATE, DEFAULT_VERSION, TopicTemplate
+from pipeline.topics import DEFAULT_TEMPLATE, DEFAULT_VERSION, TopicTemplate, compile_filter
 
 BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400)
 _MAC = re.compile(r"^[0-9A-F]{2}(:[0-9A-F]{2}){5}$")
 _LEVEL = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_LEVEL_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
 def _level(value: str) -> str:
@@ -154,6 +157,64 @@ TRANSPORTS = ("serial", "ble", "mqtt")
 DEFAULT_DEVICE_CLASS = {"serial": "particulate", "ble": "environment", "mqtt": "generic"}
 
 
+class _Forward(_Model):
+    name: Level
+    url: str = Field(min_length=1)
+    topics: list[str] = Field(min_length=1, description="filters, MQTT (+ #) or Solace/NATS (* >) syntax")
+    subscribe: list[str] = Field(default_factory=list, description="backbone filters: downlink and mesh")
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    when_full: Literal["drop_oldest", "refuse"] = "drop_oldest"
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+
+    @field_validator("topics", "subscribe")
+    @classmethod
+    def _filters(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                compile_filter(pattern)
+            except TopicError as exc:
+                raise ValueError(f"{pattern!r}: {exc}") from None
+        return value
+
+
+class TlsSettings(_Model):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+class RewriteRule(_Model):
+    from_: str = Field(alias="from", min_length=1)
+    to: str
+
+
+class MqttForward(_Forward):
+    type: Literal["mqtt"]
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    client_id: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: TlsSettings | None = None
+    topic_prefix: str = ""
+    rewrite: list[RewriteRule] = Field(default_factory=list)
+
+
+class NatsForward(_Forward):
+    type: Literal["nats"]
+    stream: str | None = None
+    create_stream: bool = False
+
+
+class KafkaForward(_Forward):
+    type: Literal["kafka"]
+    kafka_topic: str = "iotgw.{stage}"
+
+
+ForwardSettings = MqttForward | NatsForward | KafkaForward
+Forward = Annotated[ForwardSettings, Field(discriminator="type")]
+FORWARD_TYPES = ("mqtt", "nats", "kafka")
+
+
 class BleSettings(_Model):
     backend: Literal["bleak", "simulated"] = "bleak"
 
@@ -165,7 +226,9 @@ class GatewayConfig(_Model):
     pipeline: PipelineSettings = PipelineSettings()
     topics: TopicSettings = TopicSettings()
     ble: BleSettings = BleSettings()
+    gateway_id: Level | None = Field(default=None, description="default: SITE-HOSTNAME")
     devices: list[Device] = []
+    forward: list[Forward] = []
 
     @model_validator(mode="after")
     def _unique_devices(self) -> GatewayConfig:
@@ -174,7 +237,14 @@ class GatewayConfig(_Model):
             if device.id in seen:
                 raise ValueError(f"device id {device.id!r} is configured twice")
             seen.add(device.id)
+        names = [f.name for f in self.forward]
+        if len(names) != len(set(names)):
+            raise ValueError("forward names must be unique")
         return self
+
+    @property
+    def effective_gateway_id(self) -> str:
+        return self.gateway_id or f"{self.site}-{_LEVEL_UNSAFE.sub('-', socket.gethostname())}"
 
     def device_class(self, device: SerialDevice | BleDevice | MqttDevice) -> str:
         return device.device_class or DEFAULT_DEVICE_CLASS[device.transport]
@@ -195,7 +265,7 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif isinstance(previous, int) and item in TRANSPORTS:
+        elif isinstance(previous, int) and item in (*TRANSPORTS, *FORWARD_TYPES):
             pass  # the discriminated union's tag: not a field the user wrote
         else:
             parts.append(("." if parts else "") + item)
@@ -209,10 +279,12 @@ def _problems(exc: ValidationError) -> list[str]:
         reason = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             reason = "unknown field"
-        elif error["type"] == "union_tag_invalid":
-            reason = f"must be one of {', '.join(TRANSPORTS)}"
-        elif error["type"] == "union_tag_not_found":
-            reason = f"missing transport (one of {', '.join(TRANSPORTS)})"
+        elif error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            forward = error["loc"][:1] == ("forward",)
+            key, allowed = ("type", FORWARD_TYPES) if forward else ("transport", TRANSPORTS)
+            missing = error["type"] == "union_tag_not_found"
+            choices = ", ".join(allowed)
+            reason = f"missing {key} (one of {choices})" if missing else f"must be one of {choices}"
         lines.append(f"{_format_loc(tuple(error['loc']))}: {reason}")
     return lines
 

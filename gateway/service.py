@@ -1,9 +1,14 @@
-"""The composition root: builds broker, drivers and pipeline from config and runs them together.
+"""The composition root: builds broker, drivers, pipeline and forwarding from config and runs them.
 
-Start order: store, broker, pipeline, drivers. Stop order is the reverse, and it loses nothing
-accepted: drivers stop, the broker stops reading from clients and hands what it has already read
-(and acknowledged) to the queue, the pipeline drains the queue into the store, then the broker and
-the store close.
+The path of a message: the broker hands it to :meth:`Gateway._ingest`; a raw-stage message is
+written to the journal and queued for the pipeline; any message a destination forwards is queued in
+that destination's outbox. A device's QoS 1 PUBACK waits for those writes. The pipeline's results
+(store rows, and events that land in outboxes) are committed before the journal lets the raw
+messages go, so a crash at any point replays, and never loses, what was acknowledged.
+
+Start order: journal (replayed first), store, outboxes and destinations, broker, pipeline, drivers.
+Stop is the reverse: drivers stop, the broker stops reading from clients and hands over what it has
+read, the pipeline drains into the store and the outboxes, then everything closes.
 """
 
 from __future__ import annotations
@@ -21,21 +26,28 @@ from drivers.base import Driver, DriverReading
 from drivers.serial.driver import SerialDriver
 from gateway.broker import EmbeddedBroker
 from gateway.config import BleDevice, GatewayConfig, SerialDevice
+from gateway.forward.base import InboundMessage
+from gateway.forward.forwarder import ORIGIN_PREFIX, Forwarder, Route
+from gateway.forward.outbox import Limits
+from gateway.forward.registry import build_destination
+from gateway.journal import Journal
 from pipeline.analyze import AnalyzeStage
 from pipeline.clean import CleanStage
 from pipeline.collect import CollectStage
 from pipeline.define import DefineStage
+from pipeline.model import ALERT_TYPE, COMMAND_ACK_TYPE, cloudevent, new_event_id
 from pipeline.queue import BatchQueue
 from pipeline.runner import Pipeline
 from pipeline.stage import Emitter, RawMessage, Reject
 from pipeline.store import SqliteStore, StoreStage
-from pipeline.topics import TopicFields, TopicTemplate
+from pipeline.topics import TopicFields, TopicTemplate, compile_filter
 
 if TYPE_CHECKING:
     from drivers.ble.sources import AdvertisementSource
 
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 10.0
+ALERT_INTERVAL_S = 10.0
 FRAME_METRIC = "_frame"  # the metric level under which undecodable frames are rejected
 
 
@@ -72,11 +84,23 @@ class Gateway:
         self.config = config
         self.template = TopicTemplate(config.topics.template)
         self._device_class = {d.id: config.device_class(d) for d in config.devices}
+        self.gateway_id = config.effective_gateway_id
+        self._raw = self.template.stage_filter("raw")
         self.queue: BatchQueue[RawMessage] = BatchQueue(config.pipeline.queue_size)
+        self.journal = Journal(config.storage.data_dir)
         self.store = SqliteStore(config.storage.data_dir)
-        self.broker = EmbeddedBroker(
-            config.broker, self.template.stage_filter("raw"), self.queue, port_option=port_option
-        )
+        self.broker = EmbeddedBroker(config.broker, self._ingest, self.queue.wait_for_room, port_option=port_option)
+        self.forwarder: Forwarder | None = None
+        if config.forward:
+            routes = [
+                Route(build_destination(f, self.gateway_id), tuple(compile_filter(t) for t in f.topics),
+                      Limits(f.max_bytes, f.when_full), f.batch_size)
+                for f in config.forward
+            ]
+            self.forwarder = Forwarder(config.storage.data_dir, routes, gateway_id=self.gateway_id,
+                                       on_inbound=self._inbound, on_drop=self._outbox_dropped)
+        self._drops: dict[str, int] = {}
+        self.commands = {"delivered": 0, "no_subscriber": 0}
         self.analyze = AnalyzeStage(self.template, config.topics.version, interval_s=config.pipeline.agg_interval_s)
         self.pipeline = Pipeline(
             [
@@ -122,14 +146,27 @@ class Gateway:
 
     async def __aenter__(self) -> Self:
         try:
+            recovered = await self.journal.open()
+            self._stack.push_async_callback(self.journal.close)
             await self._stack.enter_async_context(self.store)
+            if self.forwarder is not None:
+                await self._stack.enter_async_context(self.forwarder)
+            self._pipeline_task = asyncio.create_task(self._pipeline_loop(), name="pipeline")
+            if recovered:  # before any new message: per-device order holds across the crash
+                log.warning("replaying %d message(s) accepted before the last stop", len(recovered))
+                for message in recovered:
+                    await self.queue.put(message)
             await self._stack.enter_async_context(self.broker)
         except BaseException:
+            if self._pipeline_task is not None:
+                self._pipeline_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._pipeline_task
             await self._stack.aclose()
             raise
-        self._pipeline_task = asyncio.create_task(self._pipeline_loop(), name="pipeline")
+        self._tasks.append(asyncio.create_task(self._alert_loop(), name="outbox alerts"))
         sink = _DriverSink(self)
-        self._tasks = [asyncio.create_task(d.run(sink), name=f"driver {d.name}") for d in self.drivers]
+        self._tasks += [asyncio.create_task(d.run(sink), name=f"driver {d.name}") for d in self.drivers]
         log.info("gateway up: %d device(s) configured, data in %s", len(self.config.devices),
                  self.config.storage.data_dir)
         return self
@@ -144,12 +181,16 @@ class Gateway:
             self.undrained = await self.broker.drain(DRAIN_TIMEOUT_S)
             if self.undrained:
                 log.error("%d message(s) were still in the broker after %.0f s", self.undrained, DRAIN_TIMEOUT_S)
+            await self.journal.flush()  # what was read is durable: its PUBACKs can go out
             self.queue.close()
             if self._pipeline_task is not None:
                 await self._pipeline_task
             emit = Emitter()
             self.analyze.flush(emit)
             await self._publish(emit)
+            await self._publish_drop_alerts()
+            if self.forwarder is not None:
+                await self.forwarder.flush()
         finally:
             if self._pipeline_task is not None and not self._pipeline_task.done():
                 self._pipeline_task.cancel()
@@ -158,23 +199,84 @@ class Gateway:
             await self._stack.aclose()
         log.info("gateway stopped: %d reading(s) stored", self.store.rows_written)
 
+    async def _ingest(
+        self, topic: str, payload: bytes, origin: str | None, event_id: str | None
+    ) -> list[asyncio.Future[None]]:
+        """Every message published on the broker comes here (see :class:`gateway.broker.Ingest`)."""
+        futures: list[asyncio.Future[None]] = []
+        if self._raw.matches(topic):
+            message = RawMessage(topic, payload, origin, datetime.now(UTC), event_id or new_event_id())
+            event_id = message.event_id
+            futures.append(self.journal.append(message))
+            await self.queue.put(message)
+        if self.forwarder is not None and self.forwarder.wants(topic, origin):
+            fields = self.template.parse(topic)
+            futures += await self.forwarder.route(
+                topic, payload, event_id=event_id or new_event_id(), key=fields.device_id if fields else "",
+                origin=origin,
+            )
+        return futures
+
     async def _pipeline_loop(self) -> None:
         settings = self.config.pipeline
         while batch := await self.queue.get_batch(settings.batch_size, settings.max_latency_s):
             emit = await self.pipeline.run(batch)
             await self._publish(emit)
+            if self.forwarder is not None:
+                await self.forwarder.flush()  # the batch's events are durable in the outboxes ...
+            self.journal.done([m.event_id for m in batch])  # ... so the journal can let it go
 
     async def _publish(self, emit: Emitter) -> None:
         for topic, event in emit.events:
-            await self.broker.publish(topic, _dumps(event))
+            await self.broker.publish(topic, _dumps(event), event_id=event.get("id"))
         self.published["events"] += len(emit.events)
         await self.publish_rejects(emit.rejects)
 
     async def publish_rejects(self, rejects: list[Reject]) -> None:
         for reject in rejects:
             topic, event = self.pipeline.reject_event(reject)
-            await self.broker.publish(topic, _dumps(event))
+            await self.broker.publish(topic, _dumps(event), event_id=event["id"])
         self.published["rejects"] += len(rejects)
+
+    async def _inbound(self, destination: str, message: InboundMessage) -> None:
+        """From the backbone: a downlink command, or an event from another gateway (mesh)."""
+        await self.broker.publish(message.topic, message.payload, event_id=message.event_id,
+                                  origin=ORIGIN_PREFIX + destination)
+        levels = message.topic.split("/")
+        if len(levels) >= 4 and levels[0] == "cmd" and levels[1] == self.config.site:
+            device_id, command = levels[2], "/".join(levels[3:])
+            status = "delivered" if self.broker.has_subscriber(message.topic) else "no_subscriber"
+            self.commands[status] += 1
+            topic = f"cmdack/{self.config.site}/{device_id}/{command}"
+            event = cloudevent(
+                event_id=new_event_id(), source=f"/iotgw/{self.config.site}/{self.gateway_id}", type_=COMMAND_ACK_TYPE,
+                subject=topic, time=datetime.now(UTC),
+                data={"device_id": device_id, "command": command, "status": status, "via": destination,
+                      "command_event_id": message.event_id},
+            )
+            await self.broker.publish(topic, _dumps(event), event_id=event["id"])
+
+    def _outbox_dropped(self, destination: str, count: int) -> None:
+        self._drops[destination] = self._drops.get(destination, 0) + count
+
+    async def _alert_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ALERT_INTERVAL_S)
+            await self._publish_drop_alerts()
+
+    async def _publish_drop_alerts(self) -> None:
+        """Outbox drops are raised as alert events (at most one per destination per interval)."""
+        drops, self._drops = self._drops, {}
+        for destination, count in drops.items():
+            topic = f"alert/raised/1.0/{self.config.site}/gateway/{self.gateway_id}/outbox_dropped"
+            event = cloudevent(
+                event_id=new_event_id(), source=f"/iotgw/{self.config.site}/{self.gateway_id}", type_=ALERT_TYPE,
+                subject=topic, time=datetime.now(UTC),
+                data={"alert": "outbox_dropped", "destination": destination, "dropped": count,
+                      "policy": "drop_oldest"},
+            )
+            log.warning("forward %s: outbox full, dropped %d oldest event(s)", destination, count)
+            await self.broker.publish(topic, _dumps(event), event_id=event["id"])
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -186,6 +288,10 @@ class Gateway:
             "stages": self.pipeline.stats(),
             "published": dict(self.published),
             "stored": self.store.rows_written,
+            "journal": {"appended": self.journal.appended, "replayed": self.journal.replayed,
+                        "commits": self.journal.commits},
+            "forward": self.forwarder.stats() if self.forwarder is not None else {},
+            "commands": dict(self.commands),
             "store_transactions": self.store.transactions,
             "undrained": self.undrained,
         }

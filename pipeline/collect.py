@@ -91,6 +91,7 @@ class CollectStage:
             seq=seq,
             received_at=message.received_at,
             payload=message.payload,
+            event_id=message.event_id,
         )
 
 

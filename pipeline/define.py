@@ -26,7 +26,7 @@ class DefineStage:
             fields = draft.fields
             try:
                 reading = Reading(
-                    id=new_event_id(to_ms(draft.received_at)),
+                    id=draft.event_id or new_event_id(to_ms(draft.received_at)),
                     site=fields.site,
                     device_id=fields.device_id,
                     device_class=fields.device_class,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
+from pipeline.model import new_event_id
 from pipeline.topics import TopicFields
 
 In = TypeVar("In")
@@ -26,6 +27,7 @@ class RawMessage:
     payload: bytes
     origin: str | None
     received_at: datetime
+    event_id: str = field(default_factory=new_event_id)  # assigned on arrival: a replay keeps it
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,7 @@ class Draft:
     seq: int | None
     received_at: datetime
     payload: bytes
+    event_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

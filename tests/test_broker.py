@@ -8,13 +8,14 @@ import json
 import socket
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from conftest import Watcher, iotgw
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.broker import EmbeddedBroker
+from gateway.broker import EmbeddedBroker, Ingest
 from gateway.config import BrokerSettings
 from pipeline.queue import BatchQueue
 from pipeline.stage import RawMessage
@@ -40,10 +41,23 @@ def _publish(port: int, count: int, qos: int, client_id: str, topic: str) -> Non
         client.loop_stop()
 
 
+def _raw_ingest(queue: BatchQueue[RawMessage]) -> Ingest:
+    """The gateway's ingest, reduced to its raw-stage queue (no journal, no outboxes)."""
+    tap = TopicTemplate().stage_filter("raw")
+
+    async def ingest(topic: str, payload: bytes, origin: str | None, event_id: str | None
+                     ) -> list[asyncio.Future[None]]:
+        if tap.matches(topic):
+            await queue.put(RawMessage(topic, payload, origin, datetime.now(UTC)))
+        return []
+
+    return ingest
+
+
 async def test_full_pipeline_queue_pauses_clients_and_loses_nothing(port: int) -> None:
     queue: BatchQueue[RawMessage] = BatchQueue(50)
-    tap = TopicTemplate().stage_filter("raw")
-    async with EmbeddedBroker(BrokerSettings(port=port), tap, queue, port_option="--mqtt-port") as broker:
+    settings = BrokerSettings(port=port)
+    async with EmbeddedBroker(settings, _raw_ingest(queue), queue.wait_for_room, port_option="--mqtt-port") as broker:
         publishers = [
             asyncio.create_task(asyncio.to_thread(_publish, port, 2000, qos, f"pub-{qos}", RAW.format(n=qos)))
             for qos in (0, 1)
@@ -63,13 +77,13 @@ async def test_full_pipeline_queue_pauses_clients_and_loses_nothing(port: int) -
     for qos in (0, 1):
         seqs = [json.loads(m.payload)["seq"] for m in received if m.topic == RAW.format(n=qos)]
         assert seqs == list(range(1, 2001)), f"QoS {qos}: lost or reordered"
-    assert {m.origin for m in received} == {"pub-0", "pub-1"}
+    assert {m.origin for m in received} == {"mqtt:pub-0", "mqtt:pub-1"}
 
 
 async def test_in_process_publishes_reach_tap_and_subscribers(port: int) -> None:
     queue: BatchQueue[RawMessage] = BatchQueue(10)
-    tap = TopicTemplate().stage_filter("raw")
-    async with EmbeddedBroker(BrokerSettings(port=port), tap, queue, port_option="--mqtt-port") as broker:
+    settings = BrokerSettings(port=port)
+    async with EmbeddedBroker(settings, _raw_ingest(queue), queue.wait_for_room, port_option="--mqtt-port") as broker:
         watcher = await asyncio.to_thread(Watcher, port, ["telemetry/#"])
         await broker.publish(RAW.format(n=1), b'{"value": 1}')
         await broker.publish("telemetry/valid/1.0/s1/meter/m-1/power", b"{}")

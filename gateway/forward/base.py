@@ -1,0 +1,61 @@
+"""What every destination is. Small on purpose: the outbox does the bookkeeping (durability,
+bounds, order, retries); a destination only connects, sends a batch and says how much of it the
+far side acknowledged."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gateway.errors import GatewayError
+
+
+class DestinationUnavailableError(GatewayError):
+    """The destination cannot take events now (down, refusing, timing out): retry later."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundEvent:
+    """One event waiting in an outbox."""
+
+    seq: int  # position in the outbox: the send order
+    event_id: str  # ULID; sent along so the far side can deduplicate
+    topic: str  # the local (embedded broker) topic
+    key: str  # the device id: the unit of ordering ("" when unknown)
+    payload: bytes
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A message a destination received from the backbone (downlink commands, mesh events)."""
+
+    topic: str  # already mapped back to a local topic
+    payload: bytes
+    event_id: str | None = None
+    origin_gateway: str | None = None  # the gateway that first published it, when the backbone says
+    properties: dict[str, str] = field(default_factory=dict)
+
+
+class Destination(Protocol):
+    name: str
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def start(self) -> None:
+        """Begin connecting (in the background; never raises for a peer that is down)."""
+
+    async def close(self) -> None: ...
+
+    async def send(self, batch: Sequence[OutboundEvent]) -> int:
+        """Send in order; return how many from the start of ``batch`` the far side acknowledged.
+
+        Raises :class:`DestinationUnavailableError` when nothing could be sent.
+        """
+        ...
+
+    def inbound(self) -> AsyncIterator[InboundMessage]:
+        """Messages from the backbone on the destination's subscriptions, until closed."""
+        ...

@@ -1,0 +1,148 @@
+"""Routes broker traffic into per-destination outboxes and drains each outbox to its destination.
+
+One sender task per destination: it takes the oldest events from the outbox, sends them, and
+removes what was acknowledged, so order is the outbox order (per device, the order events were
+published) and a replay after an outage or a crash resends in the same order. Messages that come
+back from the backbone (downlink commands, mesh events from other gateways) are handed to the
+gateway, and are never forwarded back to the destination they came from; our own events echoed
+back by the backbone are recognised (by gateway id or event id) and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.forward.base import Destination, DestinationUnavailableError, InboundMessage
+from gateway.forward.outbox import Limits, Outbox
+from pipeline.topics import TopicFilter
+
+log = logging.getLogger(__name__)
+ORIGIN_PREFIX = "forward:"
+_RECENT_IDS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    destination: Destination
+    filters: tuple[TopicFilter, ...]
+    limits: Limits
+    batch_size: int = 500
+
+
+InboundHandler = Callable[[str, InboundMessage], Awaitable[None]]
+
+
+class Forwarder:
+    def __init__(
+        self, data_dir: Path, routes: Sequence[Route], *, gateway_id: str, on_inbound: InboundHandler,
+        on_drop: Callable[[str, int], None],
+    ) -> None:
+        self.routes = {r.destination.name: r for r in routes}
+        self.gateway_id = gateway_id
+        self.outbox = Outbox(data_dir, {name: r.limits for name, r in self.routes.items()}, on_drop=on_drop)
+        self._on_inbound = on_inbound
+        self._tasks: list[asyncio.Task[None]] = []
+        self._recent: OrderedDict[str, None] = OrderedDict()  # ids we sent: an echo of one is dropped
+        self.echoes_dropped = 0
+        self.send_failures = dict.fromkeys(self.routes, 0)
+
+    async def __aenter__(self) -> Forwarder:
+        await self.outbox.open()
+        for name, route in self.routes.items():
+            await route.destination.start()
+            self._tasks.append(asyncio.create_task(self._sender(route), name=f"forward {name} sender"))
+            self._tasks.append(asyncio.create_task(self._receiver(route), name=f"forward {name} inbound"))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for route in self.routes.values():
+            with contextlib.suppress(Exception):
+                await route.destination.close()
+        await self.outbox.close()
+
+    def wants(self, topic: str, origin: str | None) -> bool:
+        return any(self._matches(route, topic, origin) for route in self.routes.values())
+
+    @staticmethod
+    def _matches(route: Route, topic: str, origin: str | None) -> bool:
+        if origin == ORIGIN_PREFIX + route.destination.name:
+            return False  # never back to where it came from
+        return any(f.matches(topic) for f in route.filters)
+
+    async def route(self, topic: str, payload: bytes, *, event_id: str, key: str, origin: str | None
+                    ) -> list[asyncio.Future[None]]:
+        """Queue a broker message for every destination that forwards its topic."""
+        futures = []
+        for name, route in self.routes.items():
+            if self._matches(route, topic, origin):
+                futures.append(await self.outbox.enqueue(name, event_id, topic, key, payload))
+        if futures:
+            self._remember(event_id)
+        return futures
+
+    def _remember(self, event_id: str) -> None:
+        self._recent[event_id] = None
+        if len(self._recent) > _RECENT_IDS:
+            self._recent.popitem(last=False)
+
+    async def flush(self) -> None:
+        await self.outbox.flush()
+
+    async def _sender(self, route: Route) -> None:
+        dest = route.destination
+        name = dest.name
+        failures = 0
+        while True:
+            if not dest.connected:
+                await asyncio.sleep(0.2)
+                continue
+            batch = await self.outbox.fetch(name, route.batch_size)
+            if not batch:
+                await self.outbox.wait_new(name, 1.0)
+                continue
+            try:
+                acked = await dest.send(batch)
+            except DestinationUnavailableError as exc:
+                self.send_failures[name] += 1
+                failures += 1
+                if failures == 1:
+                    log.warning("forward %s: sending paused: %s", name, exc)
+                await asyncio.sleep(min(5.0, 0.2 * 2 ** min(failures, 5)))
+                continue
+            if failures:
+                log.warning("forward %s: sending resumed after %d failed attempt(s)", name, failures)
+                failures = 0
+            await self.outbox.ack(name, batch[:acked])
+
+    async def _receiver(self, route: Route) -> None:
+        dest = route.destination
+        async for message in dest.inbound():
+            if message.origin_gateway == self.gateway_id or (message.event_id and message.event_id in self._recent):
+                self.echoes_dropped += 1
+                continue
+            try:
+                await self._on_inbound(dest.name, message)
+            except Exception:
+                log.exception("forward %s: handling an inbound message failed", dest.name)
+
+    def stats(self) -> dict[str, Any]:
+        now_ms = int(time.time() * 1000)
+        destinations = {
+            name: {
+                "connected": route.destination.connected, "send_failures": self.send_failures[name],
+                **self.outbox.stats[name].as_dict(now_ms),
+            }
+            for name, route in self.routes.items()
+        }
+        return {"destinations": destinations, "echoes_dropped": self.echoes_dropped}

@@ -1,0 +1,161 @@
+"""NATS JetStream destination (nats-py).
+
+Topics become subjects (``/`` -> ``.``, see :mod:`pipeline.topics`). Every message carries
+``Nats-Msg-Id`` = the event id, so JetStream's duplicate window drops a replay, and an event is
+taken off the outbox only after its PubAck. Publishes are pipelined in order
+(``publish_async``), so a batch costs one round trip, not one per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from gateway.forward.base import DestinationUnavailableError, InboundMessage, OutboundEvent
+from pipeline.topics import compile_filter, filter_to_subjects, subject_to_topic, topic_to_subject
+
+log = logging.getLogger(__name__)
+GATEWAY_HEADER = "Iotgw-Gateway"
+TOPIC_HEADER = "Iotgw-Topic"
+
+
+@dataclass(frozen=True, slots=True)
+class NatsSettings:
+    url: str
+    gateway_id: str
+    stream: str | None = None  # when set, publishes must land in this stream
+    create_stream: bool = False  # create ``stream`` over the forwarded topics if it does not exist
+    topics: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+    ack_timeout_s: float = 10.0
+    inbound_queue: int = 1000
+
+
+class NatsDestination:
+    def __init__(self, name: str, settings: NatsSettings) -> None:
+        self.name = name
+        self._settings = settings
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._inbound: asyncio.Queue[InboundMessage] = asyncio.Queue(settings.inbound_queue)
+        self._ready = False
+        self.sent = 0
+        self.acked = 0
+        self.inbound_dropped = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._ready and self._nc is not None and self._nc.is_connected
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._connect_forever(), name=f"forward {self.name} connect")
+
+    async def _connect_forever(self) -> None:
+        attempt = 0
+        while self._nc is None:
+            try:
+                nc = await nats.connect(
+                    self._settings.url, name=f"iotgw-{self._settings.gateway_id}", max_reconnect_attempts=-1,
+                    reconnect_time_wait=1, connect_timeout=2, allow_reconnect=True,
+                    disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
+                )
+            except (OSError, nats.errors.Error, TimeoutError) as exc:
+                if attempt == 0:
+                    log.warning("forward %s: cannot reach %s (%s); retrying", self.name, self._settings.url, exc)
+                attempt += 1
+                await asyncio.sleep(min(10.0, 0.5 * attempt))
+                continue
+            self._nc, self._js = nc, nc.jetstream(publish_async_max_pending=4000)
+        await self._prepare()
+        log.warning("forward %s: connected to %s", self.name, self._settings.url)
+
+    async def _prepare(self) -> None:
+        nc, js = self._nc, self._js
+        if nc is None or js is None:
+            return
+        s = self._settings
+        if s.stream and s.create_stream:
+            subjects = sorted({subj for t in s.topics for subj in filter_to_subjects(compile_filter(t))})
+            try:
+                await js.stream_info(s.stream)
+            except nats.js.errors.NotFoundError:
+                await js.add_stream(name=s.stream, subjects=subjects)
+        for pattern in s.subscribe:
+            for subject in filter_to_subjects(compile_filter(pattern)):
+                await nc.subscribe(subject, cb=self._on_message)
+        self._ready = True
+
+    async def _disconnected(self) -> None:
+        log.warning("forward %s: lost %s", self.name, self._settings.url)
+
+    async def _reconnected(self) -> None:
+        log.warning("forward %s: reconnected to %s", self.name, self._settings.url)
+
+    async def _on_message(self, msg: Msg) -> None:
+        headers = dict(msg.headers or {})
+        try:
+            topic = headers.get(TOPIC_HEADER) or subject_to_topic(msg.subject)
+        except ValueError:
+            return
+        message = InboundMessage(topic, msg.data, headers.get("Nats-Msg-Id"), headers.get(GATEWAY_HEADER), headers)
+        if self._inbound.full():
+            self._inbound.get_nowait()
+            self.inbound_dropped += 1
+        self._inbound.put_nowait(message)
+
+    async def send(self, batch: Sequence[OutboundEvent]) -> int:
+        js = self._js
+        if js is None or not self.connected:
+            raise DestinationUnavailableError(f"{self.name}: not connected")
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for event in batch:
+                headers = {"Nats-Msg-Id": event.event_id, GATEWAY_HEADER: self._settings.gateway_id,
+                           TOPIC_HEADER: event.topic}
+                futures.append(await js.publish_async(
+                    topic_to_subject(event.topic), event.payload, headers=headers, stream=self._settings.stream,
+                    wait_stall=self._settings.ack_timeout_s,
+                ))
+                self.sent += 1
+        except (nats.errors.Error, OSError) as exc:
+            log.debug("forward %s: publish stopped: %s", self.name, exc)
+        acked = 0
+        try:
+            async with asyncio.timeout(self._settings.ack_timeout_s):
+                for future in futures:
+                    await future
+                    acked += 1
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error):
+            pass
+        finally:
+            for future in futures[acked:]:
+                future.cancel()
+        self.acked += acked
+        if acked == 0 and batch:
+            raise DestinationUnavailableError(f"{self.name}: nothing acknowledged")
+        return acked
+
+    async def inbound(self) -> AsyncIterator[InboundMessage]:
+        while True:
+            yield await self._inbound.get()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()

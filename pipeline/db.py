@@ -1,0 +1,156 @@
+"""SQLite for an asyncio process: one connection on one dedicated thread, and group commit.
+
+Everything durable in the gateway (the store, the ingest journal, the outboxes) is SQLite in WAL
+mode. Writes are gathered for a few milliseconds and committed in one transaction, so a Raspberry
+Pi's SD card sees a few fsyncs a second however many messages arrive, and callers that need to
+know (an MQTT PUBACK) wait for the commit that covers their write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Op = TypeVar("Op")
+Synchronous = Literal["OFF", "NORMAL", "FULL"]
+
+
+class DatabaseError(PipelineError):
+    """A database could not be opened or written."""
+
+
+class SqliteThread:
+    """``await db.run(fn, *args)`` calls ``fn(connection, *args)`` on the database's own thread."""
+
+    def __init__(self, path: Path, *, synchronous: Synchronous = "FULL") -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{path.stem}")
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self, schema: str) -> None:
+        def _open() -> None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                # FULL: a commit survives power loss, not just a crash; group commit keeps it cheap.
+                conn.execute(f"PRAGMA synchronous={self._synchronous}")
+                conn.executescript(schema)
+            except (OSError, sqlite3.Error) as exc:
+                raise DatabaseError(f"cannot open {self.path}: {exc}") from exc
+            self._conn = conn
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, _open)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        def call() -> T:
+            if self._conn is None:
+                raise DatabaseError(f"{self.path} is not open")
+            return fn(self._conn, *args)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def close(self) -> None:
+        def _close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, _close)
+        self._executor.shutdown(wait=True)
+
+
+def in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+class GroupCommit(Generic[Op]):
+    """Gathers operations and applies them in one transaction every ``window_s`` (or sooner on
+    :meth:`flush`); each ``submit`` returns a future resolved when its transaction commits."""
+
+    def __init__(
+        self, db: SqliteThread, apply: Callable[[sqlite3.Connection, list[Op]], None], *, window_s: float = 0.005
+    ) -> None:
+        self._db = db
+        self._apply = apply
+        self._window = window_s
+        self._ops: list[Op] = []
+        self._futures: list[asyncio.Future[None]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.commits = 0
+        self.failures = 0
+
+    def start(self, name: str) -> None:
+        self._task = asyncio.create_task(self._loop(), name=name)
+
+    def submit(self, op: Op) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ops.append(op)
+        self._futures.append(future)
+        self._wake.set()
+        return future
+
+    @property
+    def pending(self) -> int:
+        return len(self._ops)
+
+    async def flush(self) -> None:
+        """Commit everything submitted so far, now."""
+        async with self._lock:
+            if not self._ops:
+                return
+            ops, futures = self._ops, self._futures
+            self._ops, self._futures = [], []
+            try:
+                await self._db.run(in_transaction, lambda conn: self._apply(conn, ops))
+            except Exception as exc:
+                self.failures += 1
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(exc)
+                        future.exception()  # retrieved: callers that do not wait must not warn
+                raise
+            self.commits += 1
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(self._window)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("group commit to %s failed", self._db.path)
+                await asyncio.sleep(0.5)
+
+    async def stop(self) -> None:
+        """Commit what is pending and stop the background committer."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()

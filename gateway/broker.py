@@ -39,8 +39,16 @@ class Ingest(Protocol):
     durable (journal, outboxes); a QoS 1 PUBACK goes out only after they have."""
 
     async def __call__(
-        self, topic: str, payload: bytes, origin: str | None, event_id: str | None
+        self, topic: str, payload: bytes, origin: str | None, event_id: str | None, resend: Resend | None
     ) -> Sequence[asyncio.Future[None]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Resend:
+    """A QoS 1/2 message's packet id, and whether the client marked it as sent before (DUP)."""
+
+    packet_id: int
+    dup: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,14 +169,17 @@ class _TappedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             return
         meta = _PUBLISH_META.get()
         origin = meta.origin if meta else (f"mqtt:{session.client_id}" if session else None)
+        message = _DELIVERING.get() if session is not None else None
+        resend = None
+        if message is not None and message.packet_id is not None and message.publish_packet is not None:
+            resend = Resend(message.packet_id, bool(message.publish_packet.dup_flag))
         self.in_tap += 1
         try:
-            futures = await self._ingest(topic, bytes(data), origin, meta.event_id if meta else None)
+            futures = await self._ingest(topic, bytes(data), origin, meta.event_id if meta else None, resend)
             self.tapped += 1
         finally:
             self.in_tap -= 1
-        message = _DELIVERING.get()
-        durable = _AWAITING_DURABILITY.pop(id(message), None) if message is not None and session is not None else None
+        durable = _AWAITING_DURABILITY.pop(id(message), None) if message is not None else None
         if durable is not None:
             _settle(durable, futures)
 

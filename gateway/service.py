@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from drivers.base import Driver, DriverReading
 from drivers.serial.driver import SerialDriver
-from gateway.broker import EmbeddedBroker
+from gateway.broker import EmbeddedBroker, Resend
 from gateway.config import BleDevice, GatewayConfig, SerialDevice
 from gateway.forward.base import InboundMessage
 from gateway.forward.forwarder import ORIGIN_PREFIX, Forwarder, Route
@@ -200,14 +200,16 @@ class Gateway:
         log.info("gateway stopped: %d reading(s) stored", self.store.rows_written)
 
     async def _ingest(
-        self, topic: str, payload: bytes, origin: str | None, event_id: str | None
+        self, topic: str, payload: bytes, origin: str | None, event_id: str | None, resend: Resend | None
     ) -> list[asyncio.Future[None]]:
         """Every message published on the broker comes here (see :class:`gateway.broker.Ingest`)."""
         futures: list[asyncio.Future[None]] = []
+        if resend is not None and resend.dup and origin is not None and event_id is None:
+            event_id = self.journal.resent_id(origin, resend.packet_id)  # the same event, sent again
         if self._raw.matches(topic):
             message = RawMessage(topic, payload, origin, datetime.now(UTC), event_id or new_event_id())
             event_id = message.event_id
-            futures.append(self.journal.append(message))
+            futures.append(self.journal.append(message, resend.packet_id if resend else None))
             await self.queue.put(message)
         if self.forwarder is not None and self.forwarder.wants(topic, origin):
             fields = self.template.parse(topic)
@@ -289,7 +291,7 @@ class Gateway:
             "published": dict(self.published),
             "stored": self.store.rows_written,
             "journal": {"appended": self.journal.appended, "replayed": self.journal.replayed,
-                        "commits": self.journal.commits},
+                        "resends_recognised": self.journal.resends_recognised, "commits": self.journal.commits},
             "forward": self.forwarder.stats() if self.forwarder is not None else {},
             "commands": dict(self.commands),
             "store_transactions": self.store.transactions,

@@ -15,7 +15,7 @@ import paho.mqtt.client as mqtt
 from conftest import Watcher, iotgw
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.broker import EmbeddedBroker, Ingest
+from gateway.broker import EmbeddedBroker, Ingest, Resend
 from gateway.config import BrokerSettings
 from pipeline.queue import BatchQueue
 from pipeline.stage import RawMessage
@@ -45,7 +45,7 @@ def _raw_ingest(queue: BatchQueue[RawMessage]) -> Ingest:
     """The gateway's ingest, reduced to its raw-stage queue (no journal, no outboxes)."""
     tap = TopicTemplate().stage_filter("raw")
 
-    async def ingest(topic: str, payload: bytes, origin: str | None, event_id: str | None
+    async def ingest(topic: str, payload: bytes, origin: str | None, event_id: str | None, resend: Resend | None
                      ) -> list[asyncio.Future[None]]:
         if tap.matches(topic):
             await queue.put(RawMessage(topic, payload, origin, datetime.now(UTC)))

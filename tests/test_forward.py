@@ -1,0 +1,290 @@
+"""Forwarding to a real backbone: Mosquitto and nats-server (JetStream) started by fixtures.
+
+The gateway runs in-process here so its counters can be read; a device publishes to it over TCP
+with paho, exactly as in the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from peers import (
+    Mosquitto,
+    MqttCollector,
+    NatsServer,
+    free_port,
+    jetstream_messages,
+    mosquitto_fixture,  # noqa: F401  (pytest fixture)
+    mqtt_publish,
+    nats_server_fixture,  # noqa: F401  (pytest fixture)
+)
+
+from gateway.config import GatewayConfig, parse_config
+from gateway.service import Gateway
+
+RAW = "telemetry/raw/1.0/s1/meter/{device}/power"
+
+
+def gateway_config(tmp_path: Path, forward: list[dict[str, Any]], **extra: Any) -> GatewayConfig:
+    return parse_config({
+        "site": "s1", "gateway_id": "gw-a", "broker": {"port": free_port()},
+        "storage": {"data_dir": str(tmp_path / "gw")}, "pipeline": {"max_latency_s": 0.05}, "forward": forward,
+        **extra,
+    })
+
+
+class Device:
+    """An MQTT device: paho, QoS 1, a sequence number per message; remembers what was acknowledged."""
+
+    def __init__(self, port: int, device_id: str, rate_hz: float) -> None:
+        self.device_id = device_id
+        self.rate_hz = rate_hz
+        self.sent: list[tuple[int, mqtt.MQTTMessageInfo]] = []
+        self._stop = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{device_id}")
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Device:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        seq = 0
+        while not self._stop.is_set():
+            seq += 1
+            body = json.dumps({"value": float(seq), "unit": "W", "seq": seq})
+            self.sent.append((seq, self.client.publish(RAW.format(device=self.device_id), body, qos=1)))
+            time.sleep(1 / self.rate_hz)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def acked(self) -> list[int]:
+        return [seq for seq, info in self.sent if info.is_published()]
+
+    def close(self) -> None:
+        self.stop()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def devices() -> Iterator[list[Device]]:
+    made: list[Device] = []
+    yield made
+    for device in made:
+        device.close()
+
+
+async def _until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def _valid_seqs(payloads: list[bytes], device: str) -> list[int]:
+    events = [json.loads(p) for p in payloads]
+    return [e["data"]["seq"] for e in events if e["data"]["device_id"] == device]
+
+
+def _assert_complete_in_order(seqs: list[int], acked: list[int], device: str) -> None:
+    assert seqs, device
+    assert set(acked) <= set(seqs), f"{device}: acknowledged but not delivered: {sorted(set(acked) - set(seqs))[:10]}"
+    first_seen: list[int] = []
+    for seq in seqs:  # duplicates may come (at least once) but the first delivery of each is in order
+        if seq not in first_seen:
+            first_seen.append(seq)
+    assert first_seen == sorted(first_seen), f"{device}: out of order"
+
+
+async def test_valid_events_reach_mosquitto_with_ids_and_rewritten_topics(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    config = gateway_config(tmp_path, [{
+        "name": "central", "type": "mqtt", "url": mosquitto.url, "topics": ["telemetry/valid/>"],
+        "rewrite": [{"from": "telemetry/", "to": "plant/"}], "topic_prefix": "edge/",
+    }])
+    collector = MqttCollector(mosquitto.url, ["edge/#"], protocol=MQTTProtocolVersion.MQTTv5)
+    try:
+        async with Gateway(config) as gw:
+            await _until(lambda: gw.stats()["forward"]["destinations"]["central"]["connected"], 10, "connect")
+            messages = [(RAW.format(device="m-1"), json.dumps({"value": i, "seq": i})) for i in range(1, 21)]
+            await asyncio.to_thread(mqtt_publish, f"mqtt://127.0.0.1:{gw.broker.port}", messages)
+            received = await asyncio.to_thread(collector.wait_for, 20, 15)
+            central = lambda: gw.stats()["forward"]["destinations"]["central"]  # noqa: E731
+            await _until(lambda: central()["delivered"] == 20, 10, "acknowledgements")
+            stats = central()
+    finally:
+        collector.close()
+    assert {r.topic for r in received} == {"edge/plant/valid/1.0/s1/meter/m-1/power"}
+    events = [json.loads(r.payload) for r in received]
+    assert [e["data"]["seq"] for e in events] == list(range(1, 21))
+    for r, event in zip(received, events, strict=True):
+        assert r.user_properties["event-id"] == event["id"]  # MQTT 5: the id travels as a property too
+        assert r.user_properties["iotgw-gateway"] == "gw-a"
+    assert stats["delivered"] == 20
+    assert stats["depth"] == 0
+
+
+async def test_mqtt_3_1_1_bridge(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    config = gateway_config(tmp_path, [{
+        "name": "old", "type": "mqtt", "url": mosquitto.url, "topics": ["telemetry/valid/#"], "protocol": "3.1.1",
+    }])
+    collector = MqttCollector(mosquitto.url, ["telemetry/#"])
+    try:
+        async with Gateway(config) as gw:
+            await _until(lambda: gw.stats()["forward"]["destinations"]["old"]["connected"], 10, "connect")
+            messages = [(RAW.format(device="m-2"), json.dumps({"value": i, "seq": i})) for i in range(1, 6)]
+            await asyncio.to_thread(mqtt_publish, f"mqtt://127.0.0.1:{gw.broker.port}", messages)
+            received = await asyncio.to_thread(collector.wait_for, 5, 15)
+    finally:
+        collector.close()
+    assert [json.loads(r.payload)["data"]["seq"] for r in received] == [1, 2, 3, 4, 5]
+    assert all(r.user_properties == {} for r in received)  # no properties in 3.1.1: the id is in the CloudEvent
+
+
+async def test_backbone_outage_of_30_s_loses_nothing_and_keeps_order(
+    tmp_path: Path, mosquitto: Mosquitto, devices: list[Device]
+) -> None:
+    config = gateway_config(tmp_path, [{
+        "name": "central", "type": "mqtt", "url": mosquitto.url, "topics": ["telemetry/valid/>"],
+    }])
+    collector = MqttCollector(mosquitto.url, ["telemetry/valid/#"], client_id="outage-collector")
+    try:
+        async with Gateway(config) as gw:
+            central = lambda: gw.stats()["forward"]["destinations"]["central"]  # noqa: E731
+            await _until(lambda: central()["connected"], 10, "connect")
+            devices += [Device(gw.broker.port, f"m-{i}", rate_hz=20).start() for i in (1, 2)]
+            await asyncio.sleep(3)
+            await asyncio.to_thread(mosquitto.stop)
+            await asyncio.sleep(30)
+            during = central()
+            assert not during["connected"]
+            assert during["depth"] > 500  # about 40 events/s queued while the backbone is away
+            assert during["oldest_age_s"] > 25
+            await asyncio.to_thread(mosquitto.restart)
+            await asyncio.sleep(3)
+            for device in devices:
+                device.stop()
+            await _until(lambda: central()["depth"] == 0, 60, "the outbox to drain")
+            total = sum(len(d.acked()) for d in devices)
+            await asyncio.to_thread(collector.wait_for, total, 60)
+            after = central()
+    finally:
+        collector.close()
+    payloads = [r.payload for r in collector.messages]
+    for device in devices:
+        _assert_complete_in_order(_valid_seqs(payloads, device.device_id), device.acked(), device.device_id)
+    assert after["delivered"] >= total
+    assert after["delivery_lag_s"] is not None
+
+
+async def test_nats_jetstream_outage_and_dedup_by_event_id(
+    tmp_path: Path, nats_server: NatsServer, devices: list[Device]
+) -> None:
+    config = gateway_config(tmp_path, [{
+        "name": "js", "type": "nats", "url": nats_server.url, "topics": ["telemetry/valid/>"],
+        "stream": "IOTGW", "create_stream": True,
+    }])
+    async with Gateway(config) as gw:
+        js = lambda: gw.stats()["forward"]["destinations"]["js"]  # noqa: E731
+        await _until(lambda: js()["connected"], 15, "connect")
+        devices += [Device(gw.broker.port, f"n-{i}", rate_hz=20).start() for i in (1, 2)]
+        await asyncio.sleep(3)
+        await asyncio.to_thread(nats_server.stop)
+        await asyncio.sleep(30)
+        assert js()["depth"] > 500
+        await asyncio.to_thread(nats_server.restart)
+        await asyncio.sleep(3)
+        for device in devices:
+            device.stop()
+        await _until(lambda: js()["depth"] == 0, 60, "the outbox to drain")
+    stored = await jetstream_messages(nats_server.url, "IOTGW", timeout=10)
+    assert {m.subject.split(".")[1] for m in stored} == {"valid"}
+    ids = [m.headers["Nats-Msg-Id"] for m in stored]
+    assert len(ids) == len(set(ids)), "JetStream kept a duplicate event id"
+    payloads = [m.data for m in stored]
+    for device in devices:
+        _assert_complete_in_order(_valid_seqs(payloads, device.device_id), device.acked(), device.device_id)
+
+
+async def test_downlink_command_reaches_the_device_and_is_acknowledged(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    config = gateway_config(tmp_path, [{
+        "name": "central", "type": "mqtt", "url": mosquitto.url, "topics": ["cmdack/#"],
+        "subscribe": ["cmd/s1/#"],
+    }])
+    acks = MqttCollector(mosquitto.url, ["cmdack/#"], client_id="ops-console")
+    try:
+        async with Gateway(config) as gw:
+            await _until(lambda: gw.stats()["forward"]["destinations"]["central"]["connected"], 10, "connect")
+            device = await asyncio.to_thread(  # the embedded broker runs on this loop: do not block it
+                MqttCollector, f"mqtt://127.0.0.1:{gw.broker.port}", ["cmd/s1/valve-1/#"], client_id="valve-1")
+            try:
+                await asyncio.sleep(0.5)  # the bridge's subscription is in place once connected
+                await asyncio.to_thread(mqtt_publish, mosquitto.url, [("cmd/s1/valve-1/open", b'{"percent": 40}')])
+                got = await asyncio.to_thread(device.wait_for, 1, 10)
+            finally:
+                device.close()
+            ack = await asyncio.to_thread(acks.wait_for, 1, 10)
+    finally:
+        acks.close()
+    assert got[0].topic == "cmd/s1/valve-1/open"
+    assert json.loads(got[0].payload) == {"percent": 40}
+    event = json.loads(ack[0].payload)
+    assert ack[0].topic == "cmdack/s1/valve-1/open"
+    assert event["data"]["status"] == "delivered"
+    assert event["data"]["via"] == "central"
+
+
+async def test_event_mesh_two_gateways_one_backbone_no_loops(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    def mesh(name: str, site: str) -> GatewayConfig:
+        return parse_config({
+            "site": site, "gateway_id": name, "broker": {"port": free_port()},
+            "storage": {"data_dir": str(tmp_path / name)}, "pipeline": {"max_latency_s": 0.05},
+            "forward": [{"name": "backbone", "type": "mqtt", "url": mosquitto.url,
+                         "topics": ["telemetry/valid/#"], "subscribe": ["telemetry/valid/#"]}],
+        })
+
+    spy = MqttCollector(mosquitto.url, ["telemetry/#"], client_id="backbone-spy")
+    try:
+        async with Gateway(mesh("gw-a", "site-a")) as a, Gateway(mesh("gw-b", "site-b")) as b:
+            for gw in (a, b):
+                await _until(lambda gw=gw: gw.stats()["forward"]["destinations"]["backbone"]["connected"], 10, "mesh")
+            await asyncio.sleep(0.5)
+            on_b = await asyncio.to_thread(
+                MqttCollector, f"mqtt://127.0.0.1:{b.broker.port}", ["telemetry/valid/1.0/site-a/#"],
+                client_id="subscriber-on-b")
+            try:
+                raw = "telemetry/raw/1.0/site-a/meter/m-a/power"
+                await asyncio.to_thread(mqtt_publish, f"mqtt://127.0.0.1:{a.broker.port}",
+                                        [(raw, json.dumps({"value": i, "seq": i})) for i in range(1, 6)])
+                got = await asyncio.to_thread(on_b.wait_for, 5, 15)
+                await asyncio.sleep(2)  # time for any loop to show
+                extra = on_b.messages
+            finally:
+                on_b.close()
+            a_stats, b_stats = a.stats()["forward"], b.stats()["forward"]
+    finally:
+        spy.close()
+    assert [json.loads(r.payload)["data"]["seq"] for r in got] == [1, 2, 3, 4, 5]
+    assert len(extra) == 5  # each event reached B once
+    on_backbone = [r for r in spy.messages if r.topic.startswith("telemetry/valid/1.0/site-a/")]
+    assert len(on_backbone) == 5  # B never sent A's events back, A never re-sent its echoes
+    assert a_stats["destinations"]["backbone"]["delivered"] == 5
+    assert b_stats["destinations"]["backbone"]["delivered"] == 0
+    assert a_stats["echoes_dropped"] == 5  # A saw its own events come back and dropped them

@@ -76,6 +76,13 @@ def _print_stats(stats: dict[str, Any], seconds: float) -> None:
     for name, s in stats["stages"].items():
         rejected = " ".join(f"{k}={v}" for k, v in s["rejected"].items())
         print(f"  {name:<8} in={s['in']:<7} out={s['out']:<7} rejected: {rejected or 'none'}", file=out)
+    for name, f in stats["forward"].get("destinations", {}).items():
+        print(f"  forward {name:<12} delivered={f['delivered']} depth={f['depth']} bytes={f['bytes']}"
+              f" dropped={f['dropped']} refused_waits={f['refused_waits']} oldest_age_s={f['oldest_age_s']}"
+              f" connected={f['connected']}", file=out)
+    journal = stats["journal"]
+    print(f"  journal appended={journal['appended']} replayed={journal['replayed']}"
+          f" resends_recognised={journal['resends_recognised']} commits={journal['commits']}", file=out)
     print(f"  read={stats['stages']['collect']['in']} stored={stats['stored']} "
           f"rejected={stats['published']['rejects']} events_published={stats['published']['events']}", file=out)
 

@@ -97,6 +97,11 @@ async def _until(check: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.1)
 
 
+def _dest(gw: Gateway, name: str) -> dict[str, Any]:
+    stats: dict[str, Any] = gw.stats()["forward"]["destinations"][name]
+    return stats
+
+
 def _valid_seqs(payloads: list[bytes], device: str) -> list[int]:
     events = [json.loads(p) for p in payloads]
     return [e["data"]["seq"] for e in events if e["data"]["device_id"] == device]
@@ -124,7 +129,8 @@ async def test_valid_events_reach_mosquitto_with_ids_and_rewritten_topics(tmp_pa
             messages = [(RAW.format(device="m-1"), json.dumps({"value": i, "seq": i})) for i in range(1, 21)]
             await asyncio.to_thread(mqtt_publish, f"mqtt://127.0.0.1:{gw.broker.port}", messages)
             received = await asyncio.to_thread(collector.wait_for, 20, 15)
-            central = lambda: gw.stats()["forward"]["destinations"]["central"]  # noqa: E731
+            def central() -> dict[str, Any]:
+                return _dest(gw, "central")
             await _until(lambda: central()["delivered"] == 20, 10, "acknowledgements")
             stats = central()
     finally:
@@ -165,7 +171,8 @@ async def test_backbone_outage_of_30_s_loses_nothing_and_keeps_order(
     collector = MqttCollector(mosquitto.url, ["telemetry/valid/#"], client_id="outage-collector")
     try:
         async with Gateway(config) as gw:
-            central = lambda: gw.stats()["forward"]["destinations"]["central"]  # noqa: E731
+            def central() -> dict[str, Any]:
+                return _dest(gw, "central")
             await _until(lambda: central()["connected"], 10, "connect")
             devices += [Device(gw.broker.port, f"m-{i}", rate_hz=20).start() for i in (1, 2)]
             await asyncio.sleep(3)
@@ -200,7 +207,8 @@ async def test_nats_jetstream_outage_and_dedup_by_event_id(
         "stream": "IOTGW", "create_stream": True,
     }])
     async with Gateway(config) as gw:
-        js = lambda: gw.stats()["forward"]["destinations"]["js"]  # noqa: E731
+        def js() -> dict[str, Any]:
+            return _dest(gw, "js")
         await _until(lambda: js()["connected"], 15, "connect")
         devices += [Device(gw.broker.port, f"n-{i}", rate_hz=20).start() for i in (1, 2)]
         await asyncio.sleep(3)

@@ -222,6 +222,9 @@ class Gateway:
     async def _pipeline_loop(self) -> None:
         settings = self.config.pipeline
         while batch := await self.queue.get_batch(settings.batch_size, settings.max_latency_s):
+            # Process only what is journaled: otherwise a crash could leave an event in an outbox whose
+            # message the journal never recorded, and the device's resend would get a second event id.
+            await self.journal.flush()
             emit = await self.pipeline.run(batch)
             await self._publish(emit)
             if self.forwarder is not None:

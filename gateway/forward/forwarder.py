@@ -103,11 +103,12 @@ class Forwarder:
         dest = route.destination
         name = dest.name
         failures = 0
+        cursor = 0  # the last sequence acknowledged: the next batch starts after it
         while True:
             if not dest.connected:
                 await asyncio.sleep(0.2)
                 continue
-            batch = await self.outbox.fetch(name, route.batch_size)
+            batch = await self.outbox.fetch(name, route.batch_size, after_seq=cursor)
             if not batch:
                 await self.outbox.wait_new(name, 1.0)
                 continue
@@ -123,7 +124,9 @@ class Forwarder:
             if failures:
                 log.warning("forward %s: sending resumed after %d failed attempt(s)", name, failures)
                 failures = 0
-            await self.outbox.ack(name, batch[:acked])
+            if acked:
+                cursor = batch[acked - 1].seq
+                self.outbox.ack(name, batch[:acked])  # committed in the background; the cursor moves on now
 
     async def _receiver(self, route: Route) -> None:
         dest = route.destination

@@ -29,6 +29,7 @@ from gateway.forward.base import DestinationUnavailableError, InboundMessage, Ou
 log = logging.getLogger(__name__)
 EVENT_ID = "event-id"
 GATEWAY = "iotgw-gateway"
+MAX_BATCH = 10_000  # the largest batch_size a [[forward]] may set
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,9 @@ class MqttDestination:
                 context.load_cert_chain(s.cert_file, s.key_file)
             client.tls_set_context(context)
         client.max_inflight_messages_set(100)
-        client.max_queued_messages_set(1)  # never buffer in paho: the outbox is the buffer
+        # paho counts in-flight messages as queued; the outbox hands over at most one batch at a time,
+        # so this bound only stops paho from buffering beyond that (the outbox is the buffer).
+        client.max_queued_messages_set(MAX_BATCH)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

@@ -98,13 +98,14 @@ def _apply(conn: sqlite3.Connection, ops: list[_Op]) -> None:
                 conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
                 op.freed += size
                 op.removed += 1
-        elif op.kind == "ack":
-            for seq in op.seqs:
-                row = conn.execute("DELETE FROM outbox WHERE seq = ? RETURNING size, created_ms", (seq,)).fetchone()
-                if row is not None:
-                    op.freed += row[0]
-                    op.removed += 1
-                    op.created.append(row[1])
+        elif op.kind == "ack" and op.seqs:
+            # The acknowledged events are the oldest of their destination, up to the last one sent.
+            for size, created in conn.execute(
+                "DELETE FROM outbox WHERE dest = ? AND seq <= ? RETURNING size, created_ms", (op.dest, op.seqs[-1])
+            ).fetchall():
+                op.freed += size
+                op.removed += 1
+                op.created.append(created)
 
 
 class Outbox:
@@ -200,23 +201,29 @@ class Outbox:
             return
         event.clear()
 
-    async def fetch(self, dest: str, limit: int) -> list[OutboundEvent]:
-        """The oldest committed events for ``dest``, in order."""
+    async def fetch(self, dest: str, limit: int, after_seq: int = 0) -> list[OutboundEvent]:
+        """The oldest committed events for ``dest`` after ``after_seq``, in order."""
         rows = await self._db.run(
             lambda c: c.execute(
-                "SELECT seq, event_id, topic, key, payload, created_ms FROM outbox WHERE dest = ? ORDER BY seq "
-                "LIMIT ?", (dest, limit),
+                "SELECT seq, event_id, topic, key, payload, created_ms FROM outbox WHERE dest = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?", (dest, after_seq, limit),
             ).fetchall()
         )
         return [OutboundEvent(seq, eid, topic, key, bytes(payload), created) for seq, eid, topic, key, payload, created
                 in rows]
 
-    async def ack(self, dest: str, events: list[OutboundEvent]) -> None:
-        """The destination has them: remove them, durably, before the next fetch."""
-        if not events:
-            return
+    def ack(self, dest: str, events: list[OutboundEvent]) -> asyncio.Future[None]:
+        """The destination has them (the oldest of ``dest``, in order): remove them. Resolved once the
+        removal is committed; a sender that fetches by sequence need not wait for it."""
         op = _Op("ack", dest, seqs=tuple(e.seq for e in events))
-        await self._commit.submit(op)
+        future = self._commit.submit(op)
+        future.add_done_callback(lambda f: self._acked(op, events, f))
+        return future
+
+    def _acked(self, op: _Op, events: list[OutboundEvent], future: asyncio.Future[None]) -> None:
+        if future.cancelled() or future.exception() is not None or not events:
+            return
+        dest = op.dest
         stats = self.stats[dest]
         stats.bytes -= op.freed
         stats.depth -= op.removed
@@ -228,5 +235,8 @@ class Outbox:
             stats.oldest_ms = None
         else:
             stats.oldest_ms = events[-1].created_ms
+        asyncio.get_running_loop().create_task(self._notify_room(dest))
+
+    async def _notify_room(self, dest: str) -> None:
         async with self._room[dest]:
             self._room[dest].notify_all()

@@ -165,6 +165,9 @@ class _Forward(_Model):
     max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     when_full: Literal["drop_oldest", "refuse"] = "drop_oldest"
     batch_size: int = Field(default=500, ge=1, le=10_000)
+    replay: Literal["in_order", "fresh_first"] = Field(
+        default="in_order", description="after an outage: strict order, or backlog and live data in turn"
+    )
 
     @field_validator("topics", "subscribe")
     @classmethod

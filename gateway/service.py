@@ -94,7 +94,7 @@ class Gateway:
         if config.forward:
             routes = [
                 Route(build_destination(f, self.gateway_id), tuple(compile_filter(t) for t in f.topics),
-                      Limits(f.max_bytes, f.when_full), f.batch_size)
+                      Limits(f.max_bytes, f.when_full), f.batch_size, f.replay == "fresh_first")
                 for f in config.forward
             ]
             self.forwarder = Forwarder(config.storage.data_dir, routes, gateway_id=self.gateway_id,

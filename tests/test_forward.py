@@ -296,3 +296,39 @@ async def test_event_mesh_two_gateways_one_backbone_no_loops(tmp_path: Path, mos
     assert a_stats["destinations"]["backbone"]["delivered"] == 5
     assert b_stats["destinations"]["backbone"]["delivered"] == 0
     assert a_stats["echoes_dropped"] == 5  # A saw its own events come back and dropped them
+
+
+async def test_fresh_first_serves_live_data_during_a_long_backlog(
+    tmp_path: Path, mosquitto: Mosquitto, devices: list[Device]
+) -> None:
+    config = gateway_config(tmp_path, [{
+        "name": "central", "type": "mqtt", "url": mosquitto.url, "topics": ["telemetry/valid/>"],
+        "replay": "fresh_first", "batch_size": 20,
+    }])
+    collector = MqttCollector(mosquitto.url, ["telemetry/valid/#"], client_id="fresh-collector")
+    await asyncio.to_thread(mosquitto.stop)
+    try:
+        async with Gateway(config) as gw:
+            def central() -> dict[str, Any]:
+                return _dest(gw, "central")
+
+            backlog = [(RAW.format(device="b-1"), json.dumps({"value": i, "seq": i})) for i in range(1, 3001)]
+            await asyncio.to_thread(mqtt_publish, f"mqtt://127.0.0.1:{gw.broker.port}", backlog, timeout=60)
+            await _until(lambda: central()["depth"] == 3000, 30, "the backlog to be queued")
+            await asyncio.to_thread(mosquitto.restart)
+            await _until(lambda: central()["connected"], 30, "reconnect")
+            devices.append(Device(gw.broker.port, "l-1", rate_hz=50).start())
+            await asyncio.sleep(4)
+            devices[0].stop()
+            await _until(lambda: central()["depth"] == 0, 60, "the outbox to drain")
+            await asyncio.to_thread(collector.wait_for, 3000 + len(devices[0].acked()), 60)
+    finally:
+        collector.close()
+    arrivals = [json.loads(r.payload)["data"] for r in collector.messages]
+    backlog_positions = [i for i, d in enumerate(arrivals) if d["device_id"] == "b-1"]
+    live_positions = [i for i, d in enumerate(arrivals) if d["device_id"] == "l-1"]
+    assert live_positions[0] < backlog_positions[-1], "fresh data waited for the whole backlog"
+    for device in ("b-1", "l-1"):  # each lane keeps its order
+        seqs = [d["seq"] for d in arrivals if d["device_id"] == device]
+        assert seqs == sorted(seqs), device
+    assert sorted({d["seq"] for d in arrivals if d["device_id"] == "b-1"}) == list(range(1, 3001))

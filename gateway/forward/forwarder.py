@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.forward.base import Destination, DestinationUnavailableError, InboundMessage
+from gateway.forward.base import Destination, DestinationUnavailableError, InboundMessage, OutboundEvent
 from gateway.forward.outbox import Limits, Outbox
 from pipeline.topics import TopicFilter
 
@@ -35,6 +35,36 @@ class Route:
     filters: tuple[TopicFilter, ...]
     limits: Limits
     batch_size: int = 500
+    fresh_first: bool = False
+
+
+@dataclass(slots=True)
+class _Lanes:
+    """Cursors of one sender: the last sequence acknowledged in each lane. In order, only ``live``
+    moves; ``fresh_first`` treats everything queued up to ``boundary`` when the destination came
+    back as the backlog."""
+
+    live: int = 0
+    backlog: int = 0
+    boundary: int = 0
+    down: bool = True
+    live_turn: bool = True
+
+    @property
+    def backlog_pending(self) -> bool:
+        return self.backlog < self.boundary
+
+    def recovered(self, max_seq: int) -> None:
+        if not self.backlog_pending:
+            self.backlog = self.live  # a new backlog starts after what was already sent
+        self.boundary = max(self.boundary, max_seq)
+        self.live = max(self.live, self.boundary)
+
+    def advance(self, lane: str, seq: int) -> None:
+        if lane == "backlog":
+            self.backlog = seq
+        else:
+            self.live = seq
 
 
 InboundHandler = Callable[[str, InboundMessage], Awaitable[None]]
@@ -100,17 +130,21 @@ class Forwarder:
         await self.outbox.flush()
 
     async def _sender(self, route: Route) -> None:
+        """Send the outbox in order, removing what the destination acknowledged."""
         dest = route.destination
         name = dest.name
+        lanes = _Lanes()
         failures = 0
-        cursor = 0  # the last sequence acknowledged: the next batch starts after it
         while True:
             if not dest.connected:
+                lanes.down = True
                 await asyncio.sleep(0.2)
                 continue
-            batch = await self.outbox.fetch(name, route.batch_size, after_seq=cursor)
+            if lanes.down and route.fresh_first:
+                lanes.recovered(await self.outbox.max_seq(name))
+            lanes.down = False
+            lane, batch = await self._next_batch(route, lanes)
             if not batch:
-                await self.outbox.wait_new(name, 1.0)
                 continue
             try:
                 acked = await dest.send(batch)
@@ -125,8 +159,25 @@ class Forwarder:
                 log.warning("forward %s: sending resumed after %d failed attempt(s)", name, failures)
                 failures = 0
             if acked:
-                cursor = batch[acked - 1].seq
+                lanes.advance(lane, batch[acked - 1].seq)
                 self.outbox.ack(name, batch[:acked])  # committed in the background; the cursor moves on now
+
+    async def _next_batch(self, route: Route, lanes: _Lanes) -> tuple[str, list[OutboundEvent]]:
+        """The next batch to send, and its lane. With ``fresh_first``, what was queued while the
+        destination was away (the backlog) and what arrived since (live) are served in turn, each in
+        order, so a long backlog does not hold fresh data back."""
+        name = route.destination.name
+        if lanes.backlog_pending and not lanes.live_turn:
+            lanes.live_turn = True
+            batch = await self.outbox.fetch(name, route.batch_size, lanes.backlog, lanes.boundary)
+            if not batch:
+                lanes.backlog = lanes.boundary  # the backlog is done
+            return "backlog", batch
+        lanes.live_turn = not lanes.backlog_pending
+        batch = await self.outbox.fetch(name, route.batch_size, lanes.live)
+        if not batch and not lanes.backlog_pending:
+            await self.outbox.wait_new(name, 1.0)
+        return "live", batch
 
     async def _receiver(self, route: Route) -> None:
         dest = route.destination

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 EVENT_ID = "event-id"
 GATEWAY = "iotgw-gateway"
 MAX_BATCH = 10_000  # the largest batch_size a [[forward]] may set
+CONNACK_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +113,25 @@ class MqttDestination:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_socket_open = self._on_socket_open
         return client
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._call(self._arm_connack_timer)
+
+    def _arm_connack_timer(self) -> None:
+        """Some 3.1.1-only brokers answer an MQTT 5 CONNECT in a form paho cannot read, and the
+        connection hangs; in ``auto`` mode, no CONNACK within the timeout means: try 3.1.1."""
+        if self._loop is None or self._settings.protocol != "auto" or self._version != MQTTProtocolVersion.MQTTv5:
+            return
+        self._loop.call_later(CONNACK_TIMEOUT_S, self._connack_overdue)
+
+    def _connack_overdue(self) -> None:
+        if self.protocol_in_use or self._closing or self._version != MQTTProtocolVersion.MQTTv5:
+            return
+        log.warning("forward %s: no answer from %s to MQTT 5; trying 3.1.1", self.name, self._host)
+        self._version = MQTTProtocolVersion.MQTTv311
+        self._reconnect_as_311()
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -119,12 +139,13 @@ class MqttDestination:
 
     def _connect(self) -> None:
         self._client = client = self._make_client()
-        properties = None
         if self._version == MQTTProtocolVersion.MQTTv5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = self._settings.session_expiry_s
-        client.connect_async(self._host, self._port, keepalive=self._settings.keepalive_s, clean_start=False,
-                             properties=properties)
+            client.connect_async(self._host, self._port, keepalive=self._settings.keepalive_s, clean_start=False,
+                                 properties=properties)
+        else:  # 3.1.1: the persistent session is clean_session=False, set on the client
+            client.connect_async(self._host, self._port, keepalive=self._settings.keepalive_s)
         client.loop_start()
 
     def _call(self, fn: Any, *args: Any) -> None:
@@ -138,6 +159,7 @@ class MqttDestination:
                 log.warning("forward %s: %s does not speak MQTT 5; using 3.1.1", self.name, self._host)
                 self._version = MQTTProtocolVersion.MQTTv311
                 self._call(self._reconnect_as_311)
+                return
             else:
                 log.warning("forward %s: connection refused: %s", self.name, reason)
             return
@@ -150,10 +172,19 @@ class MqttDestination:
         old = self._client
         if old is not None:
             old.disconnect()
-            old.loop_stop()
+            # loop_stop joins paho's thread: never from that thread itself, and never block the loop on it
+            threading.Thread(target=old.loop_stop, daemon=True).start()
         self._connect()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        if (not self.protocol_in_use and self._settings.protocol == "auto"
+                and self._version == MQTTProtocolVersion.MQTTv5):
+            # Closed before any CONNACK we could read: a 3.1.1-only broker answers an MQTT 5 CONNECT
+            # with a 3.1.1 refusal (or just closes). Try 3.1.1.
+            log.warning("forward %s: %s closed an MQTT 5 connection before accepting it; trying 3.1.1",
+                        self.name, self._host)
+            self._version = MQTTProtocolVersion.MQTTv311
+            self._call(self._reconnect_as_311)
         self._call(self._set_connected, False)
 
     def _set_connected(self, connected: bool) -> None:

@@ -99,9 +99,10 @@ def _apply(conn: sqlite3.Connection, ops: list[_Op]) -> None:
                 op.freed += size
                 op.removed += 1
         elif op.kind == "ack" and op.seqs:
-            # The acknowledged events are the oldest of their destination, up to the last one sent.
+            # The acknowledged events are a run of their destination's queue: one statement removes them.
             for size, created in conn.execute(
-                "DELETE FROM outbox WHERE dest = ? AND seq <= ? RETURNING size, created_ms", (op.dest, op.seqs[-1])
+                "DELETE FROM outbox WHERE dest = ? AND seq BETWEEN ? AND ? RETURNING size, created_ms",
+                (op.dest, op.seqs[0], op.seqs[-1]),
             ).fetchall():
                 op.freed += size
                 op.removed += 1
@@ -201,20 +202,26 @@ class Outbox:
             return
         event.clear()
 
-    async def fetch(self, dest: str, limit: int, after_seq: int = 0) -> list[OutboundEvent]:
-        """The oldest committed events for ``dest`` after ``after_seq``, in order."""
+    async def fetch(self, dest: str, limit: int, after_seq: int = 0, upto_seq: int | None = None
+                    ) -> list[OutboundEvent]:
+        """The oldest committed events for ``dest`` with ``after_seq < seq <= upto_seq``, in order."""
+        upto = upto_seq if upto_seq is not None else 2**62
         rows = await self._db.run(
             lambda c: c.execute(
                 "SELECT seq, event_id, topic, key, payload, created_ms FROM outbox WHERE dest = ? AND seq > ? "
-                "ORDER BY seq LIMIT ?", (dest, after_seq, limit),
+                "AND seq <= ? ORDER BY seq LIMIT ?", (dest, after_seq, upto, limit),
             ).fetchall()
         )
         return [OutboundEvent(seq, eid, topic, key, bytes(payload), created) for seq, eid, topic, key, payload, created
                 in rows]
 
+    async def max_seq(self, dest: str) -> int:
+        row = await self._db.run(lambda c: c.execute("SELECT max(seq) FROM outbox WHERE dest = ?", (dest,)).fetchone())
+        return int(row[0] or 0)
+
     def ack(self, dest: str, events: list[OutboundEvent]) -> asyncio.Future[None]:
-        """The destination has them (the oldest of ``dest``, in order): remove them. Resolved once the
-        removal is committed; a sender that fetches by sequence need not wait for it."""
+        """The destination has them (a run of ``dest``'s events, in order): remove them. Resolved once
+        the removal is committed; a sender that fetches by sequence need not wait for it."""
         op = _Op("ack", dest, seqs=tuple(e.seq for e in events))
         future = self._commit.submit(op)
         future.add_done_callback(lambda f: self._acked(op, events, f))
@@ -233,8 +240,8 @@ class Outbox:
             stats.last_lag_ms = now_ms - max(op.created)
         if stats.depth == 0:
             stats.oldest_ms = None
-        else:
-            stats.oldest_ms = events[-1].created_ms
+        elif stats.oldest_ms is None or events[0].created_ms <= stats.oldest_ms:
+            stats.oldest_ms = events[-1].created_ms  # approximate: the next oldest is at least this young
         asyncio.get_running_loop().create_task(self._notify_room(dest))
 
     async def _notify_room(self, dest: str) -> None:

@@ -189,6 +189,7 @@ async def test_backbone_outage_of_30_s_loses_nothing_and_keeps_order(
             await _until(lambda: central()["depth"] == 0, 60, "the outbox to drain")
             total = sum(len(d.acked()) for d in devices)
             await asyncio.to_thread(collector.wait_for, total, 60)
+            await _until(lambda: central()["delivered"] >= total, 10, "acknowledgements to be committed")
             after = central()
     finally:
         collector.close()

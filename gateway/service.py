@@ -23,7 +23,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from drivers.base import Driver, DriverReading
+from drivers.errors import DecodeError
 from drivers.serial.driver import SerialDriver
+from drivers.serial.protocols import COMMANDS
 from gateway.broker import EmbeddedBroker, Resend
 from gateway.config import BleDevice, GatewayConfig, SerialDevice
 from gateway.forward.base import InboundMessage
@@ -100,7 +102,7 @@ class Gateway:
             self.forwarder = Forwarder(config.storage.data_dir, routes, gateway_id=self.gateway_id,
                                        on_inbound=self._inbound, on_drop=self._outbox_dropped)
         self._drops: dict[str, int] = {}
-        self.commands = {"delivered": 0, "no_subscriber": 0}
+        self.commands: dict[str, int] = {}
         self.analyze = AnalyzeStage(self.template, config.topics.version, interval_s=config.pipeline.agg_interval_s)
         self.pipeline = Pipeline(
             [
@@ -250,8 +252,8 @@ class Gateway:
         levels = message.topic.split("/")
         if len(levels) >= 4 and levels[0] == "cmd" and levels[1] == self.config.site:
             device_id, command = levels[2], "/".join(levels[3:])
-            status = "delivered" if self.broker.has_subscriber(message.topic) else "no_subscriber"
-            self.commands[status] += 1
+            status = await self._deliver_command(device_id, command, message.payload, message.topic)
+            self.commands[status] = self.commands.get(status, 0) + 1
             topic = f"cmdack/{self.config.site}/{device_id}/{command}"
             event = cloudevent(
                 event_id=new_event_id(), source=f"/iotgw/{self.config.site}/{self.gateway_id}", type_=COMMAND_ACK_TYPE,
@@ -260,6 +262,20 @@ class Gateway:
                       "command_event_id": message.event_id},
             )
             await self.broker.publish(topic, _dumps(event), event_id=event["id"])
+
+    async def _deliver_command(self, device_id: str, command: str, payload: bytes, topic: str) -> str:
+        """A serial device whose protocol has commands gets the encoded frame written to its port;
+        any other device gets the command on the embedded broker (already published), if it listens."""
+        driver = next((d for d in self.drivers if isinstance(d, SerialDriver) and d.device_id == device_id), None)
+        if driver is None or driver.protocol not in COMMANDS:
+            return "delivered" if self.broker.has_subscriber(topic) else "no_subscriber"
+        try:
+            args = json.loads(payload) if payload.strip() else {}
+            frame = COMMANDS[driver.protocol](command, args if isinstance(args, dict) else {})
+        except (ValueError, DecodeError) as exc:
+            log.warning("command %s for %s refused: %s", command, device_id, exc)
+            return exc.reason if isinstance(exc, DecodeError) else "invalid_argument"
+        return "delivered" if await driver.send(frame) else "device_offline"
 
     def _outbox_dropped(self, destination: str, count: int) -> None:
         self._drops[destination] = self._drops.get(destination, 0) + count

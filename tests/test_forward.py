@@ -28,6 +28,7 @@ from peers import (
     nats_server_fixture,  # noqa: F401  (pytest fixture)
 )
 
+from firmware_sim.serial_sensor import Sds011Sim
 from gateway.config import GatewayConfig, parse_config
 from gateway.service import Gateway
 
@@ -333,3 +334,36 @@ async def test_fresh_first_serves_live_data_during_a_long_backlog(
         seqs = [d["seq"] for d in arrivals if d["device_id"] == device]
         assert seqs == sorted(seqs), device
     assert sorted({d["seq"] for d in arrivals if d["device_id"] == "b-1"}) == list(range(1, 3001))
+
+
+async def test_downlink_to_a_serial_device_writes_the_protocols_command(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    link = tmp_path / "ttySDS011"
+    config = parse_config({
+        "site": "s1", "gateway_id": "gw-a", "broker": {"port": free_port()},
+        "storage": {"data_dir": str(tmp_path / "gw")},
+        "devices": [{"id": "pm-1", "transport": "serial", "protocol": "sds011", "port": str(link)}],
+        "forward": [{"name": "central", "type": "mqtt", "url": mosquitto.url, "topics": ["cmdack/#"],
+                     "subscribe": ["cmd/s1/#"]}],
+    })
+    acks = MqttCollector(mosquitto.url, ["cmdack/#"], client_id="ops")
+    try:
+        async with Sds011Sim(link, interval_s=0.1) as sim, Gateway(config) as gw:
+            await _until(lambda: _dest(gw, "central")["connected"] and gw.drivers[0].stats.frames > 2, 15, "start")
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(mqtt_publish, mosquitto.url, [("cmd/s1/pm-1/sleep", b"")])
+            await _until(lambda: sim.sleeping, 10, "the sensor to sleep")
+            frames = gw.drivers[0].stats.frames
+            await asyncio.sleep(1)
+            assert gw.drivers[0].stats.frames <= frames + 1  # asleep: no more reports
+            await asyncio.to_thread(mqtt_publish, mosquitto.url, [
+                ("cmd/s1/pm-1/fly", b"{}"), ("cmd/s1/pm-1/set_period", b'{"minutes": 99}'),
+                ("cmd/s1/pm-1/work", b""),
+            ])
+            await _until(lambda: not sim.sleeping, 10, "the sensor to wake")
+            got = await asyncio.to_thread(acks.wait_for, 4, 10)
+    finally:
+        acks.close()
+    assert sim.commands[0] == (0x06, bytes([0x01, 0x00]) + bytes(10))  # set sleep, per the datasheet
+    statuses = {r.topic.rsplit("/", 1)[1]: json.loads(r.payload)["data"]["status"] for r in got}
+    assert statuses == {"sleep": "delivered", "fly": "unsupported_command", "set_period": "invalid_argument",
+                        "work": "delivered"}

@@ -9,12 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from drivers.errors import DecodeError
 from drivers.reading import FrameError, Measurement
 from drivers.serial.sds011 import (
     FRAME_LEN,
     MAX_GARBAGE_RUN,
     Sds011Frame,
     Sds011Stream,
+    encode_command,
     parse_frame,
 )
 from firmware_sim.sds011 import encode_frame
@@ -403,3 +405,32 @@ def test_stream_finds_every_frame_among_garbage(
         out += stream.feed(data[a:b])
     assert out == expected
     assert stream.flush() == ([FrameError("garbage", f"{len(tail)} bytes skipped")] if tail else [])
+
+
+# Host -> sensor command frames, as printed in the SDS011 control protocol's examples.
+@pytest.mark.parametrize(
+    ("name", "args", "expected"),
+    [
+        pytest.param("sleep", {}, "AA B4 06 01 00 00 00 00 00 00 00 00 00 00 00 FF FF 05 AB", id="sleep"),
+        pytest.param("work", {}, "AA B4 06 01 01 00 00 00 00 00 00 00 00 00 00 FF FF 06 AB", id="work"),
+        pytest.param("set_period", {"minutes": 1}, "AA B4 08 01 01 00 00 00 00 00 00 00 00 00 00 FF FF 08 AB",
+                     id="period-1-min"),
+    ],
+)
+def test_command_frames_match_the_datasheet(name: str, args: dict[str, object], expected: str) -> None:
+    assert encode_command(name, args) == bytes.fromhex(expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "reason"),
+    [
+        pytest.param("fly", {}, "unsupported_command", id="unknown"),
+        pytest.param("set_period", {"minutes": 31}, "invalid_argument", id="period-too-long"),
+        pytest.param("set_period", {"minutes": True}, "invalid_argument", id="period-bool"),
+        pytest.param("set_period", {}, "invalid_argument", id="period-missing"),
+    ],
+)
+def test_invalid_commands_are_refused_with_a_reason(name: str, args: dict[str, object], reason: str) -> None:
+    with pytest.raises(DecodeError) as caught:
+        encode_command(name, args)
+    assert caught.value.reason == reason

@@ -30,6 +30,8 @@ class SerialDriver:
         self.baudrate = baudrate
         self.stats = DriverStats()
         self._state = StateLog(log, f"serial device {device_id} on {port}")
+        self._writer: asyncio.StreamWriter | None = None
+        self.commands_sent = 0
 
     async def run(self, sink: Sink) -> None:
         attempt = 0
@@ -45,6 +47,7 @@ class SerialDriver:
                 continue
             self._state.up(datetime.now(UTC))
             self.stats.connected = True
+            self._writer = writer
             attempt = 0
             try:
                 await self._read(reader, sink)
@@ -53,8 +56,22 @@ class SerialDriver:
                 self._state.down(datetime.now(UTC), str(exc))
             finally:
                 self.stats.connected = False
+                self._writer = None
                 writer.close()
             await asyncio.sleep(backoff_delay(1))
+
+    async def send(self, data: bytes) -> bool:
+        """Write a command to the device; False when the port is not open (unplugged)."""
+        writer = self._writer
+        if writer is None:
+            return False
+        try:
+            writer.write(data)
+            await writer.drain()
+        except (serial.SerialException, OSError):
+            return False
+        self.commands_sent += 1
+        return True
 
     async def _read(self, reader: asyncio.StreamReader, sink: Sink) -> None:
         stream = PROTOCOLS[self.protocol]()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from drivers.reading import FrameError, Measurement
-from drivers.serial.sds011 import Sds011Stream
+from drivers.serial.sds011 import Sds011Stream, encode_command
 
 
 class Frame(Protocol):
@@ -21,4 +21,12 @@ class FrameStream(Protocol):
 
 PROTOCOLS: dict[str, Callable[[], FrameStream]] = {
     "sds011": Sds011Stream,
+}
+
+
+CommandEncoder = Callable[[str, Mapping[str, object]], bytes]
+
+# Protocols whose devices take commands (downlink): name -> encoder (raises DecodeError when invalid).
+COMMANDS: dict[str, CommandEncoder] = {
+    "sds011": encode_command,
 }

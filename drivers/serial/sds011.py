@@ -23,8 +23,10 @@ Nothing here does I/O and nothing raises on any input.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from drivers.errors import DecodeError
 from drivers.reading import FrameError, Measurement
 
 __all__ = [
@@ -275,3 +277,37 @@ def _classify_reject(buf: bytes, i: int, error: FrameError) -> FrameError:
         if _is_header_at(buf, k):
             return FrameError("truncated", f"frame cut short after {k - i} bytes ({error.reason})")
     return error
+
+
+# --------------------------------------------------------------------------
+# Commands (host -> sensor): 19-byte frames per the SDS011 control protocol
+#   AA B4 <sub-command> <data 2..13> <device id lo hi> <checksum> AB
+# checksum = sum of bytes 2..16 & 0xFF; device id FF FF addresses any sensor.
+# --------------------------------------------------------------------------
+
+CMD_HOST = 0xB4
+COMMAND_FRAME_LEN = 19
+_SUB_SLEEP_WORK = 0x06
+_SUB_WORKING_PERIOD = 0x08
+_SET = 0x01
+
+
+def _command(sub: int, data: bytes, device_id: int = 0xFFFF) -> bytes:
+    body = bytes([sub]) + data.ljust(12, b"\x00") + device_id.to_bytes(2, "little")
+    return bytes([HEADER, CMD_HOST]) + body + bytes([sum(body) & 0xFF, TAIL])
+
+
+def encode_command(name: str, args: Mapping[str, object]) -> bytes:
+    """The command frame for ``sleep``, ``work`` or ``set_period`` (``{"minutes": 0..30}``, 0 =
+    continuous). Raises :class:`~drivers.errors.DecodeError` (reason ``unsupported_command`` or
+    ``invalid_argument``) for anything else: no I/O, like the parser."""
+    if name == "sleep":
+        return _command(_SUB_SLEEP_WORK, bytes([_SET, 0x00]))
+    if name == "work":
+        return _command(_SUB_SLEEP_WORK, bytes([_SET, 0x01]))
+    if name == "set_period":
+        minutes = args.get("minutes")
+        if isinstance(minutes, bool) or not isinstance(minutes, int) or not 0 <= minutes <= 30:
+            raise DecodeError("invalid_argument", "set_period needs an integer 'minutes' from 0 to 30")
+        return _command(_SUB_WORKING_PERIOD, bytes([_SET, minutes]))
+    raise DecodeError("unsupported_command", f"SDS011 commands are sleep, work, set_period; not {name!r}")

@@ -4,9 +4,10 @@ far side acknowledged."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.errors import GatewayError
 
@@ -59,3 +60,25 @@ class Destination(Protocol):
     def inbound(self) -> AsyncIterator[InboundMessage]:
         """Messages from the backbone on the destination's subscriptions, until closed."""
         ...
+
+
+async def acknowledged_prefix(
+    name: str, futures: Sequence[asyncio.Future[Any]], timeout_s: float, failures: tuple[type[BaseException], ...]
+) -> int:
+    """How many acknowledgements, from the first, arrived in time; the rest are cancelled (those
+    events stay in the outbox and are sent again). Nothing at all is :class:`DestinationUnavailableError`."""
+    acked = 0
+    stop: tuple[type[BaseException], ...] = (TimeoutError, DestinationUnavailableError, *failures)
+    try:
+        async with asyncio.timeout(timeout_s):
+            for future in futures:
+                await future
+                acked += 1
+    except stop:
+        pass
+    finally:
+        for future in futures[acked:]:
+            future.cancel()
+    if acked == 0:
+        raise DestinationUnavailableError(f"{name}: nothing acknowledged")
+    return acked

@@ -25,7 +25,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.errors import GatewayError
-from gateway.forward.base import DestinationUnavailableError, InboundMessage, OutboundEvent
+from gateway.forward.base import DestinationUnavailableError, InboundMessage, OutboundEvent, acknowledged_prefix
 
 log = logging.getLogger(__name__)
 EVENT_ID = "event-id"
@@ -260,20 +260,8 @@ class MqttDestination:
                 self._acks[info.mid] = future
             futures.append(future)
             self.sent += 1
-        acked = 0
-        try:
-            async with asyncio.timeout(self._settings.ack_timeout_s):
-                for future in futures:
-                    await future
-                    acked += 1
-        except (TimeoutError, DestinationUnavailableError):
-            pass
-        finally:
-            for future in futures[acked:]:
-                future.cancel()
+        acked = await acknowledged_prefix(self.name, futures, self._settings.ack_timeout_s, ())
         self.acked += acked
-        if acked == 0 and batch:
-            raise DestinationUnavailableError(f"{self.name}: nothing acknowledged")
         return acked
 
     async def inbound(self) -> AsyncIterator[InboundMessage]:

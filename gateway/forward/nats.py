@@ -22,7 +22,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from gateway.forward.base import DestinationUnavailableError, InboundMessage, OutboundEvent
+from gateway.forward.base import DestinationUnavailableError, InboundMessage, OutboundEvent, acknowledged_prefix
 from pipeline.topics import compile_filter, filter_to_subjects, subject_to_topic, topic_to_subject
 
 log = logging.getLogger(__name__)
@@ -131,20 +131,9 @@ class NatsDestination:
                 self.sent += 1
         except (nats.errors.Error, OSError) as exc:
             log.debug("forward %s: publish stopped: %s", self.name, exc)
-        acked = 0
-        try:
-            async with asyncio.timeout(self._settings.ack_timeout_s):
-                for future in futures:
-                    await future
-                    acked += 1
-        except (TimeoutError, nats.errors.Error, nats.js.errors.Error):
-            pass
-        finally:
-            for future in futures[acked:]:
-                future.cancel()
+        acked = await acknowledged_prefix(self.name, futures, self._settings.ack_timeout_s,
+                                          (nats.errors.Error, nats.js.errors.Error))
         self.acked += acked
-        if acked == 0 and batch:
-            raise DestinationUnavailableError(f"{self.name}: nothing acknowledged")
         return acked
 
     async def inbound(self) -> AsyncIterator[InboundMessage]:

@@ -86,6 +86,20 @@ def _outbox_bytes(path: Path) -> int:
         return int(db.execute("SELECT coalesce(sum(size), 0) FROM outbox").fetchone()[0])
 
 
+class Sampler:
+    """Once a second during the load: the gateway's resident memory and its outbox's bytes."""
+
+    def __init__(self, pid: int, outbox: Path) -> None:
+        self.pid, self.outbox = pid, outbox
+        self.rss: list[int] = []
+        self.budgets: list[int] = []
+
+    def sample(self) -> None:
+        self.rss.append(_rss_kib(self.pid))
+        with contextlib.suppress(sqlite3.Error):
+            self.budgets.append(_outbox_bytes(self.outbox))
+
+
 @pytest.fixture
 def gateway_with_slow_backbone(tmp_path: Path, mosquitto: Mosquitto, request: pytest.FixtureRequest
                                ) -> Iterator[tuple[subprocess.Popen[str], int, Path, ThrottlingProxy]]:
@@ -149,15 +163,9 @@ def test_drop_oldest_keeps_the_budget_counts_drops_and_raises_alerts(
 ) -> None:
     proc, port, outbox, _ = gateway_with_slow_backbone
     alerts = Watcher(port, ["alert/#"])
-    rss: list[int] = []
-    budgets: list[int] = []
+    sampler = Sampler(proc.pid, outbox)
 
-    def sample() -> None:
-        rss.append(_rss_kib(proc.pid))
-        with contextlib.suppress(sqlite3.Error):
-            budgets.append(_outbox_bytes(outbox))
-
-    _load(port, 14, sample)
+    _load(port, 14, sampler.sample)
     time.sleep(11)  # the alert loop reports drops every 10 s
     alerts.close()
     proc.send_signal(signal.SIGTERM)
@@ -165,8 +173,9 @@ def test_drop_oldest_keeps_the_budget_counts_drops_and_raises_alerts(
     assert proc.returncode == 0, err
     central = _stats_line(out, "forward central")
     assert int(central["dropped"]) > 100
-    assert max(budgets) <= MAX_BYTES
-    assert rss[-1] - rss[2] < 15 * 1024, f"resident memory grew from {rss[2]} to {rss[-1]} KiB"
+    assert max(sampler.budgets) <= MAX_BYTES
+    grown = sampler.rss[-1] - sampler.rss[2]
+    assert grown < 15 * 1024, f"resident memory grew by {grown} KiB"
     raised = alerts.json("alert/raised/")
     assert raised
     assert {a["data"]["alert"] for a in raised} == {"outbox_dropped"}
@@ -179,15 +188,9 @@ def test_refuse_pushes_back_on_the_device_and_loses_nothing(
 ) -> None:
     proc, port, outbox, _ = gateway_with_slow_backbone
     collector = MqttCollector(mosquitto.url, ["telemetry/valid/#"], client_id="refuse-collector")
-    rss: list[int] = []
-    budgets: list[int] = []
+    sampler = Sampler(proc.pid, outbox)
 
-    def sample() -> None:
-        rss.append(_rss_kib(proc.pid))
-        with contextlib.suppress(sqlite3.Error):
-            budgets.append(_outbox_bytes(outbox))
-
-    sent = _load(port, 12, sample)
+    sent = _load(port, 12, sampler.sample)
     acked = []
     for seq, info in sent:
         with contextlib.suppress(RuntimeError, ValueError):
@@ -209,7 +212,7 @@ def test_refuse_pushes_back_on_the_device_and_loses_nothing(
     central = _stats_line(out, "forward central")
     assert int(central["dropped"]) == 0
     assert int(central["refused_waits"]) > 0
-    assert max(budgets) <= MAX_BYTES
-    assert rss[-1] - rss[2] < 15 * 1024
+    assert max(sampler.budgets) <= MAX_BYTES
+    assert sampler.rss[-1] - sampler.rss[2] < 15 * 1024
     missing = sorted(set(acked) - got)
     assert not missing, f"{len(missing)} acknowledged readings lost: {missing[:10]}"

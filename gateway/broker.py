@@ -177,6 +177,12 @@ class _TappedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         try:
             futures = await self._ingest(topic, bytes(data), origin, meta.event_id if meta else None, resend)
             self.tapped += 1
+        except BaseException as exc:
+            # Not taken: the device must not be told otherwise (no PUBACK; it will send again).
+            gate = _AWAITING_DURABILITY.pop(id(message), None) if message is not None else None
+            if gate is not None and not gate.done():
+                gate.set_exception(exc if isinstance(exc, Exception) else GatewayError("ingest cancelled"))
+            raise
         finally:
             self.in_tap -= 1
         durable = _AWAITING_DURABILITY.pop(id(message), None) if message is not None else None

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from types import TracebackType
@@ -51,6 +52,24 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 10.0
 ALERT_INTERVAL_S = 10.0
 FRAME_METRIC = "_frame"  # the metric level under which undecodable frames are rejected
+
+
+async def _until_done(commit: Callable[[], Awaitable[None]], what: str) -> None:
+    """Retry a commit until it succeeds (the data stays queued meanwhile): ingestion waits behind a
+    failing disk instead of losing what was acknowledged."""
+    attempt = 0
+    while True:
+        try:
+            await commit()
+        except Exception as exc:
+            attempt += 1
+            if attempt == 1:
+                log.error("%s commit failed, retrying: %s", what, exc)
+            await asyncio.sleep(min(5.0, 0.1 * 2 ** min(attempt, 6)))
+            continue
+        if attempt:
+            log.warning("%s commit recovered after %d failed attempt(s)", what, attempt)
+        return
 
 
 def _dumps(event: dict[str, Any]) -> bytes:
@@ -186,7 +205,12 @@ class Gateway:
             await self.journal.flush()  # what was read is durable: its PUBACKs can go out
             self.queue.close()
             if self._pipeline_task is not None:
-                await self._pipeline_task
+                # A pipeline held up (a refusing, unreachable backbone) is left behind: what it had
+                # not finished is still in the journal and is replayed at the next start.
+                done, _ = await asyncio.wait([self._pipeline_task], timeout=DRAIN_TIMEOUT_S)
+                if not done:
+                    log.error("the pipeline did not drain within %.0f s; the journal keeps the rest",
+                              DRAIN_TIMEOUT_S)
             emit = Emitter()
             self.analyze.flush(emit)
             await self._publish(emit)
@@ -226,11 +250,11 @@ class Gateway:
         while batch := await self.queue.get_batch(settings.batch_size, settings.max_latency_s):
             # Process only what is journaled: otherwise a crash could leave an event in an outbox whose
             # message the journal never recorded, and the device's resend would get a second event id.
-            await self.journal.flush()
-            emit = await self.pipeline.run(batch)
+            await _until_done(self.journal.flush, "journal")
+            emit = await self.pipeline.run(batch)  # never raises: a failing stage rejects its batch
             await self._publish(emit)
-            if self.forwarder is not None:
-                await self.forwarder.flush()  # the batch's events are durable in the outboxes ...
+            if self.forwarder is not None:  # the batch's events are durable in the outboxes ...
+                await _until_done(self.forwarder.flush, "outbox")
             self.journal.done([m.event_id for m in batch])  # ... so the journal can let it go
 
     async def _publish(self, emit: Emitter) -> None:

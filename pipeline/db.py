@@ -115,7 +115,9 @@ class GroupCommit(Generic[Op]):
         return len(self._ops)
 
     async def flush(self) -> None:
-        """Commit everything submitted so far, now."""
+        """Commit everything submitted so far, now. When the commit fails (a full disk, say) the
+        operations stay queued, in order, for the next attempt, and this raises: nothing submitted
+        is ever dropped, and every waiter waits until its write is really durable."""
         async with self._lock:
             if not self._ops:
                 return
@@ -123,12 +125,9 @@ class GroupCommit(Generic[Op]):
             self._ops, self._futures = [], []
             try:
                 await self._db.run(in_transaction, lambda conn: self._apply(conn, ops))
-            except Exception as exc:
+            except BaseException:
                 self.failures += 1
-                for future in futures:
-                    if not future.done():
-                        future.set_exception(exc)
-                        future.exception()  # retrieved: callers that do not wait must not warn
+                self._ops, self._futures = ops + self._ops, futures + self._futures
                 raise
             self.commits += 1
             for future in futures:
@@ -136,15 +135,23 @@ class GroupCommit(Generic[Op]):
                     future.set_result(None)
 
     async def _loop(self) -> None:
+        failures = 0
         while True:
             await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(self._window)
             try:
                 await self.flush()
-            except Exception:
-                log.exception("group commit to %s failed", self._db.path)
-                await asyncio.sleep(0.5)
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    log.error("commit to %s failed, retrying until it succeeds: %s", self._db.path, exc)
+                self._wake.set()
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+                continue
+            if failures:
+                log.warning("commit to %s recovered after %d failed attempt(s)", self._db.path, failures)
+                failures = 0
 
     async def stop(self) -> None:
         """Commit what is pending and stop the background committer."""

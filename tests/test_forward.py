@@ -367,3 +367,24 @@ async def test_downlink_to_a_serial_device_writes_the_protocols_command(tmp_path
     statuses = {r.topic.rsplit("/", 1)[1]: json.loads(r.payload)["data"]["status"] for r in got}
     assert statuses == {"sleep": "delivered", "fly": "unsupported_command", "set_period": "invalid_argument",
                         "work": "delivered"}
+
+
+async def test_an_event_a_destination_can_never_take_is_dropped_counted_not_blocking(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    config = gateway_config(tmp_path, [{
+        "name": "js", "type": "nats", "url": nats_server.url, "topics": ["alert/#"],
+        "stream": "ALERTS", "create_stream": True,
+    }])
+    async with Gateway(config) as gw:
+        await _until(lambda: _dest(gw, "js")["connected"], 15, "connect")
+        # An empty level has no NATS subject; the event after it must still go through.
+        await asyncio.to_thread(mqtt_publish, f"mqtt://127.0.0.1:{gw.broker.port}",
+                                [("alert/raised/x/", b'{"n": 1}'), ("alert/raised/x/y", b'{"n": 2}')])
+        await _until(lambda: _dest(gw, "js")["delivered"] == 1 and _dest(gw, "js")["depth"] == 0, 15, "delivery")
+        stats = _dest(gw, "js")
+    stored = [json.loads(m.data) for m in await jetstream_messages(nats_server.url, "ALERTS", timeout=10)]
+    assert [m for m in stored if "n" in m] == [{"n": 2}]
+    assert stats["dropped"] == 1
+    raised = [m["data"] for m in stored if m.get("type") == "io.iotgw.alert.raised.v1"]
+    assert raised == [{"alert": "outbox_dropped", "destination": "js", "dropped": 1, "policy": "drop_oldest"}]

@@ -16,6 +16,15 @@ class DestinationUnavailableError(GatewayError):
     """The destination cannot take events now (down, refusing, timing out): retry later."""
 
 
+class UnsendableEventError(GatewayError):
+    """This event can never be sent to this destination (its topic has no form there, say). The
+    forwarder removes it from the outbox as a counted, alerted drop instead of retrying forever."""
+
+    def __init__(self, event: OutboundEvent, reason: str) -> None:
+        super().__init__(f"event {event.event_id} on {event.topic!r}: {reason}")
+        self.event = event
+
+
 @dataclass(frozen=True, slots=True)
 class OutboundEvent:
     """One event waiting in an outbox."""

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.forward.base import Destination, DestinationUnavailableError, InboundMessage, OutboundEvent
+from gateway.forward.base import (
+    Destination,
+    DestinationUnavailableError,
+    InboundMessage,
+    OutboundEvent,
+    UnsendableEventError,
+)
 from gateway.forward.outbox import Limits, Outbox
 from pipeline.topics import TopicFilter
 
@@ -143,16 +149,27 @@ class Forwarder:
             if lanes.down and route.fresh_first:
                 lanes.recovered(await self.outbox.max_seq(name))
             lanes.down = False
-            lane, batch = await self._next_batch(route, lanes)
+            try:
+                lane, batch = await self._next_batch(route, lanes)
+            except Exception:  # the outbox itself failed (disk): never let the sender die
+                log.exception("forward %s: reading the outbox failed", name)
+                await asyncio.sleep(1.0)
+                continue
             if not batch:
                 continue
             try:
                 acked = await dest.send(batch)
-            except DestinationUnavailableError as exc:
+            except UnsendableEventError as exc:
+                log.error("forward %s: dropping an event it can never take: %s", name, exc)
+                self.outbox.drop(name, exc.event)
+                lanes.advance(lane, exc.event.seq)
+                continue
+            except Exception as exc:  # unavailable, or a bug: pause and retry, never die
                 self.send_failures[name] += 1
                 failures += 1
                 if failures == 1:
-                    log.warning("forward %s: sending paused: %s", name, exc)
+                    log.warning("forward %s: sending paused: %s", name, exc,
+                                exc_info=not isinstance(exc, DestinationUnavailableError))
                 await asyncio.sleep(min(5.0, 0.2 * 2 ** min(failures, 5)))
                 continue
             if failures:

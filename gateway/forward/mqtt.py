@@ -25,7 +25,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.errors import GatewayError
-from gateway.forward.base import DestinationUnavailableError, InboundMessage, OutboundEvent, acknowledged_prefix
+from gateway.forward.base import (
+    DestinationUnavailableError,
+    InboundMessage,
+    OutboundEvent,
+    UnsendableEventError,
+    acknowledged_prefix,
+)
 
 log = logging.getLogger(__name__)
 EVENT_ID = "event-id"
@@ -85,6 +91,7 @@ class MqttDestination:
         self.sent = 0
         self.acked = 0
         self.inbound_dropped = 0
+        self.refused = 0
 
     @property
     def connected(self) -> bool:
@@ -199,12 +206,18 @@ class MqttDestination:
             self._acks.clear()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        self._call(self._acked, mid)
+        refused = getattr(reason, "is_failure", False)  # MQTT 5: a PUBACK can say no (0x87, 0x97, ...)
+        self._call(self._acked, mid, str(reason) if refused else None)
 
-    def _acked(self, mid: int) -> None:
+    def _acked(self, mid: int, refusal: str | None) -> None:
         future = self._acks.pop(mid, None)
-        if future is not None and not future.done():
+        if future is None or future.done():
+            return
+        if refusal is None:
             future.set_result(None)
+        else:  # the event stays in the outbox; a refusal is not a delivery
+            self.refused += 1
+            future.set_exception(DestinationUnavailableError(f"{self.name}: the broker refused: {refusal}"))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         props: dict[str, str] = {}
@@ -249,8 +262,13 @@ class MqttDestination:
             if v5:
                 properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 properties.UserProperty = [(EVENT_ID, event.event_id), (GATEWAY, self._settings.gateway_id)]
-            info = client.publish(self.map_topic(event.topic), event.payload, qos=self._settings.qos,
-                                  properties=properties)
+            try:
+                info = client.publish(self.map_topic(event.topic), event.payload, qos=self._settings.qos,
+                                      properties=properties)
+            except ValueError as exc:  # a topic MQTT cannot publish to (wildcards, too long)
+                if not futures:
+                    raise UnsendableEventError(event, str(exc)) from None
+                break
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 break
             future = loop.create_future()

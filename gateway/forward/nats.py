@@ -22,7 +22,14 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from gateway.forward.base import DestinationUnavailableError, InboundMessage, OutboundEvent, acknowledged_prefix
+from gateway.forward.base import (
+    DestinationUnavailableError,
+    InboundMessage,
+    OutboundEvent,
+    UnsendableEventError,
+    acknowledged_prefix,
+)
+from pipeline.errors import TopicError
 from pipeline.topics import compile_filter, filter_to_subjects, subject_to_topic, topic_to_subject
 
 log = logging.getLogger(__name__)
@@ -78,7 +85,14 @@ class NatsDestination:
                 await asyncio.sleep(min(10.0, 0.5 * attempt))
                 continue
             self._nc, self._js = nc, nc.jetstream(publish_async_max_pending=4000)
-        await self._prepare()
+        while not self._ready:  # streams and subscriptions: retried until they are in place
+            try:
+                await self._prepare()
+            except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as exc:
+                attempt += 1
+                if attempt == 1:
+                    log.warning("forward %s: cannot prepare %s (%s); retrying", self.name, self._settings.url, exc)
+                await asyncio.sleep(min(10.0, 0.5 * attempt))
         log.warning("forward %s: connected to %s", self.name, self._settings.url)
 
     async def _prepare(self) -> None:
@@ -122,10 +136,16 @@ class NatsDestination:
         futures: list[asyncio.Future[Any]] = []
         try:
             for event in batch:
+                try:
+                    subject = topic_to_subject(event.topic)
+                except TopicError as exc:  # an empty level, say: no NATS subject can carry it
+                    if not futures:
+                        raise UnsendableEventError(event, str(exc)) from None
+                    break  # send what precedes it; it comes first in the next batch
                 headers = {"Nats-Msg-Id": event.event_id, GATEWAY_HEADER: self._settings.gateway_id,
                            TOPIC_HEADER: event.topic}
                 futures.append(await js.publish_async(
-                    topic_to_subject(event.topic), event.payload, headers=headers, stream=self._settings.stream,
+                    subject, event.payload, headers=headers, stream=self._settings.stream,
                     wait_stall=self._settings.ack_timeout_s,
                 ))
                 self.sent += 1

@@ -215,6 +215,22 @@ class Outbox:
         return [OutboundEvent(seq, eid, topic, key, bytes(payload), created) for seq, eid, topic, key, payload, created
                 in rows]
 
+    def drop(self, dest: str, event: OutboundEvent) -> None:
+        """Remove an event its destination can never take: counted as dropped, and alerted."""
+        op = _Op("ack", dest, seqs=(event.seq,))
+
+        def dropped(future: asyncio.Future[None]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                return
+            stats = self.stats[dest]
+            stats.bytes -= op.freed
+            stats.depth -= op.removed
+            stats.dropped += op.removed
+            if op.removed and self._on_drop:
+                self._on_drop(dest, op.removed)
+
+        self._commit.submit(op).add_done_callback(dropped)
+
     async def max_seq(self, dest: str) -> int:
         row = await self._db.run(lambda c: c.execute("SELECT max(seq) FROM outbox WHERE dest = ?", (dest,)).fetchone())
         return int(row[0] or 0)

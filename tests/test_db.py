@@ -1,0 +1,59 @@
+"""Group commit keeps what it was given when a commit fails, and commits it on the next attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from pipeline.db import GroupCommit, SqliteThread
+
+
+async def test_failed_commit_keeps_the_operations_and_their_waiters(tmp_path: Path) -> None:
+    db = SqliteThread(tmp_path / "t.sqlite3")
+    await db.open("CREATE TABLE t (v INTEGER);")
+    fail = [True]
+
+    def apply(conn: sqlite3.Connection, ops: list[int]) -> None:
+        conn.executemany("INSERT INTO t VALUES (?)", [(v,) for v in ops])
+        if fail[0]:
+            raise sqlite3.OperationalError("database or disk is full")
+
+    commit: GroupCommit[int] = GroupCommit(db, apply, window_s=0.001)
+    first, second = commit.submit(1), commit.submit(2)
+    with pytest.raises(sqlite3.OperationalError):
+        await commit.flush()
+    assert not first.done()  # nobody is told it is durable
+    assert not second.done()
+    assert await db.run(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0]) == 0  # rolled back
+    third = commit.submit(3)
+    fail[0] = False
+    await commit.flush()
+    await asyncio.gather(first, second, third)
+    rows = await db.run(lambda c: [v for (v,) in c.execute("SELECT v FROM t ORDER BY rowid")])
+    assert rows == [1, 2, 3]  # in submission order, once each
+    assert (commit.commits, commit.failures) == (1, 1)
+    await commit.stop()
+    await db.close()
+
+
+async def test_background_committer_retries_until_the_disk_recovers(tmp_path: Path) -> None:
+    db = SqliteThread(tmp_path / "t.sqlite3")
+    await db.open("CREATE TABLE t (v INTEGER);")
+    failures_left = [3]
+
+    def apply(conn: sqlite3.Connection, ops: list[int]) -> None:
+        if failures_left[0]:
+            failures_left[0] -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        conn.executemany("INSERT INTO t VALUES (?)", [(v,) for v in ops])
+
+    commit: GroupCommit[int] = GroupCommit(db, apply, window_s=0.001)
+    commit.start("test-commit")
+    await asyncio.wait_for(commit.submit(7), 10)
+    assert await db.run(lambda c: c.execute("SELECT v FROM t").fetchall()) == [(7,)]
+    assert commit.failures == 3
+    await commit.stop()
+    await db.close()

@@ -115,7 +115,7 @@ class _Device(_Model):
 class SerialDevice(_Device):
     transport: Literal["serial"]
     port: str = Field(min_length=1, description="prefer a stable /dev/serial/by-id/... path")
-    protocol: Literal["sds011"]
+    protocol: Literal["sds011", "pms5003", "nmea", "jsonlines", "kv"]
     baudrate: int = 9600
 
     @field_validator("baudrate")

@@ -231,7 +231,7 @@ class Gateway:
         """Every message published on the broker comes here (see :class:`gateway.broker.Ingest`)."""
         futures: list[asyncio.Future[None]] = []
         if resend is not None and resend.dup and origin is not None and event_id is None:
-            event_id = self.journal.resent_id(origin, resend.packet_id)  # the same event, sent again
+            event_id = self.journal.resent_id(origin, resend.packet_id, topic, payload)  # the same event again
         if self._raw.matches(topic):
             message = RawMessage(topic, payload, origin, datetime.now(UTC), event_id or new_event_id())
             event_id = message.event_id

@@ -4,8 +4,12 @@ for the SDS011, and the BLE driver's BTHome decoding (bthome-ble) fed by a simul
 from __future__ import annotations
 
 import asyncio
+import os
+import tty
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from drivers.base import DriverReading
 from drivers.ble.driver import BleDeviceSpec, BleDriver
@@ -106,3 +110,40 @@ async def test_ble_driver_decodes_configured_devices_ignores_others_and_suppress
         assert abs(r.value - expected) < 0.011, r
     assert sink.errors
     assert sink.errors[-1][0] == "t-1"
+
+
+@pytest.mark.parametrize(
+    ("protocol", "wire", "expected"),
+    [
+        pytest.param("jsonlines", b'{"temperature": 21.5, "humidity": 40}\n', {"temperature": 21.5, "humidity": 40.0},
+                     id="jsonlines"),
+        pytest.param("kv", b"temp=21.5C rh=40\r\n", {"temp": 21.5, "rh": 40.0}, id="kv"),
+        pytest.param("nmea", b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n",
+                     {"latitude": 48.1173, "altitude": 545.4}, id="nmea-gga"),
+    ],
+)
+async def test_line_and_frame_protocols_through_a_real_pty(
+    tmp_path: Path, protocol: str, wire: bytes, expected: dict[str, float]
+) -> None:
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    link = tmp_path / "ttyDEV"
+    link.symlink_to(os.ttyname(slave))
+    driver = SerialDriver("dev-1", str(link), protocol, 9600)
+    sink = Collector()
+    task = asyncio.create_task(driver.run(sink))
+    try:
+        await _until(lambda: driver.stats.connected)
+        for _ in range(3):
+            os.write(master, wire)
+            await asyncio.sleep(0.05)
+        await _until(lambda: driver.stats.frames >= 2)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        os.close(master)
+        os.close(slave)
+    got = {r.metric: r.value for r in sink.readings}
+    for metric, value in expected.items():
+        assert got[metric] == pytest.approx(value, abs=1e-4), metric
+    assert not sink.errors

@@ -6,7 +6,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from drivers.reading import FrameError, Measurement
+from drivers.serial.nmea import NmeaStream
+from drivers.serial.pms5003 import Pms5003Stream
 from drivers.serial.sds011 import Sds011Stream, encode_command
+from drivers.serial.textlines import JsonLinesStream, KeyValueStream
 
 
 class Frame(Protocol):
@@ -20,7 +23,11 @@ class FrameStream(Protocol):
 
 
 PROTOCOLS: dict[str, Callable[[], FrameStream]] = {
-    "sds011": Sds011Stream,
+    "sds011": Sds011Stream,  # Nova SDS011 particulate sensor, 10-byte frames
+    "pms5003": Pms5003Stream,  # Plantower PMS5003, 32-byte frames
+    "nmea": NmeaStream,  # NMEA 0183 GPS sentences (GGA, RMC)
+    "jsonlines": JsonLinesStream,  # one JSON object of metric -> number a line
+    "kv": KeyValueStream,  # key=value text lines, optional unit suffix
 }
 
 

@@ -96,3 +96,21 @@ class BatchQueue(Generic[T]):
         self._closed = True
         self._ready.set()
         self._room.set()
+
+
+class DropOldestQueue(Generic[T]):
+    """A bounded queue for things where the newest matters most (advertisements, inbound backbone
+    messages): when full, the oldest item is dropped and counted, and ``offer`` never waits."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._queue: asyncio.Queue[T] = asyncio.Queue(maxsize)
+        self.dropped = 0
+
+    def offer(self, item: T) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(item)
+
+    async def get(self) -> T:
+        return await self._queue.get()

@@ -6,35 +6,34 @@ the demo and the tests can hand it a simulated radio while production uses BlueZ
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
 from drivers.ble.bthome import Advertisement
+from pipeline.queue import DropOldestQueue
 
 log = logging.getLogger(__name__)
 
 
 class AdvertisementSource(Protocol):
-    dropped: int
+    @property
+    def dropped(self) -> int: ...
 
     def advertisements(self) -> AsyncIterator[Advertisement]: ...
 
 
 class _Buffered:
-    """A bounded buffer of advertisements: when full the oldest is dropped and counted
-    (an advertisement is a repeated broadcast: the newest one carries the current state)."""
+    """Advertisements in a drop-oldest buffer (an advertisement is a repeated broadcast: the newest
+    one carries the current state)."""
 
     def __init__(self, maxsize: int) -> None:
-        self._queue: asyncio.Queue[Advertisement] = asyncio.Queue(maxsize)
-        self.dropped = 0
+        self._queue: DropOldestQueue[Advertisement] = DropOldestQueue(maxsize)
+        self._offer = self._queue.offer
 
-    def _offer(self, adv: Advertisement) -> None:
-        if self._queue.full():
-            self._queue.get_nowait()
-            self.dropped += 1
-        self._queue.put_nowait(adv)
+    @property
+    def dropped(self) -> int:
+        return self._queue.dropped
 
 
 class SimulatedRadio(_Buffered):

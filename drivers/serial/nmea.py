@@ -28,6 +28,8 @@ import re
 from dataclasses import dataclass
 
 from drivers.reading import FrameError, Measurement
+from drivers.serial.framing import MAX_GARBAGE_RUN, BytesLike, count_garbage, end_garbage
+from drivers.serial.framing import as_bytes as _as_bytes
 
 __all__ = [
     "KNOT_MPS",
@@ -44,14 +46,12 @@ __all__ = [
 MAX_SENTENCE_LEN = 82
 """Longest accepted sentence, ``$`` to checksum, without the line ending."""
 
-MAX_GARBAGE_RUN = 256
 """Text outside sentences is reported as one ``garbage`` error per run: when a
 sentence ends the run, or as soon as the run reaches this many bytes."""
 
 KNOT_MPS = 1852 / 3600
 """One knot (nautical mile per hour) in m/s."""
 
-BytesLike = bytes | bytearray | memoryview
 
 _SENTENCE = re.compile(r"\$([A-Z0-9]{1,10}),([\x20-\x7e]*)\*([0-9A-Fa-f]{2})")
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
@@ -419,23 +419,9 @@ class NmeaStream:
             self._buf = b""
 
     def _count_garbage(self, count: int, out: list[GgaFix | RmcFix | FrameError]) -> None:
-        self._garbage += count
-        while self._garbage >= MAX_GARBAGE_RUN:
-            out.append(FrameError("garbage", f"{MAX_GARBAGE_RUN} bytes skipped"))
-            self._garbage -= MAX_GARBAGE_RUN
+        self._garbage = count_garbage(self._garbage + count, out)
 
     def _end_run(self, out: list[GgaFix | RmcFix | FrameError]) -> None:
-        if self._garbage:
-            out.append(FrameError("garbage", f"{self._garbage} bytes skipped"))
-            self._garbage = 0
+        self._garbage = end_garbage(self._garbage, out)
 
 
-def _as_bytes(data: object) -> bytes | None:
-    if type(data) is bytes:
-        return data
-    if isinstance(data, bytes | bytearray | memoryview):
-        try:
-            return bytes(data)
-        except (ValueError, TypeError, BufferError):
-            return None
-    return None

@@ -29,6 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from drivers.reading import FrameError, Measurement
+from drivers.serial.framing import MAX_GARBAGE_RUN, BytesLike, count_garbage, end_garbage
+from drivers.serial.framing import as_bytes as _as_bytes
+from drivers.serial.framing import bad_input as _bad_input
 
 __all__ = [
     "COUNT_UNIT",
@@ -56,11 +59,9 @@ _REPLY_FRAME_LENGTH = REPLY_LEN - 4  # ... and of a command reply: 4
 PM_UNIT = "µg/m³"
 COUNT_UNIT = "#/0.1L"
 
-MAX_GARBAGE_RUN = 256
 """A run of skipped bytes is reported as one ``garbage`` error when it ends, or
 as soon as it reaches this many bytes (and a new run starts)."""
 
-BytesLike = bytes | bytearray | memoryview
 """What the decoders accept (anything else is reported as ``bad_input``)."""
 
 
@@ -100,20 +101,6 @@ class Pms5003Frame:
         )
 
 
-def _as_bytes(data: object) -> bytes | None:
-    """``data`` as ``bytes``, or ``None`` when it is not a bytes-like object."""
-    if type(data) is bytes:
-        return data
-    if isinstance(data, bytes | bytearray | memoryview):
-        try:
-            return bytes(data)
-        except (ValueError, TypeError, BufferError):  # e.g. a released memoryview
-            return None
-    return None
-
-
-def _bad_input(data: object) -> FrameError:
-    return FrameError("bad_input", f"expected bytes, got {type(data).__name__}")
 
 
 def _u16(buf: bytes, k: int) -> int:
@@ -290,15 +277,10 @@ class Pms5003Stream:
         counted = stop - max(start, quiet_end)
         if counted <= 0:
             return
-        self._garbage += counted
-        while self._garbage >= MAX_GARBAGE_RUN:
-            out.append(FrameError("garbage", f"{MAX_GARBAGE_RUN} bytes skipped"))
-            self._garbage -= MAX_GARBAGE_RUN
+        self._garbage = count_garbage(self._garbage + counted, out)
 
     def _end_run(self, out: list[Pms5003Frame | FrameError]) -> None:
-        if self._garbage:
-            out.append(FrameError("garbage", f"{self._garbage} bytes skipped"))
-            self._garbage = 0
+        self._garbage = end_garbage(self._garbage, out)
 
 
 def _classify_reject(buf: bytes, i: int, total: int, error: FrameError) -> FrameError:

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 
 from drivers.errors import DecodeError
 from drivers.reading import FrameError, Measurement
+from drivers.serial.framing import MAX_GARBAGE_RUN, BytesLike, count_garbage, end_garbage
+from drivers.serial.framing import as_bytes as _as_bytes
+from drivers.serial.framing import bad_input as _bad_input
 
 __all__ = [
     "FRAME_LEN",
@@ -49,7 +52,6 @@ CMD_REPLY = 0xC5
 
 UNIT = "µg/m³"
 
-MAX_GARBAGE_RUN = 256
 """A run of skipped bytes is reported as one ``garbage`` error when it ends;
 a run that reaches this many bytes is reported right away (and a new run
 starts), so a line carrying pure noise, e.g. at the wrong baud rate, still
@@ -57,7 +59,6 @@ shows up in the error counters instead of staying silent forever."""
 
 _HEADER_BYTE = bytes([HEADER])
 
-BytesLike = bytes | bytearray | memoryview
 """What the decoders accept (anything else is reported as ``bad_input``)."""
 
 
@@ -80,20 +81,6 @@ class Sds011Frame:
         )
 
 
-def _as_bytes(data: object) -> bytes | None:
-    """``data`` as ``bytes``, or ``None`` when it is not a bytes-like object."""
-    if type(data) is bytes:
-        return data
-    if isinstance(data, bytes | bytearray | memoryview):
-        try:
-            return bytes(data)
-        except (ValueError, TypeError, BufferError):  # e.g. a released memoryview
-            return None
-    return None
-
-
-def _bad_input(data: object) -> FrameError:
-    return FrameError("bad_input", f"expected bytes, got {type(data).__name__}")
 
 
 def _decode_at(buf: bytes, i: int) -> Sds011Frame | FrameError:
@@ -259,15 +246,10 @@ class Sds011Stream:
         counted = stop - max(start, quiet_end)
         if counted <= 0:
             return
-        self._garbage += counted
-        while self._garbage >= MAX_GARBAGE_RUN:
-            out.append(FrameError("garbage", f"{MAX_GARBAGE_RUN} bytes skipped"))
-            self._garbage -= MAX_GARBAGE_RUN
+        self._garbage = count_garbage(self._garbage + counted, out)
 
     def _end_run(self, out: list[Sds011Frame | FrameError]) -> None:
-        if self._garbage:
-            out.append(FrameError("garbage", f"{self._garbage} bytes skipped"))
-            self._garbage = 0
+        self._garbage = end_garbage(self._garbage, out)
 
 
 def _classify_reject(buf: bytes, i: int, error: FrameError) -> FrameError:

@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from drivers.reading import FrameError, Measurement
+from drivers.serial.framing import BytesLike
+from drivers.serial.framing import as_bytes as _as_bytes
 
 __all__ = [
     "MAX_LINE_LEN",
@@ -45,7 +47,6 @@ __all__ = [
 MAX_LINE_LEN = 512
 """Longest accepted line in bytes, without its ``CR LF`` / ``LF``."""
 
-BytesLike = bytes | bytearray | memoryview
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _SEPARATORS = re.compile(r"[\s,;]+")
@@ -145,15 +146,6 @@ def parse_key_value_line(line: str | BytesLike) -> TextFrame | FrameError | None
     return TextFrame(tuple(values)) if values else None
 
 
-def _as_bytes(data: object) -> bytes | None:
-    if type(data) is bytes:
-        return data
-    if isinstance(data, bytes | bytearray | memoryview):
-        try:
-            return bytes(data)
-        except (ValueError, TypeError, BufferError):
-            return None
-    return None
 
 
 class _LineStream:

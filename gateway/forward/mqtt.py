@@ -32,6 +32,7 @@ from gateway.forward.base import (
     UnsendableEventError,
     acknowledged_prefix,
 )
+from pipeline.queue import DropOldestQueue
 
 log = logging.getLogger(__name__)
 EVENT_ID = "event-id"
@@ -84,13 +85,12 @@ class MqttDestination:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self._acks: dict[int, asyncio.Future[None]] = {}
-        self._inbound: asyncio.Queue[InboundMessage] = asyncio.Queue(settings.inbound_queue)
+        self._inbound: DropOldestQueue[InboundMessage] = DropOldestQueue(settings.inbound_queue)
         self._connected = False
         self._closing = False
         self.protocol_in_use: str = ""
         self.sent = 0
         self.acked = 0
-        self.inbound_dropped = 0
         self.refused = 0
 
     @property
@@ -226,13 +226,7 @@ class MqttDestination:
             props[key] = value
         topic = self._unmap(msg.topic)
         message = InboundMessage(topic, bytes(msg.payload), props.get(EVENT_ID), props.get(GATEWAY), props)
-        self._call(self._offer, message)
-
-    def _offer(self, message: InboundMessage) -> None:
-        if self._inbound.full():
-            self._inbound.get_nowait()
-            self.inbound_dropped += 1
-        self._inbound.put_nowait(message)
+        self._call(self._inbound.offer, message)
 
     def map_topic(self, topic: str) -> str:
         for rule in self._settings.rewrite:

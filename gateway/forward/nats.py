@@ -30,6 +30,7 @@ from gateway.forward.base import (
     acknowledged_prefix,
 )
 from pipeline.errors import TopicError
+from pipeline.queue import DropOldestQueue
 from pipeline.topics import compile_filter, filter_to_subjects, subject_to_topic, topic_to_subject
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,10 @@ class NatsDestination:
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._task: asyncio.Task[None] | None = None
-        self._inbound: asyncio.Queue[InboundMessage] = asyncio.Queue(settings.inbound_queue)
+        self._inbound: DropOldestQueue[InboundMessage] = DropOldestQueue(settings.inbound_queue)
         self._ready = False
         self.sent = 0
         self.acked = 0
-        self.inbound_dropped = 0
 
     @property
     def connected(self) -> bool:
@@ -124,10 +124,7 @@ class NatsDestination:
         except ValueError:
             return
         message = InboundMessage(topic, msg.data, headers.get("Nats-Msg-Id"), headers.get(GATEWAY_HEADER), headers)
-        if self._inbound.full():
-            self._inbound.get_nowait()
-            self.inbound_dropped += 1
-        self._inbound.put_nowait(message)
+        self._inbound.offer(message)
 
     async def send(self, batch: Sequence[OutboundEvent]) -> int:
         js = self._js

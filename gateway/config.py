@@ -56,33 +56,63 @@ class StorageSettings(_Model):
     data_dir: Path = Path("iotgw-data")
 
 
-class Range(_Model):
-    min: float
-    max: float
+class MetricRules(_Model):
+    """How the clean stage treats one metric, whichever device sends it (pipeline/clean.py)."""
+
+    min: float | None = None
+    max: float | None = None
+    max_rate_per_s: float | None = Field(
+        default=None, gt=0, description="spike filter: a faster step from the last kept value is dropped"
+    )
+    stuck_after_s: float | None = Field(default=None, gt=0, description="the same value for longer is 'stuck'")
+    deadband: float | None = Field(default=None, gt=0, description="report on change: smaller changes are dropped")
+    deadband_max_interval_s: float = Field(default=300.0, gt=0, description="a heartbeat passes the deadband")
 
     @model_validator(mode="after")
-    def _ordered(self) -> Range:
-        if self.min > self.max:
+    def _ordered(self) -> MetricRules:
+        if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError("min must not exceed max")
         return self
 
 
-DEFAULT_RANGES: dict[str, Range] = {
-    "temperature": Range(min=-60, max=150),
-    "humidity": Range(min=0, max=100),
-    "battery": Range(min=0, max=100),
-    "pm2_5": Range(min=0, max=1000),
-    "pm10": Range(min=0, max=2000),
-    "co2": Range(min=0, max=40000),
-    "pressure": Range(min=300, max=1200),
+DEFAULT_METRIC_RULES: dict[str, MetricRules] = {
+    "temperature": MetricRules(min=-60, max=150),
+    "humidity": MetricRules(min=0, max=100),
+    "battery": MetricRules(min=0, max=100),
+    "pm2_5": MetricRules(min=0, max=1000),
+    "pm10": MetricRules(min=0, max=2000),
+    "co2": MetricRules(min=0, max=40000),
+    "pressure": MetricRules(min=300, max=1200),
 }
+
+
+def _known_unit(value: str) -> str:
+    from pipeline.units import UNITS
+
+    if value not in UNITS:
+        raise ValueError(f"unknown unit {value!r}; known: {', '.join(sorted({u.symbol for u in UNITS.values()}))}")
+    return value
+
+
+class CleanSettings(_Model):
+    metrics: dict[str, MetricRules] = Field(
+        default_factory=lambda: dict(DEFAULT_METRIC_RULES),
+        description="rules by metric name; naming [pipeline.clean.metrics] replaces the built-in ones",
+    )
+    units: dict[Level, dict[str, Annotated[str, AfterValidator(_known_unit)]]] = Field(
+        default_factory=dict, description="device class -> metric -> unit to normalise to"
+    )
+    clock_policy: Literal["correct", "reject"] = "correct"
+    max_clock_ahead_s: float = Field(default=60.0, gt=0)
+    max_clock_behind_s: float = Field(default=86_400.0, gt=0)
+    duplicate_window_s: float = Field(default=600.0, ge=0, description="a repeated sequence number is a duplicate")
 
 
 class PipelineSettings(_Model):
     queue_size: int = Field(default=1000, ge=1, le=1_000_000, description="messages")
     batch_size: int = Field(default=500, ge=1, le=50_000)
     max_latency_s: float = Field(default=0.5, ge=0, le=60, description="how long a short batch waits to fill")
-    ranges: dict[str, Range] = Field(default_factory=lambda: dict(DEFAULT_RANGES))
+    clean: CleanSettings = CleanSettings()
     agg_interval_s: float = Field(default=10.0, gt=0)
 
 

@@ -35,7 +35,7 @@ from gateway.forward.outbox import Limits
 from gateway.forward.registry import build_destination
 from gateway.journal import Journal
 from pipeline.analyze import AnalyzeStage
-from pipeline.clean import CleanStage
+from pipeline.clean import CleanStage, ClockPolicy
 from pipeline.collect import CollectStage
 from pipeline.define import DefineStage
 from pipeline.model import ALERT_TYPE, COMMAND_ACK_TYPE, cloudevent, new_event_id
@@ -126,7 +126,12 @@ class Gateway:
         self.pipeline = Pipeline(
             [
                 CollectStage(self.template, {d.id: d.transport for d in config.devices}),
-                CleanStage(config.pipeline.ranges),
+                CleanStage(
+                    config.pipeline.clean.metrics, units=config.pipeline.clean.units,
+                    clock=ClockPolicy(config.pipeline.clean.max_clock_ahead_s, config.pipeline.clean.max_clock_behind_s,
+                                      config.pipeline.clean.clock_policy),
+                    duplicate_window_s=config.pipeline.clean.duplicate_window_s,
+                ),
                 DefineStage(self.template),
                 StoreStage(self.store),
                 self.analyze,

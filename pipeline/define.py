@@ -12,6 +12,11 @@ from pipeline.stage import Draft, Emitter, StageStats
 from pipeline.topics import TopicTemplate
 
 
+def _quality(draft: Draft) -> tuple[Quality, ...]:
+    flags = tuple(Quality(flag) for flag in draft.quality)
+    return flags if draft.device_ts or flags else (Quality.DEVICE_TIME_MISSING,)
+
+
 class DefineStage:
     name = "define"
 
@@ -37,7 +42,7 @@ class DefineStage:
                     device_ts=draft.device_ts,
                     received_at=draft.received_at,
                     seq=draft.seq,
-                    quality=() if draft.device_ts else (Quality.DEVICE_TIME_MISSING,),
+                    quality=_quality(draft),
                 )
             except ValidationError as exc:
                 detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())

@@ -34,6 +34,7 @@ class Quality(StrEnum):
 
     DEVICE_TIME_MISSING = "device_time_missing"  # no device timestamp: receive time used
     GATEWAY_TIME = "gateway_time"  # the reading's time is the gateway's, not the device's
+    CLOCK_CORRECTED = "clock_corrected"  # the device's clock was too far off: receive time used
 
 
 class _UlidGenerator:

@@ -44,6 +44,7 @@ class Draft:
     received_at: datetime
     payload: bytes
     event_id: str = ""
+    quality: tuple[str, ...] = ()  # flags set on the way (clean's clock_corrected)
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,8 +54,14 @@ BAD = [
     pytest.param('[[devices]]\nid = "a"\ntransport = "mqtt"\n[[devices]]\nid = "a"\ntransport = "mqtt"\n',
                  ["(root): device id 'a' is configured twice"], id="duplicate-id"),
     pytest.param('[topics]\ntemplate = "telemetry/{site}/{metric}"\n', ["topics.template: "], id="template"),
-    pytest.param("[pipeline.ranges]\nco2 = { min = 5, max = 1 }\n",
-                 ["pipeline.ranges.co2: min must not exceed max"], id="range"),
+    pytest.param("[pipeline.clean.metrics]\nco2 = { min = 5, max = 1 }\n",
+                 ["pipeline.clean.metrics.co2: min must not exceed max"], id="range"),
+    pytest.param("[pipeline.clean.metrics]\nco2 = { max_rate_per_s = 0 }\n",
+                 ["pipeline.clean.metrics.co2.max_rate_per_s: Input should be greater than 0"], id="rate"),
+    pytest.param("[pipeline.clean.units.environment]\ntemperature = \"furlongs\"\n",
+                 ["pipeline.clean.units.environment.temperature: unknown unit 'furlongs'; known: "], id="unit"),
+    pytest.param("[pipeline.clean]\nclock_policy = \"ignore\"\n",
+                 ["pipeline.clean.clock_policy: Input should be 'correct' or 'reject'"], id="clock-policy"),
     pytest.param("site = [\n", ["not valid TOML"], id="toml-syntax"),
 ]
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.config import DEFAULT_RANGES, Range
+from gateway.config import DEFAULT_METRIC_RULES, MetricRules
 from pipeline.analyze import AnalyzeStage
 from pipeline.clean import CleanStage
 from pipeline.collect import CollectStage, parse_timestamp
@@ -74,7 +74,7 @@ def draft(
     device_ts: datetime | None = DEVICE_TS,
     received_at: datetime = RECEIVED,
     unit: str | None = "C",
-    seq: int | None = 1,
+    seq: int | None = None,
 ) -> Draft:
     t = topic(device_id, metric)
     fields = TEMPLATE.parse(t)
@@ -305,7 +305,7 @@ async def test_collect_rejects_instead_of_raising(message: RawMessage, reason: s
     ],
 )
 async def test_clean_non_numeric(value: object) -> None:
-    stage = CleanStage(DEFAULT_RANGES)
+    stage = CleanStage(DEFAULT_METRIC_RULES)
     emit = Emitter()
     d = draft(value)
     assert await stage.process([d], emit) == []
@@ -333,7 +333,7 @@ async def test_clean_non_numeric(value: object) -> None:
     ],
 )
 async def test_clean_default_ranges_inclusive(metric: str, value: float, passes: bool) -> None:
-    stage = CleanStage(DEFAULT_RANGES)
+    stage = CleanStage(DEFAULT_METRIC_RULES)
     emit = Emitter()
     out = await stage.process([draft(value, metric)], emit)
     if passes:
@@ -347,7 +347,7 @@ async def test_clean_default_ranges_inclusive(metric: str, value: float, passes:
 
 
 async def test_clean_uses_the_given_ranges() -> None:
-    stage = CleanStage({"level": Range(min=1, max=2)})
+    stage = CleanStage({"level": MetricRules(min=1, max=2)})
     emit = Emitter()
     batch = [draft(v, "level") for v in (0.999, 1, 1.5, 2, 2.001)] + [draft(-500, "temperature")]
     out = await stage.process(batch, emit)
@@ -357,7 +357,7 @@ async def test_clean_uses_the_given_ranges() -> None:
 
 
 async def test_clean_converts_int_to_float_and_keeps_the_rest() -> None:
-    stage = CleanStage(DEFAULT_RANGES)
+    stage = CleanStage(DEFAULT_METRIC_RULES)
     ints = draft(21, "temperature")
     floats = draft(21.5, "temperature")
     [a, b] = await stage.process([ints, floats], Emitter())
@@ -371,7 +371,7 @@ async def test_clean_converts_int_to_float_and_keeps_the_rest() -> None:
 
 
 async def test_clean_huge_int_is_rejected_not_raised() -> None:
-    stage = CleanStage(DEFAULT_RANGES)
+    stage = CleanStage(DEFAULT_METRIC_RULES)
     emit = Emitter()
     assert await stage.process([draft(10**400, "voltage")], emit) == []
     assert [r.reason for r in emit.rejects] == ["non_numeric"]
@@ -611,7 +611,7 @@ def test_store_reader_without_a_store(tmp_path: Path) -> None:
 async def test_seq_beyond_sqlite_integer_is_rejected_not_raised(tmp_path: Path) -> None:
     async with SqliteStore(tmp_path) as store:
         pipeline = Pipeline(
-            [CollectStage(TEMPLATE, {}), CleanStage(DEFAULT_RANGES), DefineStage(TEMPLATE), StoreStage(store)],
+            [CollectStage(TEMPLATE, {}), CleanStage(DEFAULT_METRIC_RULES), DefineStage(TEMPLATE), StoreStage(store)],
             TEMPLATE, site=SITE, version=VERSION,
         )
         emit = await pipeline.run([raw({"value": 1, "seq": 2**64}), raw({"value": 2, "seq": 1})])
@@ -747,7 +747,7 @@ async def test_analyze_event_shape() -> None:
 def make_pipeline(store: SqliteStore, clock: FakeClock) -> Pipeline:
     stages: list[Stage[Any, Any]] = [
         CollectStage(TEMPLATE, TRANSPORTS),
-        CleanStage(DEFAULT_RANGES),
+        CleanStage(DEFAULT_METRIC_RULES),
         DefineStage(TEMPLATE),
         StoreStage(store),
         AnalyzeStage(TEMPLATE, VERSION, interval_s=10.0, clock=clock),

@@ -1,0 +1,136 @@
+"""Readings per second through clean -> define -> store on one core, beside raw SQLite inserts of the
+same rows into the same schema, in the same run.
+
+    .venv/bin/python bench/pipeline.py [--readings 200000] [--batch 500] [--rounds 3] [--series 200]
+
+The process is pinned to one CPU (threads included: the store's SQLite thread shares it). Drafts
+are made by the collect stage beforehand (collect parses JSON; the figure asked for starts at
+clean). Each round writes a fresh database with the store's settings (WAL, synchronous=FULL, one
+transaction per batch). The baseline is the cheapest write of the same rows: ``executemany`` of
+ready tuples into the same ``readings`` table, one transaction per batch, same pragmas. The
+figure to watch is the ratio (target: >= 0.25) and readings/s (target: >= 100,000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from gateway.config import DEFAULT_METRIC_RULES
+from pipeline.clean import CleanStage
+from pipeline.collect import CollectStage
+from pipeline.define import DefineStage
+from pipeline.model import new_event_id, to_ms
+from pipeline.stage import Draft, Emitter, RawMessage
+from pipeline.store import _SCHEMA, SqliteStore, StoreStage
+from pipeline.topics import DEFAULT_TEMPLATE, TopicTemplate
+
+METRICS = (("temperature", "°C", 21.0), ("humidity", "%", 45.0), ("pm2_5", "µg/m³", 12.0), ("co2", "ppm", 600.0))
+
+
+def make_drafts(count: int, series: int, seed: int = 1) -> list[Draft]:
+    """Realistic readings: ``series`` series, values wandering a little, device time a second apart."""
+    rng = random.Random(seed)
+    template = TopicTemplate(DEFAULT_TEMPLATE)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    raw: list[RawMessage] = []
+    level = [METRICS[i % len(METRICS)][2] for i in range(series)]
+    for i in range(count):
+        s = i % series
+        metric, unit, base = METRICS[s % len(METRICS)]
+        level[s] += rng.uniform(-0.5, 0.5) + 0.1 * (base - level[s])  # wanders near its base
+        ts = start + timedelta(seconds=i // series)
+        body = {"value": round(level[s], 2), "unit": unit, "ts": ts.timestamp(), "seq": i // series}
+        topic = f"telemetry/raw/1.0/bench/environment/dev-{s // len(METRICS)}/{metric}"
+        raw.append(RawMessage(topic, json.dumps(body).encode(), "bench", ts + timedelta(milliseconds=20),
+                              new_event_id(to_ms(ts))))
+    collect = CollectStage(template, {})
+
+    async def run() -> list[Draft]:
+        return await collect.process(raw, Emitter())
+
+    drafts = asyncio.run(run())
+    assert len(drafts) == count, "collect rejected bench input"
+    return drafts
+
+
+async def through_stages(drafts: list[Draft], batch: int, data_dir: Path) -> tuple[float, int]:
+    template = TopicTemplate(DEFAULT_TEMPLATE)
+    clean = CleanStage(DEFAULT_METRIC_RULES)
+    define = DefineStage(template)
+    async with SqliteStore(data_dir) as store:
+        stored = StoreStage(store)
+        started = time.perf_counter()
+        for i in range(0, len(drafts), batch):
+            emit = Emitter()
+            items = await clean.process(drafts[i:i + batch], emit)
+            readings = await define.process(items, emit)
+            await stored.process(readings, emit)
+        elapsed = time.perf_counter() - started
+        return elapsed, store.rows_written
+
+
+def raw_inserts(drafts: list[Draft], batch: int, data_dir: Path) -> float:
+    """The same rows as ready tuples, straight into the store's schema."""
+    db = sqlite3.connect(data_dir / "raw.sqlite3", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(_SCHEMA)
+    series: dict[tuple[str, str], int] = {}
+    rows = []
+    for d in drafts:
+        key = (d.fields.device_id, d.fields.metric)
+        sid = series.setdefault(key, len(series) + 1)
+        ts = d.device_ts or d.received_at
+        rows.append((sid, to_ms(ts), d.event_id, float(d.value), d.seq, to_ms(d.received_at), None))  # type: ignore[arg-type]
+    started = time.perf_counter()
+    for i in range(0, len(rows), batch):
+        db.execute("BEGIN")
+        db.executemany("INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?, ?, ?)", rows[i:i + batch])
+        db.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    db.close()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readings", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--series", type=int, default=200)
+    args = parser.parse_args()
+    if hasattr(os, "sched_setaffinity"):
+        cpu = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpu})
+        print(f"pinned to CPU {cpu}")
+    drafts = make_drafts(args.readings, args.series)
+    pipeline_s: list[float] = []
+    raw_s: list[float] = []
+    for _ in range(args.rounds):
+        with tempfile.TemporaryDirectory(prefix="iotgw-bench-") as tmp:
+            elapsed, written = asyncio.run(through_stages(drafts, args.batch, Path(tmp)))
+            if written != len(drafts):
+                sys.exit(f"pipeline stored {written} of {len(drafts)} readings")
+            pipeline_s.append(elapsed)
+            raw_s.append(raw_inserts(drafts, args.batch, Path(tmp)))
+    pipe_rate = len(drafts) / statistics.median(pipeline_s)
+    raw_rate = len(drafts) / statistics.median(raw_s)
+    print(f"readings: {len(drafts):,} in batches of {args.batch}, {args.series} series, {args.rounds} rounds (medians)")
+    print(f"clean -> define -> store: {pipe_rate:12,.0f} readings/s")
+    print(f"raw SQLite inserts:       {raw_rate:12,.0f} rows/s")
+    print(f"ratio: {pipe_rate / raw_rate:.2f} (target >= 0.25); target >= 100,000 readings/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
 from pipeline.stage import Draft, Emitter, StageStats
@@ -37,6 +37,7 @@ from pipeline.units import UnitProblem, convert
 
 CLOCK_CORRECTED = "clock_corrected"
 _SEQS_KEPT = 64  # per series: enough for repeats and short reorderings, bounded
+_ZERO = timedelta(0)
 
 
 class MetricRule(Protocol):
@@ -105,7 +106,7 @@ class _Series:
     same_since_ms: int = 0  # when the current run of identical values began
     kept: float | None = None  # last value kept past the deadband, and its time
     kept_ms: int = 0
-    seqs: dict[int, int] = field(default_factory=dict)  # seq -> receive ms, insertion ordered
+    seqs: dict[int, datetime] = field(default_factory=dict)  # seq -> receive time, insertion ordered
 
 
 def _ms(value: datetime) -> int:
@@ -127,9 +128,9 @@ class CleanStage:
         self._rules = {metric: _rule(rule) for metric, rule in rules.items()}
         self._units = {cls: dict(metrics) for cls, metrics in (units or {}).items()}
         self._clock = clock or ClockPolicy()
-        self._ahead_ms = int(self._clock.max_ahead_s * 1000)
-        self._behind_ms = int(self._clock.max_behind_s * 1000)
-        self._dup_ms = int(duplicate_window_s * 1000)
+        self._ahead = timedelta(seconds=self._clock.max_ahead_s)
+        self._behind = timedelta(seconds=self._clock.max_behind_s)
+        self._dup = timedelta(seconds=duplicate_window_s)
         self._series: dict[tuple[str, str], _Series] = {}
         self.stats = StageStats()
         self.corrected: dict[str, int] = {}  # fixed rather than dropped: unit_converted, clock_corrected
@@ -181,19 +182,18 @@ class CleanStage:
         if not rule.low <= value <= rule.high:
             return "out_of_range", f"{value:g} outside [{rule.low:g}, {rule.high:g}] for {metric}"
 
-        received_ms = _ms(draft.received_at)
-        ts_ms = received_ms
-        if draft.device_ts is not None:
-            ts_ms = _ms(draft.device_ts)
-            skew = ts_ms - received_ms
-            if skew > self._ahead_ms or -skew > self._behind_ms:
-                where = "ahead of" if skew > 0 else "behind"
-                detail = f"device time {draft.device_ts.isoformat()} is {abs(skew) / 1000:.0f} s {where} the gateway's"
+        received = draft.received_at
+        device_ts = draft.device_ts
+        if device_ts is not None:
+            skew = device_ts - received
+            if skew > self._ahead or -skew > self._behind:
+                where = "ahead of" if skew > _ZERO else "behind"
+                off = abs(skew).total_seconds()
+                detail = f"device time {device_ts.isoformat()} is {off:.0f} s {where} the gateway's"
                 if self._clock.policy == "reject":
                     return "clock_skew", detail
-                changes["device_ts"] = None
+                changes["device_ts"] = device_ts = None
                 changes["quality"] = (*draft.quality, CLOCK_CORRECTED)
-                ts_ms = received_ms
                 self._count(CLOCK_CORRECTED)
 
         if draft.seq is not None or rule.temporal:
@@ -201,21 +201,28 @@ class CleanStage:
             series = self._series.get(key)
             if series is None:
                 series = self._series[key] = _Series()
-            if draft.seq is not None:
-                seen = series.seqs.get(draft.seq)
-                if seen is not None and received_ms - seen <= self._dup_ms:
-                    return "duplicate", f"sequence {draft.seq} already seen {(received_ms - seen) / 1000:.1f} s ago"
-                series.seqs[draft.seq] = received_ms
-                if len(series.seqs) > _SEQS_KEPT:
-                    del series.seqs[next(iter(series.seqs))]
-            if rule.temporal and ts_ms >= series.last_ms:
-                verdict = self._temporal(rule, series, value, ts_ms, metric)
-                if verdict is not None:
-                    return verdict
+            if draft.seq is not None and (verdict := self._sequence(series, draft.seq, received)) is not None:
+                return verdict
+            if rule.temporal:
+                ts_ms = _ms(device_ts or received)
+                if ts_ms >= series.last_ms:
+                    verdict = self._temporal(rule, series, value, ts_ms, metric)
+                    if verdict is not None:
+                        return verdict
 
         if changes or value is not draft.value:
             return dataclasses.replace(draft, value=value, **changes)  # type: ignore[arg-type]
         return draft
+
+    def _sequence(self, series: _Series, seq: int, received: datetime) -> tuple[str, str] | None:
+        seqs = series.seqs
+        seen = seqs.get(seq)
+        if seen is not None and received - seen <= self._dup:
+            return "duplicate", f"sequence {seq} already seen {(received - seen).total_seconds():.1f} s ago"
+        seqs[seq] = received
+        if len(seqs) > _SEQS_KEPT:
+            del seqs[next(iter(seqs))]
+        return None
 
     @staticmethod
     def _temporal(rule: _Rule, s: _Series, value: float, ts_ms: int, metric: str) -> tuple[str, str] | None:

@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from pipeline.errors import PipelineError
-from pipeline.model import Reading, to_ms
+from pipeline.model import Reading
 from pipeline.stage import Emitter, StageStats
 
 log = logging.getLogger(__name__)
@@ -110,45 +110,48 @@ class SqliteStore:
             self._db.close()
             self._db = None
 
-    def _series_id(self, db: sqlite3.Connection, reading: Reading, new: dict[tuple[str, str], int]) -> int:
+    def _new_series(self, db: sqlite3.Connection, reading: Reading, new: dict[tuple[str, str], int]) -> int:
         key = (reading.device_id, reading.metric)
-        series_id = self._series.get(key) or new.get(key)
-        if series_id is None:
-            db.execute(
-                "INSERT OR IGNORE INTO series (device_id, metric, unit) VALUES (?, ?, ?)",
-                (reading.device_id, reading.metric, reading.unit),
-            )
-            row = db.execute(
-                "SELECT series_id FROM series WHERE device_id = ? AND metric = ?", key
-            ).fetchone()
-            series_id = new[key] = int(row[0])
+        db.execute(
+            "INSERT OR IGNORE INTO series (device_id, metric, unit) VALUES (?, ?, ?)",
+            (reading.device_id, reading.metric, reading.unit),
+        )
+        row = db.execute("SELECT series_id FROM series WHERE device_id = ? AND metric = ?", key).fetchone()
+        series_id = new[key] = int(row[0])
         return series_id
 
     def _write(self, readings: list[Reading]) -> None:
         db = self._db
         if db is None:
             raise StoreError("the store is not open")
-        devices: dict[str, tuple[str, str, str, int, int]] = {}
+        known = self._series
         new_series: dict[tuple[str, str], int] = {}  # cached only once committed
-        rows = []
+        seen: dict[str, list[Any]] = {}  # device id -> [transport, class, site, first, last] (receive ms)
+        rows: list[tuple[Any, ...]] = []
+        append = rows.append
         db.execute("BEGIN")
         try:
             for r in readings:
-                received = to_ms(r.received_at)
-                rows.append((
-                    self._series_id(db, r, new_series),
-                    to_ms(r.ts),
+                key = (r.device_id, r.metric)
+                series_id = known.get(key) or new_series.get(key) or self._new_series(db, r, new_series)
+                received = int(r.received_at.timestamp() * 1000)
+                device_ts = r.device_ts
+                append((
+                    series_id,
+                    int(device_ts.timestamp() * 1000) if device_ts is not None else received,
                     r.id,
                     r.value,
                     r.seq,
                     received,
-                    ",".join(r.quality) or None,
+                    ",".join(r.quality) if r.quality else None,
                 ))
-                first = devices.get(r.device_id)
-                devices[r.device_id] = (
-                    r.transport, r.device_class, r.site, min(first[3], received) if first else received,
-                    max(first[4], received) if first else received,
-                )
+                device = seen.get(r.device_id)
+                if device is None:
+                    seen[r.device_id] = [r.transport, r.device_class, r.site, received, received]
+                elif received > device[4]:
+                    device[4] = received
+                elif received < device[3]:
+                    device[3] = received
             before = db.total_changes
             db.executemany("INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             inserted = db.total_changes - before  # duplicates (same event id) are not counted
@@ -156,13 +159,13 @@ class SqliteStore:
                 "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
                 "transport = excluded.transport, device_class = excluded.device_class, site = excluded.site, "
                 "last_seen = max(last_seen, excluded.last_seen)",
-                [(device_id, *info) for device_id, info in devices.items()],
+                [(device_id, *info) for device_id, info in seen.items()],
             )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        self._series.update(new_series)
+        known.update(new_series)
         self.rows_written += inserted
         self.transactions += 1
 

@@ -1,7 +1,7 @@
 """Readings per second through clean -> define -> store on one core, beside raw SQLite inserts of the
 same rows into the same schema, in the same run.
 
-    .venv/bin/python bench/pipeline.py [--readings 200000] [--batch 500] [--rounds 3] [--series 200]
+    .venv/bin/python bench/pipeline_throughput.py [--readings 200000] [--batch 500] [--rounds 3] [--series 200]
 
 The process is pinned to one CPU (threads included: the store's SQLite thread shares it). Drafts
 are made by the collect stage beforehand (collect parses JSON; the figure asked for starts at

@@ -287,6 +287,22 @@ class EmbeddedBroker:
     def tapped(self) -> int:
         return self._broker.tapped if self._broker else 0
 
+    @property
+    def listening(self) -> bool:
+        """Every listener accepts connections (false before start, after a drain, or if one closed)."""
+        broker = self._broker
+        if broker is None or broker.draining.is_set():
+            return False
+        return all(s.instance is not None and s.instance.is_serving() for s in broker._servers.values())
+
+    @property
+    def clients(self) -> int:
+        """Connected clients."""
+        broker = self._broker
+        if broker is None:
+            return 0
+        return sum(1 for session, _ in broker._sessions.values() if session.transitions.state == "connected")
+
     async def drain(self, timeout_s: float) -> int:
         """Stop reading from clients, then wait until what was read has reached the queue.
 

@@ -26,6 +26,7 @@ from gateway.query import (
     render_points,
 )
 from gateway.service import Gateway
+from gateway.systemd import Notifier, notifying
 from pipeline.errors import PipelineError
 from pipeline.store import StoreReader
 
@@ -51,8 +52,9 @@ async def _serve(make: Callable[[], AbstractAsyncContextManager[Gateway]], secon
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    notifier = Notifier()
     try:
-        async with make() as gateway:
+        async with make() as gateway, notifying(notifier, gateway.health):
             if report is not None:
                 report(gateway)
             with contextlib.suppress(TimeoutError):
@@ -60,6 +62,7 @@ async def _serve(make: Callable[[], AbstractAsyncContextManager[Gateway]], secon
             log.info("stopping: flushing what was accepted")
         return gateway
     finally:
+        notifier.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
@@ -167,6 +170,27 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_service_install(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    from gateway.systemd import default_executable, install
+
+    example = files("gateway").joinpath("sample-config.toml").read_text(encoding="utf-8")
+    try:
+        done = install(unit_dir=args.unit_dir, config_dir=args.config_dir,
+                       executable=args.executable or default_executable(), example_config=example,
+                       reload=not args.no_reload)
+    except OSError as exc:
+        print(f"iotgw: error: cannot install the service: {exc} (run it as root?)", file=sys.stderr)
+        return 1
+    print(f"installed {done.unit}")
+    print(f"{'wrote the example config' if done.config_written else 'kept the existing config'} {done.config}")
+    if not done.reloaded:
+        print("systemd did not reload its units (not running, or --no-reload): systemctl daemon-reload")
+    print(f"next: edit {done.config}, then: iotgw check-config {done.config} && systemctl enable --now iotgw")
+    return 0
+
+
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     for row in (header, *rows):
@@ -194,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir(p, None)
     p.add_argument("--mqtt-port", type=int, default=None, help="overrides [broker] port")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("service", help="run under systemd")
+    service = p.add_subparsers(dest="action", required=True)
+    p = service.add_parser("install", help="install the systemd unit and an example config (as root)")
+    p.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"))
+    p.add_argument("--config-dir", type=Path, default=Path("/etc/iotgw"))
+    p.add_argument("--executable", default=None, help="the iotgw the unit runs (default: this one)")
+    p.add_argument("--no-reload", action="store_true", help="do not run systemctl daemon-reload")
+    p.set_defaults(func=cmd_service_install)
 
     p = sub.add_parser("check-config", help="validate a config file: exit 0, or 2 with one line per problem")
     p.add_argument("file", type=Path)

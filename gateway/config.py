@@ -114,6 +114,7 @@ class PipelineSettings(_Model):
     max_latency_s: float = Field(default=0.5, ge=0, le=60, description="how long a short batch waits to fill")
     clean: CleanSettings = CleanSettings()
     agg_interval_s: float = Field(default=10.0, gt=0)
+    stall_s: float = Field(default=120.0, gt=0, description="a batch inside the stages longer is unhealthy")
 
 
 class TopicSettings(_Model):

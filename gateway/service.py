@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
@@ -34,6 +35,7 @@ from gateway.forward.forwarder import ORIGIN_PREFIX, Forwarder, Route
 from gateway.forward.outbox import Limits
 from gateway.forward.registry import build_destination
 from gateway.journal import Journal
+from gateway.systemd import Health
 from pipeline.analyze import AnalyzeStage
 from pipeline.clean import CleanStage, ClockPolicy
 from pipeline.collect import CollectStage
@@ -142,6 +144,8 @@ class Gateway:
         )
         self.drivers: list[Driver] = self._build_drivers(ble_source)
         self.published: dict[str, int] = {"events": 0, "rejects": 0}
+        self._batch_started: float | None = None  # monotonic time the batch in the stages began
+        self.batches = 0
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
         self._pipeline_task: asyncio.Task[None] | None = None
@@ -256,7 +260,10 @@ class Gateway:
             # Process only what is journaled: otherwise a crash could leave an event in an outbox whose
             # message the journal never recorded, and the device's resend would get a second event id.
             await _until_done(self.journal.flush, "journal")
+            self._batch_started = time.monotonic()
             emit = await self.pipeline.run(batch)  # never raises: a failing stage rejects its batch
+            self._batch_started = None
+            self.batches += 1
             await self._publish(emit)
             if self.forwarder is not None:  # the batch's events are durable in the outboxes ...
                 await _until_done(self.forwarder.flush, "outbox")
@@ -327,6 +334,32 @@ class Gateway:
             )
             log.warning("forward %s: outbox full, dropped %d oldest event(s)", destination, count)
             await self.broker.publish(topic, _dumps(event), event_id=event["id"])
+
+    def health(self) -> Health:
+        """What the systemd watchdog is fed on: the pipeline task runs and is not stuck inside a batch
+        (a store write retrying on a failing disk, a stage that hangs), and the broker listens. Waiting
+        for room (backpressure from a refusing outbox) is not a fault."""
+        problems = []
+        task = self._pipeline_task
+        if task is None or task.done():
+            problems.append("the pipeline task is not running")
+        started = self._batch_started
+        if started is not None and (busy := time.monotonic() - started) > self.config.pipeline.stall_s:
+            problems.append(f"the pipeline has been inside one batch for {busy:.0f} s")
+        if not self.broker.listening:
+            problems.append("the broker is not listening")
+        up = sum(d.stats.connected for d in self.drivers)
+        status = (
+            f"in={self.pipeline.stats()['collect']['in']} stored={self.store.rows_written}"
+            f" rejected={self.published['rejects']} queue={len(self.queue)} clients={self.broker.clients}"
+            f" drivers_up={up}/{len(self.drivers)}"
+        )
+        if self.forwarder is not None:
+            status += "".join(
+                f" {name}:{'up' if f['connected'] else 'down'}/{f['depth']}"
+                for name, f in self.forwarder.stats().get("destinations", {}).items()
+            )
+        return Health(tuple(problems), status)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -45,11 +45,11 @@ def iotgw(*args: str, timeout: float = 60, check: bool = False) -> subprocess.Co
 class GatewayProcess:
     """``iotgw ...`` in the background; waits for the broker to listen."""
 
-    def __init__(self, args: list[str], port: int) -> None:
+    def __init__(self, args: list[str], port: int, env: dict[str, str] | None = None) -> None:
         self.port = port
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            cwd=ROOT,
+            cwd=ROOT, env=None if env is None else {**os.environ, **env},
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -75,8 +75,8 @@ def gateway_process() -> Iterator[type[GatewayProcess]]:
     started: list[GatewayProcess] = []
 
     class Tracked(GatewayProcess):
-        def __init__(self, args: list[str], port: int) -> None:
-            super().__init__(args, port)
+        def __init__(self, args: list[str], port: int, env: dict[str, str] | None = None) -> None:
+            super().__init__(args, port, env)
             started.append(self)
 
     yield Tracked

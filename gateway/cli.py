@@ -18,6 +18,7 @@ from typing import Any
 
 from gateway.config import StorageSettings, load_config
 from gateway.errors import ConfigError, GatewayError
+from gateway.logs import redact, secret_values, setup_logging
 from gateway.query import (
     QueryError,
     iso_ms,
@@ -33,16 +34,6 @@ from pipeline.store import StoreReader
 log = logging.getLogger("iotgw")
 EXIT_USAGE = 2
 DEFAULT_DATA_DIR = StorageSettings().data_dir
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",  # journald adds the time
-        stream=sys.stderr,
-    )
-    for noisy in ("amqtt", "transitions"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 async def _serve(make: Callable[[], AbstractAsyncContextManager[Gateway]], seconds: float | None,
@@ -124,6 +115,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
+    redact(secret_values(config))
+    if args.log_format is None and config.logging.format != "text":
+        setup_logging(verbose=args.verbose, fmt=config.logging.format)
 
     def announce(gw: Gateway) -> None:
         print(f"iotgw: MQTT broker on {config.broker.host}:{gw.broker.port}, data in {config.storage.data_dir}",
@@ -200,6 +194,8 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iotgw", description="IoT edge gateway")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=("text", "json"), default=None,
+                        help="text (journald-friendly, the default) or JSON lines; overrides [logging] format")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_dir(p: argparse.ArgumentParser, default: Path | None) -> None:
@@ -251,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(verbose=args.verbose, fmt=args.log_format or "text")
     try:
         result: int = args.func(args)
     except (QueryError, PipelineError, GatewayError) as exc:

@@ -249,6 +249,10 @@ Forward = Annotated[ForwardSettings, Field(discriminator="type")]
 FORWARD_TYPES = ("mqtt", "nats", "kafka")
 
 
+class LoggingSettings(_Model):
+    format: Literal["text", "json"] = Field(default="text", description="text for journald, or JSON lines")
+
+
 class BleSettings(_Model):
     backend: Literal["bleak", "simulated"] = "bleak"
 
@@ -260,6 +264,7 @@ class GatewayConfig(_Model):
     pipeline: PipelineSettings = PipelineSettings()
     topics: TopicSettings = TopicSettings()
     ble: BleSettings = BleSettings()
+    logging: LoggingSettings = LoggingSettings()
     gateway_id: Level | None = Field(default=None, description="default: SITE-HOSTNAME")
     devices: list[Device] = []
     forward: list[Forward] = []

@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,25 +36,51 @@ EXIT_USAGE = 2
 DEFAULT_DATA_DIR = StorageSettings().data_dir
 
 
+Reloader = Callable[[Gateway], Awaitable[None]]
+
+
 async def _serve(make: Callable[[], AbstractAsyncContextManager[Gateway]], seconds: float | None,
-                 report: Callable[[Gateway], None] | None = None) -> Gateway:
-    """Run until ``seconds`` pass, SIGINT or SIGTERM; then stop cleanly (flushed)."""
+                 report: Callable[[Gateway], None] | None = None, reload: Reloader | None = None) -> Gateway:
+    """Run until ``seconds`` pass, SIGINT or SIGTERM; then stop cleanly (flushed). SIGHUP reloads."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    hup = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
     notifier = Notifier()
+
+    async def reloads(gateway: Gateway) -> None:
+        while True:
+            await hup.wait()
+            hup.clear()
+            if reload is None:
+                log.warning("SIGHUP: nothing to reload (no configuration file)")
+                continue
+            notifier.notify(RELOADING=1, STATUS="reloading the configuration")
+            try:
+                await reload(gateway)
+            except Exception:
+                log.exception("reload failed; the gateway runs on")
+            notifier.notify(READY=1, STATUS=gateway.health().status)
+
     try:
         async with make() as gateway, notifying(notifier, gateway.health):
             if report is not None:
                 report(gateway)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), seconds)
+            reloader = asyncio.create_task(reloads(gateway), name="reload")
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), seconds)
+            finally:
+                reloader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reloader
             log.info("stopping: flushing what was accepted")
         return gateway
     finally:
         notifier.close()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 
@@ -82,10 +108,10 @@ def _print_stats(stats: dict[str, Any], seconds: float) -> None:
 
 
 def _run_gateway(make: Callable[[], AbstractAsyncContextManager[Gateway]], seconds: float | None,
-                 announce: Callable[[Gateway], None]) -> int:
+                 announce: Callable[[Gateway], None], reload: Reloader | None = None) -> int:
     started = datetime.now(UTC)
     try:
-        gateway = asyncio.run(_serve(make, seconds, announce))
+        gateway = asyncio.run(_serve(make, seconds, announce, reload))
     except (GatewayError, PipelineError) as exc:
         print(f"iotgw: error: {exc}", file=sys.stderr)
         return 1
@@ -123,7 +149,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"iotgw: MQTT broker on {config.broker.host}:{gw.broker.port}, data in {config.storage.data_dir}",
               flush=True)
 
-    return _run_gateway(lambda: Gateway(config, port_option="--mqtt-port or [broker] port"), args.seconds, announce)
+    async def reload(gw: Gateway) -> None:
+        try:
+            new = load_config(args.config).with_overrides(data_dir=args.data_dir, mqtt_port=args.mqtt_port)
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", "; ".join(exc.problems))
+            return
+        redact(secret_values(new))
+        await gw.reload(new)
+
+    return _run_gateway(lambda: Gateway(config, port_option="--mqtt-port or [broker] port"), args.seconds, announce,
+                        reload)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

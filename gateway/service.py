@@ -29,12 +29,13 @@ from drivers.errors import DecodeError
 from drivers.serial.driver import SerialDriver
 from drivers.serial.protocols import COMMANDS
 from gateway.broker import EmbeddedBroker, Resend
-from gateway.config import BleDevice, GatewayConfig, SerialDevice
+from gateway.config import BleDevice, ForwardSettings, GatewayConfig, SerialDevice
 from gateway.forward.base import InboundMessage
 from gateway.forward.forwarder import ORIGIN_PREFIX, Forwarder, Route
 from gateway.forward.outbox import Limits
 from gateway.forward.registry import build_destination
 from gateway.journal import Journal
+from gateway.reload import FIXED_FIELDS, ReloadPlan, plan_reload
 from gateway.systemd import Health
 from pipeline.analyze import AnalyzeStage
 from pipeline.clean import CleanStage, ClockPolicy
@@ -115,25 +116,17 @@ class Gateway:
         self.broker = EmbeddedBroker(config.broker, self._ingest, self.queue.wait_for_room, port_option=port_option)
         self.forwarder: Forwarder | None = None
         if config.forward:
-            routes = [
-                Route(build_destination(f, self.gateway_id), tuple(compile_filter(t) for t in f.topics),
-                      Limits(f.max_bytes, f.when_full), f.batch_size, f.replay == "fresh_first")
-                for f in config.forward
-            ]
-            self.forwarder = Forwarder(config.storage.data_dir, routes, gateway_id=self.gateway_id,
-                                       on_inbound=self._inbound, on_drop=self._outbox_dropped)
+            self.forwarder = self._new_forwarder([self._route(f) for f in config.forward])
         self._drops: dict[str, int] = {}
         self.commands: dict[str, int] = {}
         self.analyze = AnalyzeStage(self.template, config.topics.version, interval_s=config.pipeline.agg_interval_s)
+        self.collect = CollectStage(self.template, {d.id: d.transport for d in config.devices})
+        self.clean = CleanStage({})
+        self._configure_clean(config)
         self.pipeline = Pipeline(
             [
-                CollectStage(self.template, {d.id: d.transport for d in config.devices}),
-                CleanStage(
-                    config.pipeline.clean.metrics, units=config.pipeline.clean.units,
-                    clock=ClockPolicy(config.pipeline.clean.max_clock_ahead_s, config.pipeline.clean.max_clock_behind_s,
-                                      config.pipeline.clean.clock_policy),
-                    duplicate_window_s=config.pipeline.clean.duplicate_window_s,
-                ),
+                self.collect,
+                self.clean,
                 DefineStage(self.template),
                 StoreStage(self.store),
                 self.analyze,
@@ -142,7 +135,9 @@ class Gateway:
             site=config.site,
             version=config.topics.version,
         )
-        self.drivers: list[Driver] = self._build_drivers(ble_source)
+        self._ble_source = ble_source
+        self.drivers: list[Driver] = self._build_drivers(config)
+        self._driver_tasks: dict[str, asyncio.Task[None]] = {}
         self.published: dict[str, int] = {"events": 0, "rejects": 0}
         self._batch_started: float | None = None  # monotonic time the batch in the stages began
         self.batches = 0
@@ -151,8 +146,36 @@ class Gateway:
         self._pipeline_task: asyncio.Task[None] | None = None
         self.undrained = 0
 
-    def _build_drivers(self, ble_source: AdvertisementSource | None) -> list[Driver]:
-        devices = self.config.devices
+    def _route(self, f: ForwardSettings) -> Route:
+        return Route(build_destination(f, self.gateway_id), tuple(compile_filter(t) for t in f.topics),
+                     Limits(f.max_bytes, f.when_full), f.batch_size, f.replay == "fresh_first")
+
+    def _new_forwarder(self, routes: list[Route]) -> Forwarder:
+        return Forwarder(self.config.storage.data_dir, routes, gateway_id=self.gateway_id,
+                         on_inbound=self._inbound, on_drop=self._outbox_dropped)
+
+    def _configure_clean(self, config: GatewayConfig) -> None:
+        clean = config.pipeline.clean
+        self.clean.configure(
+            clean.metrics, units=clean.units,
+            clock=ClockPolicy(clean.max_clock_ahead_s, clean.max_clock_behind_s, clean.clock_policy),
+            duplicate_window_s=clean.duplicate_window_s,
+        )
+
+    @staticmethod
+    def _driver_devices(config: GatewayConfig) -> dict[str, tuple[object, ...]]:
+        """Driver name -> the device settings it runs on (a reload restarts a driver when they change)."""
+        groups: dict[str, tuple[object, ...]] = {}
+        for d in config.devices:
+            if isinstance(d, SerialDevice):
+                groups[f"serial:{d.id}"] = (d,)
+            elif isinstance(d, BleDevice):
+                groups["ble"] = (*groups.get("ble", ()), d)
+        return groups
+
+    def _build_drivers(self, config: GatewayConfig) -> list[Driver]:
+        ble_source = self._ble_source
+        devices = config.devices
         drivers: list[Driver] = [
             SerialDriver(d.id, d.port, d.protocol, d.baudrate) for d in devices if isinstance(d, SerialDevice)
         ]
@@ -195,8 +218,8 @@ class Gateway:
             await self._stack.aclose()
             raise
         self._tasks.append(asyncio.create_task(self._alert_loop(), name="outbox alerts"))
-        sink = _DriverSink(self)
-        self._tasks += [asyncio.create_task(d.run(sink), name=f"driver {d.name}") for d in self.drivers]
+        for driver in self.drivers:
+            self._start_driver(driver)
         log.info("gateway up: %d device(s) configured, data in %s", len(self.config.devices),
                  self.config.storage.data_dir)
         return self
@@ -205,9 +228,10 @@ class Gateway:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
-            for task in self._tasks:
+            tasks = [*self._tasks, *self._driver_tasks.values()]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             self.undrained = await self.broker.drain(DRAIN_TIMEOUT_S)
             if self.undrained:
                 log.error("%d message(s) were still in the broker after %.0f s", self.undrained, DRAIN_TIMEOUT_S)
@@ -233,6 +257,55 @@ class Gateway:
                     await self._pipeline_task
             await self._stack.aclose()
         log.info("gateway stopped: %d reading(s) stored", self.store.rows_written)
+
+    def _start_driver(self, driver: Driver) -> None:
+        task = asyncio.create_task(driver.run(_DriverSink(self)), name=f"driver {driver.name}")
+        self._driver_tasks[driver.name] = task
+
+    async def _stop_driver(self, name: str) -> None:
+        task = self._driver_tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def reload(self, new: GatewayConfig) -> ReloadPlan:
+        """Apply a new configuration without stopping the broker (SIGHUP): devices, pipeline rules and
+        forward destinations. What needs a restart is logged and kept as it was."""
+        plan = plan_reload(self.config, new)
+        if plan.needs_restart:
+            log.warning("reload: %s changed; that takes effect at the next restart", ", ".join(plan.needs_restart))
+        old = self.config
+        self.config = new.model_copy(update={name: getattr(old, name) for name in FIXED_FIELDS})
+        config = self.config
+        # Devices: new transports and classes first, so readings from new drivers are accepted.
+        self._device_class = {d.id: config.device_class(d) for d in config.devices}
+        self.collect.configure({d.id: d.transport for d in config.devices})
+        before, after = self._driver_devices(old), self._driver_devices(config)
+        restart = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
+        for name in sorted(restart):
+            await self._stop_driver(name)
+        built = {d.name: d for d in self._build_drivers(config)}
+        self.drivers = [d for d in self.drivers if d.name not in restart] + [
+            built[name] for name in sorted(restart) if name in built
+        ]
+        for name in sorted(restart):
+            if name in built:
+                self._start_driver(built[name])
+        self._configure_clean(config)
+        await self._reload_destinations(plan, config)
+        log.warning("reloaded: %s", plan.summary())
+        return plan
+
+    async def _reload_destinations(self, plan: ReloadPlan, config: GatewayConfig) -> None:
+        settings = {f.name: f for f in config.forward}
+        if self.forwarder is None:
+            if not settings:
+                return
+            self.forwarder = await self._stack.enter_async_context(self._new_forwarder([]))
+        for name in (*plan.destinations_removed, *plan.destinations_changed):
+            await self.forwarder.remove(name)
+        for name in (*plan.destinations_changed, *plan.destinations_added):
+            await self.forwarder.add(self._route(settings[name]))
 
     async def _ingest(
         self, topic: str, payload: bytes, origin: str | None, event_id: str | None, resend: Resend | None

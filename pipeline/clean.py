@@ -125,15 +125,26 @@ class CleanStage:
         duplicate_window_s: float = 600.0,
     ) -> None:
         """``rules`` by metric name; ``units`` by device class, then metric -> target unit."""
+        self._series: dict[tuple[str, str], _Series] = {}
+        self.stats = StageStats()
+        self.corrected: dict[str, int] = {}  # fixed rather than dropped: unit_converted, clock_corrected
+        self.configure(rules, units=units, clock=clock, duplicate_window_s=duplicate_window_s)
+
+    def configure(
+        self,
+        rules: Mapping[str, MetricRule],
+        *,
+        units: Mapping[str, Mapping[str, str]] | None = None,
+        clock: ClockPolicy | None = None,
+        duplicate_window_s: float = 600.0,
+    ) -> None:
+        """New rules (a reload): what the series remember (last values, sequence numbers) is kept."""
         self._rules = {metric: _rule(rule) for metric, rule in rules.items()}
         self._units = {cls: dict(metrics) for cls, metrics in (units or {}).items()}
         self._clock = clock or ClockPolicy()
         self._ahead = timedelta(seconds=self._clock.max_ahead_s)
         self._behind = timedelta(seconds=self._clock.max_behind_s)
         self._dup = timedelta(seconds=duplicate_window_s)
-        self._series: dict[tuple[str, str], _Series] = {}
-        self.stats = StageStats()
-        self.corrected: dict[str, int] = {}  # fixed rather than dropped: unit_converted, clock_corrected
 
     async def process(self, batch: list[Draft], emit: Emitter) -> list[Draft]:
         out: list[Draft] = []

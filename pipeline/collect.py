@@ -26,6 +26,10 @@ class CollectStage:
         self._transports = transports
         self.stats = StageStats()
 
+    def configure(self, transports: Mapping[str, str]) -> None:
+        """A reload changed the configured devices."""
+        self._transports = transports
+
     async def process(self, batch: list[RawMessage], emit: Emitter) -> list[Draft]:
         out: list[Draft] = []
         for message in batch:

@@ -85,27 +85,51 @@ class Forwarder:
         self.gateway_id = gateway_id
         self.outbox = Outbox(data_dir, {name: r.limits for name, r in self.routes.items()}, on_drop=on_drop)
         self._on_inbound = on_inbound
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()  # ids we sent: an echo of one is dropped
         self.echoes_dropped = 0
         self.send_failures = dict.fromkeys(self.routes, 0)
 
     async def __aenter__(self) -> Forwarder:
         await self.outbox.open()
-        for name, route in self.routes.items():
-            await route.destination.start()
-            self._tasks.append(asyncio.create_task(self._sender(route), name=f"forward {name} sender"))
-            self._tasks.append(asyncio.create_task(self._receiver(route), name=f"forward {name} inbound"))
+        for route in self.routes.values():
+            await self._start(route)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for route in self.routes.values():
-            with contextlib.suppress(Exception):
-                await route.destination.close()
+        for name in list(self.routes):
+            await self._stop(name)
         await self.outbox.close()
+
+    async def _start(self, route: Route) -> None:
+        name = route.destination.name
+        await route.destination.start()
+        self._tasks[name] = [
+            asyncio.create_task(self._sender(route), name=f"forward {name} sender"),
+            asyncio.create_task(self._receiver(route), name=f"forward {name} inbound"),
+        ]
+
+    async def _stop(self, name: str) -> None:
+        tasks = self._tasks.pop(name, [])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.routes[name].destination.close()
+
+    async def add(self, route: Route) -> None:
+        """A destination added by a reload; what its outbox queue already holds is sent first."""
+        name = route.destination.name
+        await self.outbox.add(name, route.limits)
+        self.routes[name] = route
+        self.send_failures.setdefault(name, 0)
+        await self._start(route)
+
+    async def remove(self, name: str) -> None:
+        """A destination removed by a reload. Its unsent events stay in the outbox file (a later
+        reload or restart that names it again sends them); nothing new is queued for it."""
+        await self._stop(name)
+        del self.routes[name]
 
     def wants(self, topic: str, origin: str | None) -> bool:
         return any(self._matches(route, topic, origin) for route in self.routes.values())
@@ -120,7 +144,7 @@ class Forwarder:
                     ) -> list[asyncio.Future[None]]:
         """Queue a broker message for every destination that forwards its topic."""
         futures = []
-        for name, route in self.routes.items():
+        for name, route in list(self.routes.items()):  # a reload may change the routes meanwhile
             if self._matches(route, topic, origin):
                 futures.append(await self.outbox.enqueue(name, event_id, topic, key, payload))
         if futures:

@@ -126,15 +126,27 @@ class Outbox:
 
     async def open(self) -> None:
         await self._db.open(_SCHEMA)
-        rows = await self._db.run(
-            lambda c: c.execute("SELECT dest, count(*), coalesce(sum(size), 0), min(created_ms) FROM outbox "
-                                "GROUP BY dest").fetchall()
-        )
-        for dest, depth, size, oldest in rows:
-            if dest in self.stats:
-                self.stats[dest] = QueueStats(depth=depth, bytes=size, oldest_ms=oldest)
-                self._new[dest].set()
+        for dest in self._limits:
+            await self._load(dest)
         self._commit.start("outbox-commit")
+
+    async def _load(self, dest: str) -> None:
+        """What the file already holds for ``dest`` (left by an earlier run, or before a reload)."""
+        depth, size, oldest = await self._db.run(
+            lambda c: c.execute("SELECT count(*), coalesce(sum(size), 0), min(created_ms) FROM outbox "
+                                "WHERE dest = ?", (dest,)).fetchone()
+        )
+        self.stats[dest] = QueueStats(depth=depth, bytes=size, oldest_ms=oldest)
+        if depth:
+            self._new[dest].set()
+
+    async def add(self, dest: str, limits: Limits) -> None:
+        """A destination added by a reload (its queue, if one is left in the file, resumes)."""
+        self._limits[dest] = limits
+        self._reserved.setdefault(dest, 0)
+        self._room.setdefault(dest, asyncio.Condition())
+        self._new.setdefault(dest, asyncio.Event())
+        await self._load(dest)
 
     async def close(self) -> None:
         await self._commit.stop()

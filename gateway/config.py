@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -129,7 +130,7 @@ class SerialDevice(_Device):
 class BleDevice(_Device):
     transport: Literal["ble"]
     address: str
-    protocol: Literal["bthome"]
+    protocol: Literal["bthome", "ruuvi", "atc"]
     bindkey: str | None = Field(default=None, description="32 hex digits for encrypted BTHome")
 
     @field_validator("address")
@@ -142,7 +143,9 @@ class BleDevice(_Device):
 
     @field_validator("bindkey")
     @classmethod
-    def _key(cls, value: str | None) -> str | None:
+    def _key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("protocol", "bthome") != "bthome":
+            raise ValueError(f"only protocol bthome takes a bindkey, not {info.data['protocol']}")
         if value is not None and not re.fullmatch(r"[0-9A-Fa-f]{32}", value):
             raise ValueError("must be 32 hexadecimal digits (a 128-bit key)")
         return value
@@ -220,6 +223,13 @@ FORWARD_TYPES = ("mqtt", "nats", "kafka")
 
 class BleSettings(_Model):
     backend: Literal["bleak", "simulated"] = "bleak"
+    scanning: Literal["passive", "active"] = Field(
+        default="passive", description="passive falls back to active where BlueZ refuses it"
+    )
+    adapter: str | None = Field(default=None, description="e.g. hci0; default: BlueZ's first adapter")
+    watchdog_s: float = Field(
+        default=60.0, ge=0, description="restart the scanner after this long without any advertisement; 0: off"
+    )
 
 
 class GatewayConfig(_Model):

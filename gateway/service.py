@@ -150,13 +150,19 @@ class Gateway:
         ble_devices = [d for d in devices if isinstance(d, BleDevice)]
         if ble_devices:  # the BLE stack (bleak, bthome-ble) loads only when a BLE device is configured
             from drivers.ble.driver import BleDeviceSpec, BleDriver
+            from drivers.ble.protocols import or_patterns
             from drivers.ble.sources import BleakSource
 
             specs = {
                 d.address: BleDeviceSpec(d.id, d.address, d.protocol, bytes.fromhex(d.bindkey) if d.bindkey else None)
                 for d in ble_devices
             }
-            drivers.append(BleDriver(specs, ble_source or BleakSource()))
+            ble = self.config.ble
+            source = ble_source or BleakSource(
+                passive=ble.scanning == "passive", or_patterns=or_patterns({d.protocol for d in ble_devices}),
+                adapter=ble.adapter,
+            )
+            drivers.append(BleDriver(specs, source, watchdog_s=ble.watchdog_s))
         return drivers
 
     def raw_topic(self, device_id: str, metric: str) -> str:

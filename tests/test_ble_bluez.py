@@ -194,3 +194,19 @@ async def test_three_protocols_with_faults_are_stored_correctly_and_every_fault_
             assert len(values) == len(in_range), (device, metric)  # every intact packet, once
             assert_sent(values, metric, 0.006, sim)
         assert max(stored(tmp_path, device, "temperature")) < 150  # the spikes were not stored
+
+
+async def test_wrong_bindkey_in_config_is_a_counted_decode_error_and_nothing_is_stored(
+    tmp_path: Path, bluez: MockBlueZ
+) -> None:
+    wrong = "00" * 16
+    config = ble_config(tmp_path, [{"id": "t-1", "address": BTHOME, "protocol": "bthome", "bindkey": wrong}])
+    async with Gateway(config) as gw:
+        driver = ble_driver(gw)
+        await until(lambda: scanner(gw).scanning, "the scanner")
+        async with BTHomeSensorSim(address=BTHOME, radio=bluez.radio, bindkey=bytes.fromhex(KEY), interval_s=0.05):
+            await until(lambda: driver.stats.errors["decrypt_failed"] >= 5, "decryption failures")
+            await until(lambda: gw.stats()["published"]["rejects"] >= 5, "rejects published")
+        assert driver.stats.frames == 0
+    assert set(driver.stats.errors) == {"decrypt_failed"}
+    assert stored(tmp_path, "t-1", "temperature") == []

@@ -149,3 +149,88 @@ class BlueZRadio:
         else:
             device.UpdateProperties(_DEVICE, props, dbus_interface=_MOCK)
         self.pushed += 1
+
+
+_SERVICE = "org.bluez.GattService1"
+_CHARACTERISTIC = "org.bluez.GattCharacteristic1"
+
+
+class GattPeripheral:
+    """A connectable device in a :class:`MockBlueZ` with one GATT service holding one
+    characteristic (readable, notifying), as bluetoothd presents it after service discovery:
+    ``Device1.Connect`` sets ``Connected`` and ``ServicesResolved``; ``ReadValue`` returns the
+    characteristic's ``Value``; ``StartNotify``/``StopNotify`` switch ``Notifying``; a new value
+    with notifications on is a ``PropertiesChanged`` of ``Value`` (what bleak listens to)."""
+
+    def __init__(self, bluez: MockBlueZ, address: str, service_uuid: str, characteristic_uuid: str) -> None:
+        self._bluez = bluez
+        self.address = address.upper()
+        self.service_uuid = service_uuid
+        self.characteristic_uuid = characteristic_uuid
+        self.device_path = bluez.radio._path(self.address)
+        self.service_path = f"{self.device_path}/service000c"
+        self.characteristic_path = f"{self.service_path}/char000d"
+        self._device: Any = None
+        self._characteristic: Any = None
+
+    def install(self, value: bytes) -> None:
+        """Adds the device (by advertising it once) and its GATT objects."""
+        import dbus
+
+        self._bluez.radio.push(self.address, -60, {}, "iotgw-gatt-sim")
+        self._device = self._bluez._object(self.device_path)
+        device_methods = [
+            ("Connect", "", "", "self.UpdateProperties('org.bluez.Device1', "
+             "{'Connected': dbus.Boolean(True), 'ServicesResolved': dbus.Boolean(True)})"),
+            ("Disconnect", "", "", "self.UpdateProperties('org.bluez.Device1', "
+             "{'Connected': dbus.Boolean(False), 'ServicesResolved': dbus.Boolean(False)})"),
+        ]
+        self._device.AddMethods(_DEVICE, device_methods, dbus_interface=_MOCK)
+        service_props = {
+            "UUID": dbus.String(self.service_uuid), "Device": dbus.ObjectPath(self.device_path),
+            "Primary": dbus.Boolean(True), "Includes": dbus.Array([], signature="o"),
+        }
+        char_props = {
+            "UUID": dbus.String(self.characteristic_uuid), "Service": dbus.ObjectPath(self.service_path),
+            "Value": dbus.Array(value, signature="y"), "Notifying": dbus.Boolean(False),
+            "Flags": dbus.Array(["read", "notify"], signature="s"), "MTU": dbus.UInt16(23),
+        }
+        char_methods = [
+            ("ReadValue", "a{sv}", "ay", f"ret = self.props['{_CHARACTERISTIC}']['Value']"),
+            ("StartNotify", "", "", f"self.UpdateProperties('{_CHARACTERISTIC}', {{'Notifying': dbus.Boolean(True)}})"),
+            ("StopNotify", "", "", f"self.UpdateProperties('{_CHARACTERISTIC}', {{'Notifying': dbus.Boolean(False)}})"),
+        ]
+        root = self._bluez.root
+        for path, iface, props, methods in ((self.service_path, _SERVICE, service_props, []),
+                                            (self.characteristic_path, _CHARACTERISTIC, char_props, char_methods)):
+            root.AddObject(path, iface, props, methods, dbus_interface=_MOCK)
+            root.EmitSignal(
+                _OBJECT_MANAGER, "InterfacesAdded", "oa{sa{sv}}",
+                [dbus.ObjectPath(path), dbus.Dictionary({iface: dbus.Dictionary(props, signature="sv")},
+                                                        signature="sa{sv}")],
+                dbus_interface=_MOCK,
+            )
+        self._characteristic = self._bluez._object(self.characteristic_path)
+
+    def set_value(self, value: bytes) -> None:
+        """The sensor measured: a read returns ``value``; a subscriber is notified."""
+        import dbus
+
+        self._characteristic.UpdateProperties(_CHARACTERISTIC, {"Value": dbus.Array(value, signature="y")},
+                                              dbus_interface=_MOCK)
+
+    def drop_connection(self) -> None:
+        """The link is lost (out of range, power cycle), as bluetoothd reports it."""
+        import dbus
+
+        self._device.UpdateProperties(
+            _DEVICE, {"Connected": dbus.Boolean(False), "ServicesResolved": dbus.Boolean(False)},
+            dbus_interface=_MOCK,
+        )
+
+    def advertise(self) -> None:
+        self._bluez.radio.push(self.address, -60, {}, "iotgw-gatt-sim")
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._device.Get(_DEVICE, "Connected", dbus_interface="org.freedesktop.DBus.Properties"))

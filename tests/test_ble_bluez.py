@@ -4,38 +4,24 @@ BleakScanner, decodes, cleans and stores. Nothing here touches the machine's bus
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from bluez import bluez_fixture, bluez_no_monitor_fixture  # noqa: F401  (pytest fixtures)
-from conftest import free_port
+from bluez import ble_config, bluez_fixture, bluez_no_monitor_fixture, stored, until  # noqa: F401  (fixtures)
 
 from drivers.ble.driver import BleDriver
 from drivers.ble.sources import BleakSource
 from firmware_sim.ble_sensor import AtcSim, BleSensorSim, BTHomeSensorSim, RuuviSim
 from firmware_sim.bluez import MockBlueZ
-from gateway.config import GatewayConfig, parse_config
 from gateway.service import Gateway
 from pipeline.store import StoreReader
 
 BTHOME, RUUVI, ATC, STRANGER = "A4:C1:38:00:00:01", "CB:B8:33:4C:88:4F", "A4:C1:38:0D:7E:41", "A4:C1:38:00:00:99"
 KEY = "231d39c1d7cc1ab1aee224cd096db932"
-
-
-def ble_config(tmp_path: Path, devices: list[dict[str, Any]], **ble: Any) -> GatewayConfig:
-    return parse_config({
-        "site": "s1", "gateway_id": "gw-ble",
-        "broker": {"host": "127.0.0.1", "port": free_port()},
-        "storage": {"data_dir": str(tmp_path)},
-        "pipeline": {"max_latency_s": 0.05},
-        "ble": ble,
-        "devices": [{"transport": "ble", "device_class": "environment"} | d for d in devices],
-    })
 
 
 def ble_driver(gw: Gateway) -> BleDriver:
@@ -46,21 +32,6 @@ def scanner(gw: Gateway) -> BleakSource:
     source = ble_driver(gw).source
     assert isinstance(source, BleakSource)  # built from the config: bleak's real scanner
     return source
-
-
-async def until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not check():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
-def stored(tmp_path: Path, device: str, metric: str) -> list[float]:
-    with StoreReader(tmp_path) as store:
-        series = store.series(device, metric)
-    return [] if series is None else [value for _, value in series[1]]
 
 
 def assert_sent(values: Iterable[float], metric: str, tolerance: float, *sims: BleSensorSim) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import struct
 from typing import Literal
 
+from firmware_sim.encoding import mac_bytes
+
 __all__ = ["ATC_UUID", "encode_atc"]
 
 ATC_UUID = "0000181a-0000-1000-8000-00805f9b34fb"
@@ -20,14 +22,12 @@ def encode_atc(
 ) -> bytes:
     """The service data of one advertisement. Raises ValueError (struct.error) for a value the
     layout cannot carry."""
-    mac_bytes = bytes.fromhex(mac.replace(":", ""))
-    if len(mac_bytes) != 6:
-        raise ValueError(f"{mac!r} is not a MAC address")
+    raw_mac = mac_bytes(mac)
     try:
         if layout == "atc1441":
-            return struct.pack(">6shBBHB", mac_bytes, round(temperature * 10), round(humidity), battery,
+            return struct.pack(">6shBBHB", raw_mac, round(temperature * 10), round(humidity), battery,
                                battery_mv, counter)
-        return struct.pack("<6shHHBBB", mac_bytes[::-1], round(temperature * 100), round(humidity * 100),
+        return struct.pack("<6shHHBBB", raw_mac[::-1], round(temperature * 100), round(humidity * 100),
                            battery_mv, battery, counter, flags)
     except struct.error as exc:
         raise ValueError(str(exc)) from None

@@ -8,8 +8,9 @@ movement u8 | sequence u16 | MAC``. ``None`` sends the field's "not available" v
 
 from __future__ import annotations
 
-import math
 import struct
+
+from firmware_sim.encoding import mac_bytes, scaled
 
 __all__ = ["RUUVI_COMPANY_ID", "encode_df5"]
 
@@ -18,14 +19,7 @@ _DF5 = struct.Struct(">BhHHhhhHBH6s")
 
 
 def _raw(value: float | None, step: float, name: str, *, lo: int, hi: int, missing: int) -> int:
-    if value is None:
-        return missing
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    raw = round(value / step)
-    if not lo <= raw <= hi:
-        raise ValueError(f"{name} {value!r} does not fit data format 5")
-    return raw
+    return missing if value is None else scaled(value, name, step, lo, hi, encoding="data format 5")
 
 
 def encode_df5(
@@ -51,7 +45,4 @@ def encode_df5(
     tx = 0x1F if tx_power_dbm is None else _raw((tx_power_dbm + 40) / 2, 1, "tx_power", lo=0, hi=0x1E, missing=0x1F)
     seq = 0xFFFF if sequence is None else _raw(sequence, 1, "sequence", lo=0, hi=0xFFFE, missing=0xFFFF)
     move = 0xFF if movement is None else _raw(movement, 1, "movement", lo=0, hi=0xFE, missing=0xFF)
-    mac_bytes = bytes.fromhex(mac.replace(":", ""))
-    if len(mac_bytes) != 6:
-        raise ValueError(f"{mac!r} is not a MAC address")
-    return _DF5.pack(0x05, t, h, p, ax, ay, az, volts << 5 | tx, move, seq, mac_bytes)
+    return _DF5.pack(0x05, t, h, p, ax, ay, az, volts << 5 | tx, move, seq, mac_bytes(mac))

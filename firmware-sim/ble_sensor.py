@@ -32,7 +32,7 @@ from firmware_sim.atc import ATC_UUID, encode_atc
 from firmware_sim.bthome import BTHOME_UUID, Encryption, encode_service_data
 from firmware_sim.ruuvi import RUUVI_COMPANY_ID, encode_df5
 
-__all__ = ["AtcSim", "BTHomeSensorSim", "BleSensorSim", "Radio", "RuuviSim", "SentPacket", "SimKnobs"]
+__all__ = ["BLE_SIMULATORS", "AtcSim", "BTHomeSensorSim", "BleSensorSim", "Radio", "RuuviSim", "SentPacket", "SimKnobs"]
 
 
 class Radio(Protocol):
@@ -144,7 +144,7 @@ class BleSensorSim:
                          payload.manufacturer_data)
         self.transmissions += 1
 
-    def _next_packet(self) -> None:
+    def step(self) -> None:
         """Measure, inject the faults due, and broadcast one packet."""
         self.packets += 1
         self.packet_id = (self.packet_id + 1) % self.packet_id_modulo
@@ -174,12 +174,12 @@ class BleSensorSim:
 
     async def _firmware(self) -> None:
         while True:
-            self._next_packet()
+            self.step()
             if self._due(self.burst_every):
                 self.faults["burst"] += 1
                 for _ in range(self.burst_len):
                     await asyncio.sleep(0)  # back to back: only let the loop breathe
-                    self._next_packet()
+                    self.step()
             if self._due(self.silence_every):
                 self.faults["silence"] += 1
                 await asyncio.sleep(self.silence_s)
@@ -265,3 +265,11 @@ class AtcSim(BleSensorSim):
             battery=round(values["battery"]), battery_mv=round(values["battery_voltage"]), layout=self.layout,
         )
         return _Payload({ATC_UUID: data}, {})
+
+
+# Simulator kinds by name, for a fleet file (``kind = "ruuvi"``): each is built from keyword arguments.
+BLE_SIMULATORS: dict[str, type[BleSensorSim]] = {
+    "bthome": BTHomeSensorSim,
+    "ruuvi": RuuviSim,
+    "atc": AtcSim,
+}

@@ -3,6 +3,8 @@ encoders against them, the protocol registry, and property tests that no decoder
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -206,3 +208,43 @@ def test_config_bindkey_only_with_bthome_and_ble_defaults() -> None:
                                                                        "bindkey": None}]})
     assert [d.protocol for d in ok.devices if isinstance(d, BleDevice)] == ["bthome", "atc"]
     assert (ok.ble.scanning, ok.ble.watchdog_s) == ("passive", 60.0)
+
+
+async def test_simulators_have_one_shape_and_count_each_injected_fault() -> None:
+    from drivers.ble.driver import BleDeviceSpec, BleDriver
+    from drivers.ble.sources import SimulatedRadio
+    from firmware_sim.ble_sensor import BLE_SIMULATORS
+
+    radio = SimulatedRadio(maxsize=10_000)
+    addresses = {"bthome": "A4:C1:38:00:00:01", "ruuvi": RUUVI_MAC, "atc": ATC_MAC}
+    sims = [BLE_SIMULATORS[kind](address=address, radio=radio, seed=7, duplicate_every=2, garble_every=3,
+                                 spike_every=4, stuck_every=5)
+            for kind, address in addresses.items()]
+    for sim in sims:
+        for _ in range(60):
+            sim.step()  # the firmware's step, without its timing
+    driver = BleDriver({a: BleDeviceSpec(kind, a, kind) for kind, a in addresses.items()}, radio)
+    sink = _Collector()
+    task = asyncio.create_task(driver.run(sink))
+    try:
+        sent = sum(s.transmissions for s in sims)
+        async with asyncio.timeout(20):
+            while driver.stats.frames + sum(driver.stats.errors.values()) + driver.stats.skipped.total() < sent:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    for sim in sims:
+        assert sim.faults == {"duplicate": 20, "garbled": 20, "spike": 15, "stuck": sim.faults["stuck"]}
+        assert sim.faults["stuck"] >= 15
+    assert dict(driver.stats.errors) == {"decode_failed": 20, "truncated": 20, "bad_length": 20}  # garbled, by protocol
+    assert driver.stats.skipped["duplicate"] == sum(s.faults["duplicate"] for s in sims)
+    assert driver.stats.frames == sum(len(s.history) for s in sims)
+
+
+class _Collector:
+    async def reading(self, reading: object) -> None:
+        pass
+
+    async def error(self, device_id: str, reason: str, detail: str, raw: bytes) -> None:
+        pass

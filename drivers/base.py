@@ -49,7 +49,9 @@ class DriverStats:
 
 class Driver(Protocol):
     name: str
-    stats: DriverStats
+
+    @property
+    def stats(self) -> DriverStats: ...  # read-only here, so a driver may keep a subclass
 
     async def run(self, sink: Sink) -> None:
         """Read until cancelled; recover from device faults by itself."""

@@ -27,10 +27,11 @@ device-info byte | counter (4, little-endian)``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
+
+from firmware_sim.encoding import mac_bytes, scaled
 
 __all__ = ["BTHOME_UUID", "Encryption", "encode_service_data"]
 
@@ -58,26 +59,6 @@ class Encryption:
     """uint32 encryption counter; should increase with every advertisement."""
 
 
-def _scaled(value: float, name: str, factor: float, lo: int, hi: int) -> int:
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    raw = round(value / factor)
-    if not lo <= raw <= hi:
-        raise ValueError(f"{name} {value!r} does not fit the BTHome encoding")
-    return raw
-
-
-def _mac_bytes(mac: str) -> bytes:
-    digits = mac.replace(":", "").replace("-", "")
-    try:
-        raw = bytes.fromhex(digits)
-    except ValueError:
-        raw = b""
-    if len(raw) != 6:  # a MAC is 6 bytes
-        raise ValueError(f"{mac!r} is not a MAC address")
-    return raw
-
-
 def encode_service_data(
     *,
     packet_id: int,
@@ -103,11 +84,11 @@ def encode_service_data(
             raise ValueError(f"battery {battery!r} is not a percentage")
         objects += bytes((_OBJ_BATTERY, battery))
     if temperature is not None:
-        raw_t = _scaled(temperature, "temperature", 0.01, -0x8000, 0x7FFF)
+        raw_t = scaled(temperature, "temperature", 0.01, -0x8000, 0x7FFF, encoding="BTHome")
         objects.append(_OBJ_TEMPERATURE)
         objects += raw_t.to_bytes(2, "little", signed=True)
     if humidity is not None:
-        raw_h = _scaled(humidity, "humidity", 0.01, 0, 10_000)
+        raw_h = scaled(humidity, "humidity", 0.01, 0, 10_000, encoding="BTHome")
         objects.append(_OBJ_HUMIDITY)
         objects += raw_h.to_bytes(2, "little")
     if encryption is None:
@@ -122,7 +103,7 @@ def _encrypt(objects: bytes, encryption: Encryption) -> bytes:
         raise ValueError(f"counter {encryption.counter!r} is not a uint32")
     info = _VERSION_2 | _ENCRYPTED
     counter_le = encryption.counter.to_bytes(4, "little")
-    nonce = _mac_bytes(encryption.mac) + _UUID16_LE + bytes((info,)) + counter_le
+    nonce = mac_bytes(encryption.mac) + _UUID16_LE + bytes((info,)) + counter_le
     sealed = AESCCM(encryption.bindkey, tag_length=4).encrypt(nonce, objects, None)
     ciphertext, mic = sealed[:-4], sealed[-4:]
     return bytes((info,)) + ciphertext + counter_le + mic

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,6 +20,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -160,8 +162,17 @@ class SerialDevice(_Device):
 class BleDevice(_Device):
     transport: Literal["ble"]
     address: str
-    protocol: Literal["bthome"]
+    protocol: Literal["bthome", "ruuvi", "atc", "gatt"]
     bindkey: str | None = Field(default=None, description="32 hex digits for encrypted BTHome")
+    # protocol = "gatt": a connectable sensor, one characteristic read or subscribed through BleakClient
+    characteristic: str | None = Field(default=None, description="gatt: the characteristic's UUID")
+    mode: Literal["poll", "notify"] = "poll"
+    poll_interval_s: float = Field(default=30.0, gt=0, le=86_400)
+    metric: Level | None = Field(default=None, description="gatt: the metric its value is")
+    unit: str | None = None
+    value_format: str = Field(default="<h", description="gatt: struct format of the value, e.g. <h, <H, <i, <f")
+    scale: float = Field(default=1.0, description="gatt: value = raw * scale + offset")
+    offset: float = 0.0
 
     @field_validator("address")
     @classmethod
@@ -171,9 +182,44 @@ class BleDevice(_Device):
             raise ValueError("must be a MAC address like A4:C1:38:00:00:01")
         return value
 
+    @field_validator("characteristic")
+    @classmethod
+    def _uuid(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.lower()
+        if re.fullmatch(r"[0-9a-f]{4}", value):
+            value = f"0000{value}-0000-1000-8000-00805f9b34fb"
+        if not re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", value):
+            raise ValueError("must be a UUID, 128-bit (0000xxxx-0000-1000-8000-00805f9b34fb) or 16-bit (2a6e)")
+        return value
+
+    @field_validator("value_format")
+    @classmethod
+    def _struct(cls, value: str) -> str:
+        try:
+            size = len(struct.unpack(value, bytes(struct.calcsize(value))))
+        except struct.error as exc:
+            raise ValueError(f"not a struct format: {exc}") from None
+        if size != 1 or value[-1] in "sp?":
+            raise ValueError("must hold exactly one number, e.g. <h, <H, <i, <f")
+        return value
+
+    @model_validator(mode="after")
+    def _gatt(self) -> BleDevice:
+        if self.protocol == "gatt":
+            missing = [name for name in ("characteristic", "metric") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"{' and '.join(missing)}: required with protocol gatt")
+        elif self.characteristic is not None or self.metric is not None:
+            raise ValueError("characteristic, metric: only protocol gatt takes them")
+        return self
+
     @field_validator("bindkey")
     @classmethod
-    def _key(cls, value: str | None) -> str | None:
+    def _key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("protocol", "bthome") != "bthome":
+            raise ValueError(f"only protocol bthome takes a bindkey, not {info.data['protocol']}")
         if value is not None and not re.fullmatch(r"[0-9A-Fa-f]{32}", value):
             raise ValueError("must be 32 hexadecimal digits (a 128-bit key)")
         return value
@@ -255,6 +301,13 @@ class LoggingSettings(_Model):
 
 class BleSettings(_Model):
     backend: Literal["bleak", "simulated"] = "bleak"
+    scanning: Literal["passive", "active"] = Field(
+        default="passive", description="passive falls back to active where BlueZ refuses it"
+    )
+    adapter: str | None = Field(default=None, description="e.g. hci0; default: BlueZ's first adapter")
+    watchdog_s: float = Field(
+        default=60.0, ge=0, description="restart the scanner after this long without any advertisement; 0: off"
+    )
 
 
 class GatewayConfig(_Model):

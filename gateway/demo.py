@@ -53,7 +53,9 @@ async def demo_gateway(config: GatewayConfig, *, interval_s: float = 1.0) -> Asy
             Sds011Sim(Path(serial_device.port), interval_s=interval_s, bad_checksum_every=10)
         )
         gateway = await stack.enter_async_context(Gateway(config, ble_source=radio))
-        await stack.enter_async_context(BTHomeSensorSim(BLE_ADDRESS, radio.push, interval_s=interval_s))
+        await stack.enter_async_context(
+            BTHomeSensorSim(address=BLE_ADDRESS, radio=radio, interval_s=interval_s, repeats=2)
+        )
         co2_topics = {
             "co2": (gateway.raw_topic("co2-1", "co2"), "ppm", 650.0),
             "temperature": (gateway.raw_topic("co2-1", "temperature"), "°C", 22.0),

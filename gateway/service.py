@@ -98,6 +98,16 @@ class _DriverSink:
         await self._gw.publish_rejects([reject])
 
 
+def _gatt_driver(device: BleDevice, adapter: str | None) -> Driver:
+    from drivers.ble.gatt import GattDriver, GattSpec, GattValueDecoder
+
+    if device.characteristic is None or device.metric is None:  # the config refuses this already
+        raise ValueError(f"device {device.id}: protocol gatt needs characteristic and metric")
+    decoder = GattValueDecoder(device.metric, device.unit, device.value_format, device.scale, device.offset)
+    return GattDriver(GattSpec(device.id, device.address, device.characteristic, decoder, device.mode,
+                               device.poll_interval_s, adapter))
+
+
 class Gateway:
     """``async with Gateway(config) as gw:`` runs everything until the block ends."""
 
@@ -182,13 +192,23 @@ class Gateway:
         ble_devices = [d for d in devices if isinstance(d, BleDevice)]
         if ble_devices:  # the BLE stack (bleak, bthome-ble) loads only when a BLE device is configured
             from drivers.ble.driver import BleDeviceSpec, BleDriver
+            from drivers.ble.protocols import or_patterns
             from drivers.ble.sources import BleakSource
 
-            specs = {
-                d.address: BleDeviceSpec(d.id, d.address, d.protocol, bytes.fromhex(d.bindkey) if d.bindkey else None)
-                for d in ble_devices
-            }
-            drivers.append(BleDriver(specs, ble_source or BleakSource()))
+            ble = self.config.ble
+            advertisers = [d for d in ble_devices if d.protocol != "gatt"]
+            if advertisers:
+                specs = {
+                    d.address: BleDeviceSpec(d.id, d.address, d.protocol,
+                                             bytes.fromhex(d.bindkey) if d.bindkey else None)
+                    for d in advertisers
+                }
+                source = ble_source or BleakSource(
+                    passive=ble.scanning == "passive", or_patterns=or_patterns({d.protocol for d in advertisers}),
+                    adapter=ble.adapter,
+                )
+                drivers.append(BleDriver(specs, source, watchdog_s=ble.watchdog_s))
+            drivers += [_gatt_driver(d, ble.adapter) for d in ble_devices if d.protocol == "gatt"]
         return drivers
 
     def raw_topic(self, device_id: str, metric: str) -> str:

@@ -89,12 +89,12 @@ async def test_ble_driver_decodes_configured_devices_ignores_others_and_suppress
     driver = BleDriver({known: BleDeviceSpec("t-1", known, "bthome")}, radio)
     sink = Collector()
     task = asyncio.create_task(driver.run(sink))
-    async with BTHomeSensorSim(known, radio.push, interval_s=0.05, repeats=3, seed=2) as sim, \
-            BTHomeSensorSim(stranger, radio.push, interval_s=0.05, seed=3):
+    async with BTHomeSensorSim(address=known, radio=radio, interval_s=0.05, repeats=3, seed=2) as sim, \
+            BTHomeSensorSim(address=stranger, radio=radio, interval_s=0.05, seed=3):
         await _until(lambda: driver.stats.frames >= 8)
         radio.push(known, -60, {BTHOME_UUID: b"\x40\x02"})  # a truncated object: an error, not a crash
         await _until(lambda: sum(driver.stats.errors.values()) >= 1)
-        history = {packet: (t, rh, battery) for packet, t, rh, battery in sim.history}
+        history = {p.packet_id: p.values for p in sim.history}
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
 
@@ -105,9 +105,7 @@ async def test_ble_driver_decodes_configured_devices_ignores_others_and_suppress
     assert len(packets) == len(set(packets)), "a repeated packet was emitted twice"
     for r in sink.readings:
         assert r.seq is not None
-        t, rh, battery = history[r.seq]
-        expected = {"temperature": t, "humidity": rh, "battery": battery}[r.metric]
-        assert abs(r.value - expected) < 0.011, r
+        assert abs(r.value - history[r.seq][r.metric]) < 0.011, r
     assert sink.errors
     assert sink.errors[-1][0] == "t-1"
 

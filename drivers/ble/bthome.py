@@ -48,6 +48,7 @@ from bthome_ble import BTHomeBluetoothDeviceData
 from habluetooth import BluetoothServiceInfoBleak
 from sensor_state_data import BaseDeviceClass, SensorDeviceClass, SensorUpdate
 
+from drivers.ble.advert import Advertisement
 from drivers.reading import FrameError, Measurement
 
 __all__ = [
@@ -91,17 +92,6 @@ _UPDATE_DICTS = (
     "_binary_sensor_descriptions_updates",
     "_binary_sensor_values_updates",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Advertisement:
-    """One BLE advertisement as a backend hands it to a driver."""
-
-    address: str
-    rssi: int
-    service_data: Mapping[str, bytes]
-    """Keyed by 128-bit UUID string, e.g. :data:`BTHOME_UUID`."""
-    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -179,8 +179,10 @@ class Gateway:
         for d in config.devices:
             if isinstance(d, SerialDevice):
                 groups[f"serial:{d.id}"] = (d,)
-            elif isinstance(d, BleDevice):
-                groups["ble"] = (*groups.get("ble", ()), d)
+            elif isinstance(d, BleDevice) and d.protocol == "gatt":
+                groups[f"ble-gatt:{d.id}"] = (d, config.ble)
+            elif isinstance(d, BleDevice):  # one scanner for every advertising device
+                groups["ble"] = (*groups.get("ble", (config.ble,)), d)
         return groups
 
     def _build_drivers(self, config: GatewayConfig) -> list[Driver]:
@@ -195,7 +197,7 @@ class Gateway:
             from drivers.ble.protocols import or_patterns
             from drivers.ble.sources import BleakSource
 
-            ble = self.config.ble
+            ble = config.ble
             advertisers = [d for d in ble_devices if d.protocol != "gatt"]
             if advertisers:
                 specs = {

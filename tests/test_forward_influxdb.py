@@ -407,8 +407,10 @@ class _RefusingServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, status: int) -> None:
         self.status = status
+        self.refusing = True
         self.taken: list[str] = []
         self.requests = 0
+        self.request_times: list[float] = []
         super().__init__(("127.0.0.1", 0), _RefusingHandler)
 
 
@@ -425,7 +427,8 @@ class _RefusingHandler(http.server.BaseHTTPRequestHandler):
             body = gzip.decompress(body)
         lines = body.decode().splitlines()
         self.server.requests += 1
-        if any("refuse" in line for line in lines):
+        self.server.request_times.append(time.monotonic())
+        if self.server.refusing and any("refuse" in line for line in lines):
             self.send_response(self.server.status)
             self.end_headers()
             self.wfile.write(b'{"code":"invalid","message":"refused"}')
@@ -502,3 +505,21 @@ async def test_a_server_that_is_not_there_is_unavailable_and_looked_for() -> Non
             await dest.send(_outbound([_reading_event()], VALID.format(device="t-1", metric="temperature")))
     finally:
         await dest.close()
+
+
+async def test_the_forwarder_backs_off_while_the_server_is_overloaded(
+    tmp_path: Path, refusing: list[_RefusingServer]
+) -> None:
+    server = _serve(503, refusing)
+    config = gateway_config(tmp_path, {"url": f"http://127.0.0.1:{server.server_address[1]}"})
+    async with Gateway(config) as gw:
+        await _until(lambda: _tsdb(gw)["connected"], 15, "ping")
+        url = f"mqtt://127.0.0.1:{gw.broker.port}"
+        await asyncio.to_thread(mqtt_publish, url, _readings("refuse", "temperature", _start_ms(), 3))
+        await _until(lambda: server.requests >= 4, 30, "four attempts")
+        first, *_, fourth = server.request_times[:4]
+        assert fourth - first >= 0.4 + 0.8 + 1.6  # exponential waits between attempts, not a busy loop
+        assert _tsdb(gw)["delivered"] == 0
+        server.refusing = False  # the server recovers
+        await _until(lambda: _tsdb(gw)["delivered"] == 3, 30, "delivery after the overload")
+    assert len(server.taken) == 3

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -120,11 +121,16 @@ def _tags(series: Series, mapping: InfluxMapping) -> tuple[tuple[str, str], ...]
     return tuple((tag, values[tag]) for tag in mapping.tags if values[tag])  # InfluxDB has no empty tags
 
 
+@functools.lru_cache(maxsize=16384)
+def _reading_shape(series: Series, mapping: InfluxMapping) -> tuple[str, tuple[tuple[str, str], ...], str]:
+    names = _names(series)
+    return mapping.measurement.format(**names), _tags(series, mapping), mapping.field.format(**names)
+
+
 def reading_point(series: Series, value: float, time_ns: int, mapping: InfluxMapping) -> PointSpec:
     """One reading: ``measurement`` (default the device class), one field (default the metric)."""
-    names = _names(series)
-    return PointSpec(mapping.measurement.format(**names), _tags(series, mapping),
-                     ((mapping.field.format(**names), float(value)),), time_ns)
+    measurement, tags, field_name = _reading_shape(series, mapping)  # the same for every reading of a series
+    return PointSpec(measurement, tags, ((field_name, float(value)),), time_ns)
 
 
 def aggregate_point(series: Series, stats: Mapping[str, float], time_ns: int, mapping: InfluxMapping) -> PointSpec:
@@ -194,12 +200,11 @@ def event_point(payload: bytes, topic: str, template: TopicTemplate, mapping: In
 
 def _series(data: Mapping[str, Any], topic: str, template: TopicTemplate) -> Series:
     """From the event's data; what it lacks (an aggregate has no site or class) from its topic."""
-    fields = template.parse(topic)
-
     def text(name: str) -> str:
         value = data.get(name)
         if isinstance(value, str) and value:
             return value
+        fields = template.parse(topic)
         from_topic = getattr(fields, name, "") if fields is not None else ""
         if not from_topic:
             raise InfluxMappingError("no_series", f"no {name} in the event or its topic {topic!r}")
@@ -226,13 +231,28 @@ def _field_value(value: float | int) -> str:
     return text[:-2] if text.endswith(".0") else text  # a float without a decimal point is still a float
 
 
+@functools.lru_cache(maxsize=16384)
+def _series_key(measurement: str, tags: tuple[tuple[str, str], ...]) -> str:
+    """``measurement,tag=value,...`` escaped: a gateway has few series, so this is computed once each."""
+    escaped = "".join(f",{key.translate(_ESCAPE_KEY)}={_tag_value(value)}" for key, value in sorted(tags))
+    return measurement.translate(_ESCAPE_MEASUREMENT) + escaped
+
+
+@functools.lru_cache(maxsize=4096)
+def _field_key(key: str) -> str:
+    return key.translate(_ESCAPE_KEY)
+
+
 def line_protocol(spec: PointSpec, precision: Precision) -> str:
     """The line for a point at ``precision``, byte for byte what influxdb-client's ``Point`` writes
     (tags and fields sorted, the same escaping; a test holds the two together), without building a
     ``Point`` per reading."""
-    tags = "".join(f",{key.translate(_ESCAPE_KEY)}={_tag_value(value)}" for key, value in sorted(spec.tags))
-    fields = ",".join(f"{key.translate(_ESCAPE_KEY)}={_field_value(value)}" for key, value in sorted(spec.fields))
-    return f"{spec.measurement.translate(_ESCAPE_MEASUREMENT)}{tags} {fields} {spec.time_ns // NS_PER[precision]}"
+    if len(spec.fields) == 1:
+        ((key, value),) = spec.fields
+        fields = f"{_field_key(key)}={_field_value(value)}"
+    else:
+        fields = ",".join(f"{_field_key(key)}={_field_value(value)}" for key, value in sorted(spec.fields))
+    return f"{_series_key(spec.measurement, spec.tags)} {fields} {spec.time_ns // NS_PER[precision]}"
 
 
 # -- the destination ---------------------------------------------------------------------------------

@@ -408,6 +408,7 @@ class _RefusingServer(http.server.ThreadingHTTPServer):
     def __init__(self, status: int) -> None:
         self.status = status
         self.refusing = True
+        self.refuse_all = False
         self.taken: list[str] = []
         self.requests = 0
         self.request_times: list[float] = []
@@ -428,7 +429,7 @@ class _RefusingHandler(http.server.BaseHTTPRequestHandler):
         lines = body.decode().splitlines()
         self.server.requests += 1
         self.server.request_times.append(time.monotonic())
-        if self.server.refusing and any("refuse" in line for line in lines):
+        if self.server.refusing and (self.server.refuse_all or any("refuse" in line for line in lines)):
             self.send_response(self.server.status)
             self.end_headers()
             self.wfile.write(b'{"code":"invalid","message":"refused"}')
@@ -472,10 +473,14 @@ async def test_a_refused_line_is_found_and_only_it_is_unsendable(refusing: list[
             await dest.send(events[5:])
         assert unsendable.value.event is events[5]
         assert await dest.send(events[6:]) == 2
+        server.refuse_all = True  # a 400 about the request (a wrong org, say), not about a line
+        with pytest.raises(DestinationUnavailableError, match="refuses even a point it took before"):
+            await dest.send(events[6:])
     finally:
         await dest.close()
-    assert [line.split("device_id=")[1].split(",")[0] for line in server.taken] == [
-        "d0", "d1", "d2", "d3", "d4", "d6", "d7"]
+    taken = [line.split("device_id=")[1].split(",")[0] for line in server.taken]
+    # Each in order; the last line taken is written again (idempotent) before an event is declared unsendable.
+    assert list(dict.fromkeys(taken)) == ["d0", "d1", "d2", "d3", "d4", "d6", "d7"]
     assert dest.stats.rejected == {"refused_400": 1}
 
 

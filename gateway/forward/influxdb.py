@@ -15,8 +15,9 @@ catalog can later supply the measurement, tags and fields per event type.
 
 Events that cannot become a point (not a reading or an aggregate, no numeric value, no time) and
 points the server refuses as malformed (400, 413, 422: found by halving the batch until one event is
-left) raise :class:`UnsendableEventError`: the forwarder drops them from the outbox, counted and
-alerted, instead of retrying them forever. 401, 403 and 404 (token, org or bucket wrong) keep the
+left, and only while the server still takes the last point it took, so a 400 about the request
+itself drops nothing) raise :class:`UnsendableEventError`: the forwarder drops them from the outbox,
+counted and alerted, instead of retrying them forever. 401, 403 and 404 (token, org or bucket wrong) keep the
 data queued: fixing the config must not lose it.
 """
 
@@ -296,6 +297,7 @@ class InfluxDestination:
         self._up = False
         self._closed = False
         self._probe: asyncio.Task[None] | None = None
+        self._canary: str | None = None  # the last line the server took
         self._state = StateLog(log, f"forward {name} ({settings.url})")
 
     @property
@@ -361,6 +363,11 @@ class InfluxDestination:
             return len(lines)
         except _PayloadRefusedError as exc:
             if len(lines) == 1:
+                if await self._refuses_anything():
+                    raise DestinationUnavailableError(
+                        f"{self.name}: the server refuses even a point it took before ({exc}): not the data, "
+                        "the request (org? bucket? precision?)"
+                    ) from None
                 raise _RefusedEventError(events[0], exc) from None
         mid = len(lines) // 2
         head = await self._write_prefix(events[:mid], lines[:mid])
@@ -370,6 +377,18 @@ class InfluxDestination:
             return mid + await self._write_prefix(events[mid:], lines[mid:])
         except (UnsendableEventError, DestinationUnavailableError):
             return mid  # the head is written; the rest comes first in the next batch
+
+    async def _refuses_anything(self) -> bool:
+        """Before an event is declared unsendable: does the server still take the last line it took?
+        (Points are idempotent, so writing it again changes nothing.) If not, a 400 says something
+        about the request, and dropping events one by one would empty the outbox for nothing."""
+        if self._canary is None:
+            return False
+        try:
+            await self._write((self._canary,))
+        except _PayloadRefusedError:
+            return True
+        return False
 
     async def _write(self, lines: Sequence[str]) -> None:
         from influxdb_client.rest import ApiException
@@ -392,6 +411,7 @@ class InfluxDestination:
             raise DestinationUnavailableError(f"{self.name}: {type(exc).__name__}") from None
         self.stats.writes += 1
         self.stats.points_written += len(lines)
+        self._canary = lines[-1]
 
     def _reject(self, reason: str) -> None:
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1

@@ -36,6 +36,7 @@ from gateway.forward.influxdb import (
     InfluxMapping,
     InfluxSettings,
     PointSpec,
+    client_point,
     event_point,
     line_protocol,
 )
@@ -62,16 +63,6 @@ def make_events(count: int, start_ms: int) -> list[Event]:
         topic = TOPIC.format(d=i % 8)
         events.append((reading.id, topic, device, json.dumps(reading.to_cloudevent(topic)).encode()))
     return events
-
-
-def to_point(spec: PointSpec) -> Point:
-    point = Point(spec.measurement)  # type: ignore[no-untyped-call]
-    for key, value in spec.tags:
-        point.tag(key, value)  # type: ignore[no-untyped-call]
-    for key, field in spec.fields:
-        point.field(key, field)  # type: ignore[no-untyped-call]
-    point.time(spec.time_ns // 1_000_000, write_precision="ms")  # type: ignore[no-untyped-call]
-    return point
 
 
 def specs(events: list[Event]) -> list[PointSpec]:
@@ -122,7 +113,7 @@ def encode_rates(events: list[Event]) -> tuple[float, float]:
     points = specs(events)
     start = time.perf_counter()
     for spec in points:
-        to_point(spec).to_line_protocol()  # type: ignore[no-untyped-call]
+        client_point(spec).to_line_protocol()  # type: ignore[no-untyped-call]
     client_rate = len(points) / (time.perf_counter() - start)
     start = time.perf_counter()
     for spec in points:
@@ -141,7 +132,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, VictoriaMetrics(Path(tmp) / "vm") as server:
         for round_no in range(args.rounds):
             offset = base_ms + 2 * round_no * args.events
-            points = [to_point(s) for s in specs(make_events(args.events, offset))]
+            points = [client_point(s) for s in specs(make_events(args.events, offset))]
             results["client"].append(bare_client(server.url, points, args.batch))
             events = make_events(args.events, offset + args.events)
             results["gateway"].append(asyncio.run(gateway_forward(server.url, events, args.batch)))

@@ -579,12 +579,8 @@ def mosquitto_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosq
 
 @pytest.fixture(name="victoria_metrics")
 def victoria_metrics_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetrics]:
-    server = VictoriaMetrics(tmp_path_factory.mktemp("victoria-metrics"))
-    try:
-        server.start()
+    with VictoriaMetrics(tmp_path_factory.mktemp("victoria-metrics")) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(name="nats_server")

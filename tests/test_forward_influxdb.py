@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from influxdb_client.client.write.point import Point
 from peers import (
     ExportedSeries,
     VictoriaMetrics,
@@ -29,6 +28,7 @@ from peers import (
     mqtt_publish,
     victoria_metrics_fixture,  # noqa: F401  (pytest fixture)
 )
+from test_forward import _until
 
 from gateway.config import GatewayConfig, InfluxForward, parse_config
 from gateway.errors import ConfigError
@@ -40,6 +40,7 @@ from gateway.forward.influxdb import (
     InfluxSettings,
     PointSpec,
     Series,
+    client_point,
     event_point,
     line_protocol,
     reading_point,
@@ -62,14 +63,6 @@ def gateway_config(tmp_path: Path, influx: dict[str, Any], **pipeline: Any) -> G
         "storage": {"data_dir": str(tmp_path / "gw")}, "pipeline": {"max_latency_s": 0.05, **pipeline},
         "forward": [{"name": "tsdb", "type": "influxdb", "bucket": "b", "org": "o", "token": "t", **influx}],
     })
-
-
-async def _until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 def _tsdb(gw: Gateway) -> dict[str, Any]:
@@ -121,13 +114,9 @@ def _start_ms() -> int:
     PointSpec("m", (), (("f=x", 1e21),), 1),
 ], ids=["plain", "spaces-commas-unicode", "trailing-backslash-int", "no-tags-exponent"])
 def test_line_protocol_is_what_influxdb_client_writes(spec: PointSpec) -> None:
-    point = Point(spec.measurement)  # type: ignore[no-untyped-call]
-    for key, value in spec.tags:
-        point.tag(key, value)  # type: ignore[no-untyped-call]
-    for key, field in spec.fields:
-        point.field(key, field)  # type: ignore[no-untyped-call]
-    point.time(spec.time_ns // 1_000_000, write_precision="ms")  # type: ignore[no-untyped-call]
-    assert line_protocol(spec, "ms") == point.to_line_protocol()  # type: ignore[no-untyped-call]
+    for precision in ("s", "ms", "us", "ns"):
+        reference = client_point(spec, precision).to_line_protocol()  # type: ignore[no-untyped-call]
+        assert line_protocol(spec, precision) == reference
 
 
 def _reading_event(**changes: Any) -> bytes:

@@ -43,6 +43,7 @@ from pipeline.topics import TopicTemplate
 
 if TYPE_CHECKING:
     from influxdb_client.client.influxdb_client import InfluxDBClient
+    from influxdb_client.client.write.point import Point
     from influxdb_client.client.write_api import WriteApi
 
 log = logging.getLogger(__name__)
@@ -259,6 +260,20 @@ def line_protocol(spec: PointSpec, precision: Precision) -> str:
     else:
         fields = ",".join(f"{_field_key(key)}={_field_value(value)}" for key, value in sorted(spec.fields))
     return f"{_series_key(spec.measurement, spec.tags)} {fields} {spec.time_ns // NS_PER[precision]}"
+
+
+def client_point(spec: PointSpec, precision: Precision = "ms") -> Point:
+    """The same point as influxdb-client's ``Point``: for code that writes with the client itself, and
+    the reference :func:`line_protocol` is tested against."""
+    from influxdb_client.client.write.point import Point
+
+    point = Point(spec.measurement)  # type: ignore[no-untyped-call]
+    for key, value in spec.tags:
+        point.tag(key, value)  # type: ignore[no-untyped-call]
+    for key, field_value in spec.fields:
+        point.field(key, field_value)  # type: ignore[no-untyped-call]
+    point.time(spec.time_ns // NS_PER[precision], write_precision=precision)  # type: ignore[no-untyped-call]
+    return point
 
 
 # -- the destination ---------------------------------------------------------------------------------

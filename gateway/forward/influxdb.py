@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from drivers.base import StateLog, backoff_delay
@@ -54,6 +55,7 @@ DEFAULT_TAGS: tuple[str, ...] = INFLUX_DEFAULT_TAGS
 PAYLOAD_REFUSED = (400, 413, 422)  # the batch itself is wrong (malformed, too large, field type conflict)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PROBE_CAP_S = 10.0
+_MAX_SHAPES = 16384  # series remembered per mapping (a gateway has far fewer)
 _WRITE_PRECISION: Mapping[str, Any] = {p: p for p in NS_PER}  # influxdb-client's WritePrecision values are these
 
 
@@ -102,6 +104,9 @@ class InfluxMapping:
     field: str = "{metric}"
     tags: tuple[str, ...] = DEFAULT_TAGS
     agg_measurement: str = "{metric}_agg"
+    # measurement, tags and field name per series: the same for every reading of a series
+    _shapes: dict[Series, tuple[str, tuple[tuple[str, str], ...], str]] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
 
 class PointSpec(NamedTuple):
@@ -122,15 +127,16 @@ def _tags(series: Series, mapping: InfluxMapping) -> tuple[tuple[str, str], ...]
     return tuple((tag, values[tag]) for tag in mapping.tags if values[tag])  # InfluxDB has no empty tags
 
 
-@functools.lru_cache(maxsize=16384)
-def _reading_shape(series: Series, mapping: InfluxMapping) -> tuple[str, tuple[tuple[str, str], ...], str]:
-    names = _names(series)
-    return mapping.measurement.format(**names), _tags(series, mapping), mapping.field.format(**names)
-
-
 def reading_point(series: Series, value: float, time_ns: int, mapping: InfluxMapping) -> PointSpec:
     """One reading: ``measurement`` (default the device class), one field (default the metric)."""
-    measurement, tags, field_name = _reading_shape(series, mapping)  # the same for every reading of a series
+    shape = mapping._shapes.get(series)
+    if shape is None:
+        names = _names(series)
+        shape = mapping.measurement.format(**names), _tags(series, mapping), mapping.field.format(**names)
+        if len(mapping._shapes) >= _MAX_SHAPES:
+            mapping._shapes.clear()
+        mapping._shapes[series] = shape
+    measurement, tags, field_name = shape
     return PointSpec(measurement, tags, ((field_name, float(value)),), time_ns)
 
 
@@ -146,7 +152,7 @@ def aggregate_point(series: Series, stats: Mapping[str, float], time_ns: int, ma
 def time_ns(value: datetime) -> int:
     """Exact nanoseconds since the epoch (no float rounding)."""
     delta = value - _EPOCH
-    return (delta // timedelta(microseconds=1)) * 1000
+    return ((delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds) * 1000
 
 
 def _number(value: object) -> float | None:

@@ -251,7 +251,10 @@ class InfluxForward(_Forward):
     token_file: Path | None = Field(default=None, description="a file holding the token (its first line)")
     token_env: str | None = Field(default=None, min_length=1, description="an environment variable holding it")
     gzip: bool = True
-    precision: Literal["s", "ms", "us", "ns"] = "ms"
+    precision: Literal["s", "ms", "us", "ns"] = Field(
+        default="ms", description="of the timestamps written: ms is what device clocks resolve and what "
+        "VictoriaMetrics keeps; two readings of one series within one unit overwrite each other (use us then)",
+    )
     timeout_s: float = Field(default=10.0, gt=0, le=300)
     measurement: NameTemplate = "{device_class}"
     field: NameTemplate = "{metric}"

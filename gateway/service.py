@@ -29,7 +29,7 @@ from drivers.errors import DecodeError
 from drivers.serial.driver import SerialDriver
 from drivers.serial.protocols import COMMANDS
 from gateway.broker import EmbeddedBroker, Resend
-from gateway.config import BleDevice, ForwardSettings, GatewayConfig, SerialDevice
+from gateway.config import BleDevice, ForwardSettings, GatewayConfig, SerialDevice, forward_topics
 from gateway.forward.base import InboundMessage
 from gateway.forward.forwarder import ORIGIN_PREFIX, Forwarder, Route
 from gateway.forward.outbox import Limits
@@ -157,7 +157,8 @@ class Gateway:
         self.undrained = 0
 
     def _route(self, f: ForwardSettings) -> Route:
-        return Route(build_destination(f, self.gateway_id), tuple(compile_filter(t) for t in f.topics),
+        return Route(build_destination(f, self.gateway_id, self.template),
+                     tuple(compile_filter(t) for t in forward_topics(f, self.template)),
                      Limits(f.max_bytes, f.when_full), f.batch_size, f.replay == "fresh_first")
 
     def _new_forwarder(self, routes: list[Route]) -> Forwarder:

@@ -1,7 +1,8 @@
-"""Real peers for tests: Mosquitto and nats-server (JetStream) as subprocesses on free loopback ports,
-each with its own directory, plus independent clients to look at what they hold.
+"""Real peers for tests: Mosquitto, nats-server (JetStream) and VictoriaMetrics (the InfluxDB v2 write
+API) as subprocesses on free loopback ports, each with its own directory, plus independent clients to
+look at what they hold.
 
-Both servers share one lifecycle: ``start()`` (waits until ready), ``stop()`` (SIGTERM), ``kill()``
+The servers share one lifecycle: ``start()`` (waits until ready), ``stop()`` (SIGTERM), ``kill()``
 (SIGKILL: an outage that skips every shutdown path), ``restart()`` (same port, same data directory).
 The binaries come from Debian packages that ``./scripts/test`` installs when missing.
 
@@ -13,6 +14,7 @@ Fixtures live here too; a test module imports the ones it uses::
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -21,6 +23,7 @@ import subprocess
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -133,7 +136,7 @@ class _Peer:
         if exe is None:
             pytest.fail(
                 f"`{self.binary}` is not installed: run ./scripts/test once (it installs the Debian packages "
-                "mosquitto and nats-server), or `apt-get install -y mosquitto nats-server`",
+                "mosquitto, nats-server and victoria-metrics), or `apt-get install -y {self.binary}`",
                 pytrace=False,
             )
         self._output = self.output_path.open("ab")
@@ -336,6 +339,66 @@ class NatsServer(_Peer):
             return False
 
 
+class VictoriaMetrics(_Peer):
+    """``victoria-metrics -httpListenAddr=127.0.0.1:PORT -storageDataPath=DIR/data -retentionPeriod=100y``:
+    a real server of the InfluxDB v2 write API (``/api/v2/write``), read back through its export API.
+    It does not check org, bucket or token, stores millisecond timestamps, answers 204 even for
+    malformed lines, and keeps recent points in memory: :meth:`force_flush` before a ``kill()``."""
+
+    binary = "victoria-metrics"
+    scheme = "http"
+
+    @property
+    def log_path(self) -> Path:
+        return self.output_path  # it logs to stderr
+
+    @property
+    def data_dir(self) -> Path:
+        return self.directory / "data"
+
+    def _command(self) -> list[str]:
+        return [
+            self.binary, f"-httpListenAddr={HOST}:{self._port}", f"-storageDataPath={self.data_dir}",
+            "-retentionPeriod=100y",  # test points may carry any timestamp
+            "-loggerLevel=WARN",
+        ]
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:  # noqa: S310
+                return int(resp.status) == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def force_flush(self) -> None:
+        """Make every point it acknowledged searchable (and durable)."""
+        with urllib.request.urlopen(f"{self.url}/internal/force_flush", timeout=10) as resp:  # noqa: S310
+            assert int(resp.status) == 200
+
+    def export(self, match: str = '{__name__=~".+"}') -> list[ExportedSeries]:
+        """Every series matching ``match`` (after a flush): name, labels, values, timestamps (ms)."""
+        self.force_flush()
+        body = urllib.parse.urlencode({"match[]": match}).encode()
+        request = urllib.request.Request(f"{self.url}/api/v1/export", data=body, method="POST")  # noqa: S310
+        with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310
+            lines = resp.read().decode().splitlines()
+        out = []
+        for line in lines:
+            item = json.loads(line)
+            labels = dict(item["metric"])
+            name = labels.pop("__name__")
+            out.append(ExportedSeries(name, labels, [float(v) for v in item["values"]],
+                                      [int(t) for t in item["timestamps"]]))
+        return out
+
+
+class ExportedSeries(NamedTuple):
+    name: str  # measurement_field
+    labels: dict[str, str]  # the tags
+    values: list[float]
+    timestamps: list[int]  # milliseconds
+
+
 def _broker_address(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "tcp") or parts.hostname is None:
@@ -512,6 +575,12 @@ def mosquitto_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosq
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(name="victoria_metrics")
+def victoria_metrics_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetrics]:
+    with VictoriaMetrics(tmp_path_factory.mktemp("victoria-metrics")) as server:
+        yield server
 
 
 @pytest.fixture(name="nats_server")

@@ -1,12 +1,13 @@
-"""Destinations by type name (``[[forward]] type = "mqtt" | "nats" | "kafka"``). Each client
+"""Destinations by type name (``[[forward]] type = "mqtt" | "nats" | "kafka" | "influxdb"``). Each client
 library is imported only when a destination of its type is configured."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from gateway.config import ForwardSettings, KafkaForward, MqttForward, NatsForward
+from gateway.config import ForwardSettings, InfluxForward, KafkaForward, MqttForward, NatsForward
 from gateway.forward.base import Destination
+from pipeline.topics import DEFAULT_TEMPLATE, TopicTemplate
 
 
 def _mqtt(cfg: MqttForward, gateway_id: str) -> Destination:
@@ -41,8 +42,23 @@ def _kafka(cfg: KafkaForward, gateway_id: str) -> Destination:
     ))
 
 
-BUILDERS: dict[str, Callable[..., Destination]] = {"mqtt": _mqtt, "nats": _nats, "kafka": _kafka}
+def _influxdb(cfg: InfluxForward, gateway_id: str, template: TopicTemplate | None = None) -> Destination:
+    from gateway.forward.influxdb import InfluxDestination, InfluxMapping, InfluxSettings
+
+    mapping = InfluxMapping(gateway=gateway_id, measurement=cfg.measurement, field=cfg.field, tags=tuple(cfg.tags),
+                            agg_measurement=cfg.agg_measurement)
+    return InfluxDestination(cfg.name, InfluxSettings(
+        url=cfg.url, bucket=cfg.bucket, mapping=mapping, template=template or TopicTemplate(DEFAULT_TEMPLATE),
+        org=cfg.org, token=cfg.token_value(), gzip=cfg.gzip, precision=cfg.precision, timeout_s=cfg.timeout_s,
+        aggregates=cfg.aggregates,
+    ))
 
 
-def build_destination(cfg: ForwardSettings, gateway_id: str) -> Destination:
+BUILDERS: dict[str, Callable[..., Destination]] = {"mqtt": _mqtt, "nats": _nats, "kafka": _kafka, "influxdb": _influxdb}
+NEEDS_TEMPLATE = frozenset({"influxdb"})  # builders that map topics to fields (the taxonomy's template)
+
+
+def build_destination(cfg: ForwardSettings, gateway_id: str, template: TopicTemplate | None = None) -> Destination:
+    if cfg.type in NEEDS_TEMPLATE:
+        return BUILDERS[cfg.type](cfg, gateway_id, template)
     return BUILDERS[cfg.type](cfg, gateway_id)

@@ -466,7 +466,7 @@ class SqliteStore:
                     used = await self._run(self._used_bytes)
             if used > target:
                 log.error("store still over its disk budget with only 1-hour rollups and alerts left (%d bytes)", used)
-        elif hk.over_budget and used <= target:
+        elif hk.over_budget:  # a pass that had nothing to delete
             hk.over_budget = False
             log.warning("store back within its disk budget (%d of %d bytes in use)", used, limits.max_bytes)
         hk.pages_released += await self._run(self._release_pages)
@@ -488,12 +488,17 @@ class SqliteStore:
     def _release_pages(self) -> int:
         """Give back the free pages that keep the file over the budget (incremental vacuum)."""
         db = self._conn()
-        size, count, free = _page_use(db)
-        excess = min(free, count - self.limits.max_bytes // size)
-        if excess <= 0 or db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
             return 0
-        db.execute(f"PRAGMA incremental_vacuum({excess})").fetchall()
-        return excess
+        released = 0
+        for _ in range(4):  # pointer-map pages can make one call give back a little less than asked
+            size, count, free = _page_use(db)
+            excess = min(free, count - self.limits.max_bytes // size)
+            if excess <= 0:
+                break
+            db.execute(f"PRAGMA incremental_vacuum({excess})").fetchall()
+            released += count - _page_use(db)[1]
+        return released
 
     def stats(self) -> dict[str, Any]:
         hk = self.housekeeping

@@ -125,9 +125,11 @@ def pandas_windows(rows: list[tuple[str, int, float]], rule: str) -> dict[tuple[
     out = {}
     for device, group in frame.groupby("device"):
         buckets = group.set_index("ts")["value"].resample(rule, origin="epoch").agg(["count", "mean", "min", "max"])
-        for start, row in buckets[buckets["count"] > 0].iterrows():
-            key = (str(device), pd.Timestamp(start).strftime("%Y-%m-%dT%H:%M:%SZ"))
-            out[key] = (int(row["count"]), float(row["mean"]), float(row["min"]), float(row["max"]))
+        nonempty = buckets[buckets["count"] > 0]
+        for start, count, mean, low, high in zip(pd.DatetimeIndex(nonempty.index), nonempty["count"],
+                                                 nonempty["mean"], nonempty["min"], nonempty["max"], strict=True):
+            key = (str(device), start.strftime("%Y-%m-%dT%H:%M:%SZ"))
+            out[key] = (int(count), float(mean), float(low), float(high))
     return out
 
 

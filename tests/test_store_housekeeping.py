@@ -30,9 +30,10 @@ def resample(readings: list[Reading], rule: str) -> dict[tuple[str, int], tuple[
     out = {}
     for device, group in frame.groupby("device"):
         buckets = group.set_index("ts")["value"].resample(rule, origin="epoch").agg(["count", "mean", "min", "max"])
-        for start, row in buckets[buckets["count"] > 0].iterrows():
-            out[(str(device), int(pd.Timestamp(start).timestamp() * 1000))] = (
-                int(row["count"]), float(row["mean"]), float(row["min"]), float(row["max"]))
+        nonempty = buckets[buckets["count"] > 0]
+        for start, count, mean, low, high in zip(pd.DatetimeIndex(nonempty.index), nonempty["count"],
+                                                 nonempty["mean"], nonempty["min"], nonempty["max"], strict=True):
+            out[(str(device), int(start.timestamp() * 1000))] = (int(count), float(mean), float(low), float(high))
     return out
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from gateway.query import parse_duration, query_series, rollup_width
 from pipeline.model import Reading, new_event_id
 from pipeline.store import DAY_MS, SqliteStore, StoreLimits, StoreReader, db_path
 
@@ -231,3 +232,37 @@ async def test_a_store_without_rollups_is_upgraded(tmp_path: Path) -> None:
         found = reader.rollups("old", "temperature", "1m")
         assert found is not None
         assert [(r.count, r.mean, r.min, r.max) for r in found[1]] == [(3, 3.0, 1.0, 5.0)]
+
+
+# -- queries over rollups (gateway/query.py) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("every", "agg"), [("1h", "mean"), ("2h", "max"), ("1h", "count"), ("15m", "min"),
+                                            ("30m", "mean")])
+async def test_coarse_queries_use_rollups_and_match_the_raw_readings(tmp_path: Path, every: str, agg: str) -> None:
+    rnd = random.Random(7)
+    readings = [reading(rnd.uniform(0, 100), T0_MS + rnd.randrange(6 * 3_600_000)) for _ in range(3000)]
+    async with SqliteStore(tmp_path) as store:
+        await store.write(readings)
+    duration = parse_duration(every)
+    assert rollup_width(duration, agg) is not None
+    with StoreReader(tmp_path) as reader:
+        got = query_series(reader, "dev-1", "temperature", every=duration, agg=agg, now_ms=T0_MS)
+    series = pd.Series([r.value for r in readings], index=pd.DatetimeIndex([r.ts for r in readings]))
+    expected = series.sort_index().resample(duration, origin="epoch").agg(agg)
+    expected = expected[expected > 0] if agg == "count" else expected.dropna()
+    assert [p.ts_ms for p in got] == list(pd.DatetimeIndex(expected.index).as_unit("ms").asi8)
+    assert [p.value for p in got] == pytest.approx(list(expected.to_numpy()), rel=1e-9)
+
+
+async def test_hourly_query_outlives_raw_retention(tmp_path: Path) -> None:
+    now = T0_MS + 30 * DAY_MS
+    async with SqliteStore(tmp_path) as store:
+        await store.write([reading(float(h), T0_MS + h * 3_600_000) for h in range(5)])
+        await store.maintain(now)  # raw readings are older than 7 days: gone
+    with StoreReader(tmp_path) as reader:
+        assert reader.count() == 0
+        hourly = query_series(reader, "dev-1", "temperature", every=parse_duration("1h"), agg="mean", now_ms=now)
+    assert [(p.ts_ms, p.value) for p in hourly] == [(T0_MS + h * 3_600_000, float(h)) for h in range(5)]
+    assert rollup_width(parse_duration("1m"), "mean") is None  # fine buckets read the raw readings
+    assert rollup_width(parse_duration("1h"), "last") is None

@@ -59,15 +59,6 @@ class Window:
     min: float
     max: float
 
-    def add(self, value: float) -> None:
-        self.count += 1
-        # Incremental, and in a form that cannot overflow for finite inputs (no x - mean).
-        self.mean = self.mean * (1 - 1 / self.count) + value / self.count
-        if value < self.min:
-            self.min = value
-        elif value > self.max:
-            self.max = value
-
 
 @dataclass(slots=True)
 class SeriesState:
@@ -125,8 +116,14 @@ class AnalyzeStage:
             for i, size in enumerate(windows):
                 start = ts_ms - ts_ms % size
                 window = slots[i]
-                if window is not None and window.start_ms == start:
-                    window.add(value)
+                if window is not None and window.start_ms == start:  # the hot path, inlined
+                    n = window.count = window.count + 1
+                    # incremental, and in a form that cannot overflow for finite inputs (no x - mean)
+                    window.mean = window.mean * (1 - 1 / n) + value / n
+                    if value < window.min:
+                        window.min = value
+                    elif value > window.max:
+                        window.max = value
                     continue
                 if window is not None and start < window.start_ms:
                     self.late += 1

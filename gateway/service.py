@@ -176,6 +176,8 @@ class Gateway:
             recovered = await self.journal.open()
             self._stack.push_async_callback(self.journal.close)
             await self._stack.enter_async_context(self.store)
+            await self.store.close_unconfigured_alerts([r.name for r in self.config.rules],
+                                                       int(datetime.now(UTC).timestamp() * 1000))
             self.analyze.rules.seed(await self.store.active_alerts())
             if self.forwarder is not None:
                 await self._stack.enter_async_context(self.forwarder)

@@ -19,7 +19,8 @@ Pure logic, no I/O: the analyze stage feeds each rule's per-series state one rea
 Alert state lives in memory. After a restart the gateway seeds each rule's state with the alerts the
 store still lists as active (:meth:`RuleSet.seed`), so the first reading that no longer meets the
 condition clears them and one that still does keeps them without raising twice; pending durations
-(``for_s``) and rate and z-score windows start again from new readings.
+(``for_s``) and rate and z-score windows start again from new readings. Alerts of rules no longer
+configured are closed in the store at start (they could never clear), without an event.
 """
 
 from __future__ import annotations

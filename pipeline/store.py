@@ -413,6 +413,18 @@ class SqliteStore:
             "SELECT rule, device_id, metric, raised_at FROM alerts WHERE cleared_at IS NULL").fetchall())
         return [(rule, device_id, metric, utc_from_ms(raised)) for rule, device_id, metric, raised in rows]
 
+    async def close_unconfigured_alerts(self, rules: Iterable[str], at_ms: int) -> int:
+        """At start: alerts of rules no longer configured can never clear; close them (no event)."""
+        names = sorted(set(rules))
+
+        def close() -> int:
+            marks = ", ".join("?" * len(names))
+            return self._conn().execute(
+                "UPDATE alerts SET cleared_at = ?, clear_message = 'rule no longer configured' "  # noqa: S608
+                f"WHERE cleared_at IS NULL AND rule NOT IN ({marks})", (at_ms, *names)).rowcount
+
+        return await self._run(close)
+
     # -- retention and the disk budget -------------------------------------------------------------
 
     async def maintain(self, now_ms: int) -> StoreHousekeeping:

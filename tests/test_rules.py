@@ -239,6 +239,14 @@ async def test_alerts_are_listed_by_the_store_and_seed_the_next_run(tmp_path: Pa
         assert emit.events[-1][1]["data"]["raised_at"] == "2024-05-01T12:02:00Z"
         assert await store.active_alerts() == []
 
+        # A rule that is no longer configured cannot clear its alerts: they are closed at start.
+        await stage.process([reading(50.0, T0 + 300)], Emitter())
+        assert await store.close_unconfigured_alerts(["other"], int((T0 + 400) * 1000)) == 1
+        assert await store.active_alerts() == []
+        assert await store.close_unconfigured_alerts(["hot"], int((T0 + 400) * 1000)) == 0
+    with StoreReader(tmp_path) as reader:
+        assert reader.alerts()[0].clear_message == "rule no longer configured"
+
 
 async def test_no_matching_rule_costs_nothing_per_series() -> None:
     stage = AnalyzeStage(TEMPLATE, "1.0", rules=RuleSet([ThresholdRule("x", Selector(metric="co2"), high=1.0)]),

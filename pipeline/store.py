@@ -81,24 +81,6 @@ CREATE TABLE IF NOT EXISTS readings (
     quality     TEXT,
     PRIMARY KEY (series_id, ts, event_id)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS rollup_1m (
-    series_id INTEGER NOT NULL,
-    bucket    INTEGER NOT NULL,
-    n         INTEGER NOT NULL,
-    mean      REAL NOT NULL,
-    vmin      REAL NOT NULL,
-    vmax      REAL NOT NULL,
-    PRIMARY KEY (series_id, bucket)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS rollup_1h (
-    series_id INTEGER NOT NULL,
-    bucket    INTEGER NOT NULL,
-    n         INTEGER NOT NULL,
-    mean      REAL NOT NULL,
-    vmin      REAL NOT NULL,
-    vmax      REAL NOT NULL,
-    PRIMARY KEY (series_id, bucket)
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS alerts (
     alert_id      INTEGER PRIMARY KEY,
     rule          TEXT NOT NULL,
@@ -118,6 +100,17 @@ CREATE TABLE IF NOT EXISTS alerts (
 );
 CREATE INDEX IF NOT EXISTS alerts_by_state ON alerts (cleared_at, rule, device_id, metric);
 """
+_SCHEMA += "".join(f"""
+CREATE TABLE IF NOT EXISTS rollup_{width} (
+    series_id INTEGER NOT NULL,
+    bucket    INTEGER NOT NULL,
+    n         INTEGER NOT NULL,
+    mean      REAL NOT NULL,
+    vmin      REAL NOT NULL,
+    vmax      REAL NOT NULL,
+    PRIMARY KEY (series_id, bucket)
+) WITHOUT ROWID;
+""" for width in ROLLUPS)
 # Merge a partial aggregate into a bucket. In SET, every column name means the row's old value.
 _UPSERT_ROLLUP = """
 INSERT INTO rollup_{w} (series_id, bucket, n, mean, vmin, vmax) VALUES (?, ?, ?, ?, ?, ?)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from oracles import resample
 
 from gateway.query import parse_duration, query_series, rollup_width
-from pipeline.model import Reading, new_event_id
+from pipeline.model import Reading, new_event_id, to_ms
 from pipeline.store import DAY_MS, SqliteStore, StoreLimits, StoreReader, db_path
 
 T0_MS = 1_714_564_800_000  # 2024-05-01T12:00:00Z
@@ -24,18 +25,6 @@ def reading(value: float, ts_ms: int, device_id: str = "dev-1", metric: str = "t
         id=new_event_id(ts_ms), site="site1", device_id=device_id, device_class="environment", transport="mqtt",
         metric=metric, value=value, unit="C", device_ts=ts, received_at=ts,
     )
-
-
-def resample(readings: list[Reading], rule: str) -> dict[tuple[str, int], tuple[int, float, float, float]]:
-    frame = pd.DataFrame([(r.device_id, r.ts, r.value) for r in readings], columns=["device", "ts", "value"])
-    out = {}
-    for device, group in frame.groupby("device"):
-        buckets = group.set_index("ts")["value"].resample(rule, origin="epoch").agg(["count", "mean", "min", "max"])
-        nonempty = buckets[buckets["count"] > 0]
-        for start, count, mean, low, high in zip(pd.DatetimeIndex(nonempty.index), nonempty["count"],
-                                                 nonempty["mean"], nonempty["min"], nonempty["max"], strict=True):
-            out[(str(device), int(start.timestamp() * 1000))] = (int(count), float(mean), float(low), float(high))
-    return out
 
 
 @pytest.mark.parametrize("seed", [11, 12, 13])
@@ -68,7 +57,7 @@ async def test_rollups_match_pandas_over_shuffled_batches_and_replays(tmp_path: 
                 assert found is not None
                 assert found[0] == "C"
                 got.update({(device, r.bucket_ms): (r.count, r.mean, r.min, r.max) for r in found[1]})
-            expected = resample(everything, rule)
+            expected = resample([(r.device_id, to_ms(r.ts), r.value) for r in everything], rule)
             assert got.keys() == expected.keys()
             for key, (count, mean, low, high) in expected.items():
                 assert got[key][0] == count

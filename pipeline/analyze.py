@@ -11,7 +11,13 @@ published once with its count, mean, min and max, when
   close its windows early or late: ``deadline = opened_at + (window end - first reading) + grace``.
 
 A reading for a window already closed is *late*: it is counted (``late`` in the stage stats) and not
-published again. The store's rollups (pipeline/store.py) are computed from the stored readings in
+published again.
+
+Cost: only the smallest window (and any window that is not a multiple of it) is updated reading by
+reading; each closed smallest window is merged into the larger windows that are multiples of it (1m
+into 1h). So a larger window closes when its last smallest window does, or when the rest of its span
+has passed on the gateway's clock after the last merge; and a reading late for the smallest window is
+late for the larger ones too. The store's rollups (pipeline/store.py) are computed from the stored readings in
 the store's own transaction, so they include late and out-of-order readings and are exact however
 the readings were batched; the ``agg`` events are the live view.
 
@@ -88,6 +94,11 @@ class AnalyzeStage:
         if any(w < 1 for w in self._windows):
             raise ValueError("windows must be at least 1 ms long")
         self._labels = tuple(window_label(w) for w in self._windows)
+        # Windows that are multiples of the smallest are not fed reading by reading: each closed smallest
+        # window is merged into them (one update a reading instead of one per window size).
+        base = self._windows[0]
+        self._derived = tuple(i for i, w in enumerate(self._windows) if i and w % base == 0)
+        self._direct = tuple((i, w) for i, w in enumerate(self._windows) if i not in self._derived)
         self._grace_ms = int(grace_s * 1000)
         self.rules = rules or RuleSet(())
         self._on_alerts = on_alerts
@@ -102,7 +113,7 @@ class AnalyzeStage:
 
     async def process(self, batch: list[Reading], emit: Emitter) -> list[Reading]:
         now_ms = int(self._clock() * 1000)
-        windows = self._windows
+        direct = self._direct
         changes: list[AlertChange] = []
         for reading in batch:
             key = (reading.device_id, reading.metric)
@@ -113,7 +124,7 @@ class AnalyzeStage:
             ts_ms = int(ts.timestamp() * 1000)
             value = reading.value
             slots = state.open
-            for i, size in enumerate(windows):
+            for i, size in direct:
                 start = ts_ms - ts_ms % size
                 window = slots[i]
                 if window is not None and window.start_ms == start:  # the hot path, inlined
@@ -129,7 +140,7 @@ class AnalyzeStage:
                     self.late += 1
                     continue
                 if window is not None:
-                    self._publish(state, i, window, emit)
+                    self._close(state, key, i, window, now_ms, emit)
                 slots[i] = Window(start, 1, value, value, value)
                 heapq.heappush(self._deadlines, (now_ms + start + size - ts_ms + self._grace_ms, key, i, start))
             if state.watches:
@@ -151,11 +162,11 @@ class AnalyzeStage:
 
     def flush(self, emit: Emitter) -> None:
         """At shutdown: publish every open window as it stands (the store's rollups stay exact)."""
-        for state in self.series.values():
-            for i, window in enumerate(state.open):
+        for key, state in self.series.items():
+            for i in range(len(self._windows)):  # the smallest first: it is merged into the larger ones
+                window = state.open[i]
                 if window is not None:
-                    self._publish(state, i, window, emit)
-                    state.open[i] = None
+                    self._close(state, key, i, window, 0, emit)
         self._deadlines.clear()
 
     def _new_series(self, reading: Reading) -> SeriesState:
@@ -176,8 +187,38 @@ class AnalyzeStage:
             state = self.series[key]
             window = state.open[i]
             if window is not None and window.start_ms == start:  # else: closed already by a newer reading
-                self._publish(state, i, window, emit)
-                state.open[i] = None
+                self._close(state, key, i, window, now_ms, emit)
+
+    def _close(  # noqa: PLR0917  (internal, called per closed window)
+        self, state: SeriesState, key: tuple[str, str], i: int, window: Window, now_ms: int, emit: Emitter
+    ) -> None:
+        """Publish a window; the smallest one is then merged into the larger windows it is part of."""
+        self._publish(state, i, window, emit)
+        state.open[i] = None
+        if i != 0:
+            return
+        end = window.start_ms + self._windows[0]
+        for j in self._derived:
+            size = self._windows[j]
+            start = window.start_ms - window.start_ms % size
+            big = state.open[j]
+            if big is not None and start < big.start_ms:
+                self.late += window.count
+                continue
+            if big is not None and big.start_ms == start:
+                total = big.count + window.count
+                big.mean = big.mean * (big.count / total) + window.mean * (window.count / total)
+                big.count, big.min, big.max = total, min(big.min, window.min), max(big.max, window.max)
+            else:
+                if big is not None:
+                    self._publish(state, j, big, emit)
+                big = state.open[j] = Window(window.start_ms, window.count, window.mean, window.min, window.max)
+                big.start_ms = start
+                # the rest of it on the gateway's clock (the grace period is already behind the small window)
+                heapq.heappush(self._deadlines, (now_ms + start + size - end, key, j, start))
+            if end == start + size:  # its last part: complete
+                self._publish(state, j, big, emit)
+                state.open[j] = None
 
     async def _alert(self, changes: list[AlertChange], emit: Emitter) -> None:
         for change in changes:

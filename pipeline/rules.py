@@ -184,8 +184,10 @@ class ZScoreState:
 
     def update(self, t: float, value: float) -> str | None:
         r = self.rule
+        values = self.values
+        n = len(values)
         message = None
-        if len(self.values) >= r.window:
+        if n >= r.window:
             z = self.z(value)
             if not self.active and abs(z) > r.k:
                 self.active = True
@@ -193,22 +195,20 @@ class ZScoreState:
             elif self.active and abs(z) <= (r.k if r.clear_k is None else r.clear_k):
                 self.active = False
                 message = f"z-score {z:+.2f} back within ±{r.k:g}"
-        self._add(value)
-        if len(self.values) > r.window:
-            self._remove(self.values.popleft())
+        # Welford's update, forwards for the new value and backwards for the one leaving (inlined: hot path)
+        values.append(value)
+        n += 1
+        delta = value - self.mean
+        mean = self.mean + delta / n
+        m2 = self.m2 + delta * (value - mean)
+        if n > r.window:
+            old = values.popleft()
+            n -= 1
+            delta = old - mean
+            mean -= delta / n
+            m2 -= delta * (old - mean)
+        self.mean, self.m2 = mean, m2
         return message
-
-    def _add(self, x: float) -> None:
-        self.values.append(x)
-        delta = x - self.mean
-        self.mean += delta / len(self.values)
-        self.m2 += delta * (x - self.mean)
-
-    def _remove(self, x: float) -> None:
-        n = len(self.values)
-        delta = x - self.mean
-        self.mean -= delta / n
-        self.m2 -= delta * (x - self.mean)
 
 
 Rule = ThresholdRule | RateRule | ZScoreRule

@@ -29,6 +29,8 @@ from pydantic import (
 
 from gateway.errors import ConfigError
 from pipeline.errors import TopicError
+from pipeline.rules import RateRule, Selector, ThresholdRule, ZScoreRule
+from pipeline.store import StoreLimits
 from pipeline.topics import DEFAULT_TEMPLATE, DEFAULT_VERSION, TopicTemplate, compile_filter
 
 BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400)
@@ -58,6 +60,15 @@ class BrokerSettings(_Model):
 
 class StorageSettings(_Model):
     data_dir: Path = Path("iotgw-data")
+    raw_retention_days: float = Field(default=7, gt=0, description="raw readings")
+    rollup_1m_retention_days: float = Field(default=90, gt=0, description="1-minute rollups (and closed alerts)")
+    rollup_1h_retention_days: float = Field(default=730, gt=0, description="1-hour rollups")
+    max_bytes: int = Field(default=1024**3, ge=1024 * 1024, description="disk budget of the store (WAL aside)")
+    maintenance_interval_s: float = Field(default=60.0, gt=0, description="retention and budget pass period")
+
+    def store_limits(self) -> StoreLimits:
+        return StoreLimits(self.raw_retention_days, self.rollup_1m_retention_days, self.rollup_1h_retention_days,
+                           self.max_bytes)
 
 
 class MetricRules(_Model):
@@ -112,12 +123,39 @@ class CleanSettings(_Model):
     duplicate_window_s: float = Field(default=600.0, ge=0, description="a repeated sequence number is a duplicate")
 
 
+class AnalyzeSettings(_Model):
+    windows: list[str] = Field(default_factory=lambda: ["1m", "1h"], min_length=1,
+                               description="tumbling windows, aligned to wall-clock boundaries")
+    grace_s: float = Field(default=5.0, ge=0, description="how long a window waits for late readings")
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, value: list[str]) -> list[str]:
+        from gateway.query import parse_duration
+
+        seconds = []
+        for text in value:
+            duration = parse_duration(text).total_seconds()
+            if duration < 1 or duration != int(duration):
+                raise ValueError(f"{text!r}: a window must be a whole number of seconds")
+            seconds.append(duration)
+        if len(set(seconds)) != len(seconds):
+            raise ValueError("windows must differ")
+        return value
+
+    @property
+    def windows_s(self) -> list[float]:
+        from gateway.query import parse_duration
+
+        return [parse_duration(text).total_seconds() for text in self.windows]
+
+
 class PipelineSettings(_Model):
     queue_size: int = Field(default=1000, ge=1, le=1_000_000, description="messages")
     batch_size: int = Field(default=500, ge=1, le=50_000)
     max_latency_s: float = Field(default=0.5, ge=0, le=60, description="how long a short batch waits to fill")
     clean: CleanSettings = CleanSettings()
-    agg_interval_s: float = Field(default=10.0, gt=0)
+    analyze: AnalyzeSettings = AnalyzeSettings()
     stall_s: float = Field(default=120.0, gt=0, description="a batch inside the stages longer is unhealthy")
 
 
@@ -401,6 +439,85 @@ class BleSettings(_Model):
     )
 
 
+class _Rule(_Model):
+    name: str = Field(min_length=1, max_length=128)
+    device_id: str = Field(default="*", min_length=1, description="wildcards: * ? [abc]")
+    device_class: str = Field(default="*", min_length=1)
+    metric: str = Field(default="*", min_length=1)
+    severity: str = Field(default="warning", min_length=1)
+
+    def _selector(self) -> Selector:
+        return Selector(self.device_id, self.device_class, self.metric)
+
+
+class ThresholdRuleSettings(_Rule):
+    kind: Literal["threshold"]
+    high: float | None = None
+    low: float | None = None
+    clear_below: float | None = Field(default=None, description="default: high")
+    clear_above: float | None = Field(default=None, description="default: low")
+    for_s: float = Field(default=0.0, ge=0, description="how long the value must stay over the limit")
+
+    @model_validator(mode="after")
+    def _limits(self) -> ThresholdRuleSettings:
+        if self.high is None and self.low is None:
+            raise ValueError("needs high, low or both")
+        if self.high is not None and self.clear_below is not None and self.clear_below > self.high:
+            raise ValueError("clear_below must not exceed high")
+        if self.low is not None and self.clear_above is not None and self.clear_above < self.low:
+            raise ValueError("clear_above must not be under low")
+        if self.high is not None and self.low is not None:
+            top = self.high if self.clear_below is None else self.clear_below
+            bottom = self.low if self.clear_above is None else self.clear_above
+            if bottom >= top:
+                raise ValueError("low (clear_above) must be under high (clear_below)")
+        if (self.high is None and self.clear_below is not None) or (self.low is None and self.clear_above is not None):
+            raise ValueError("clear_below needs high, clear_above needs low")
+        return self
+
+    def to_rule(self) -> ThresholdRule:
+        return ThresholdRule(self.name, self._selector(), self.high, self.low, self.clear_below, self.clear_above,
+                             self.for_s, self.severity)
+
+
+class RateRuleSettings(_Rule):
+    kind: Literal["rate"]
+    max_rate: float = Field(gt=0, description="absolute change per `per`")
+    per: Literal["s", "min"] = "min"
+    window_s: float = Field(default=60.0, gt=0)
+    clear_rate: float | None = Field(default=None, ge=0, description="default: max_rate")
+
+    @model_validator(mode="after")
+    def _clear(self) -> RateRuleSettings:
+        if self.clear_rate is not None and self.clear_rate > self.max_rate:
+            raise ValueError("clear_rate must not exceed max_rate")
+        return self
+
+    def to_rule(self) -> RateRule:
+        return RateRule(self.name, self._selector(), self.max_rate, self.per, self.window_s, self.clear_rate,
+                        self.severity)
+
+
+class ZScoreRuleSettings(_Rule):
+    kind: Literal["zscore"]
+    k: float = Field(default=3.0, gt=0)
+    window: int = Field(default=30, ge=2, le=100_000, description="readings")
+    clear_k: float | None = Field(default=None, gt=0, description="default: k")
+
+    @model_validator(mode="after")
+    def _clear(self) -> ZScoreRuleSettings:
+        if self.clear_k is not None and self.clear_k > self.k:
+            raise ValueError("clear_k must not exceed k")
+        return self
+
+    def to_rule(self) -> ZScoreRule:
+        return ZScoreRule(self.name, self._selector(), self.k, self.window, self.clear_k, self.severity)
+
+
+RuleSettings = Annotated[ThresholdRuleSettings | RateRuleSettings | ZScoreRuleSettings, Field(discriminator="kind")]
+RULE_KINDS = ("threshold", "rate", "zscore")
+
+
 class GatewayConfig(_Model):
     site: Level = "site1"
     broker: BrokerSettings = BrokerSettings()
@@ -412,6 +529,7 @@ class GatewayConfig(_Model):
     gateway_id: Level | None = Field(default=None, description="default: SITE-HOSTNAME")
     devices: list[Device] = []
     forward: list[Forward] = []
+    rules: list[RuleSettings] = []
 
     @model_validator(mode="after")
     def _unique_devices(self) -> GatewayConfig:
@@ -423,6 +541,9 @@ class GatewayConfig(_Model):
         names = [f.name for f in self.forward]
         if len(names) != len(set(names)):
             raise ValueError("forward names must be unique")
+        rule_names = [r.name for r in self.rules]
+        if len(rule_names) != len(set(rule_names)):
+            raise ValueError("rule names must be unique")
         return self
 
     @property
@@ -448,7 +569,7 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif isinstance(previous, int) and item in (*TRANSPORTS, *FORWARD_TYPES):
+        elif isinstance(previous, int) and item in (*TRANSPORTS, *FORWARD_TYPES, *RULE_KINDS):
             pass  # the discriminated union's tag: not a field the user wrote
         else:
             parts.append(("." if parts else "") + item)
@@ -465,6 +586,8 @@ def _problems(exc: ValidationError) -> list[str]:
         elif error["type"] in ("union_tag_invalid", "union_tag_not_found"):
             forward = error["loc"][:1] == ("forward",)
             key, allowed = ("type", FORWARD_TYPES) if forward else ("transport", TRANSPORTS)
+            if error["loc"][:1] == ("rules",):
+                key, allowed = "kind", RULE_KINDS
             missing = error["type"] == "union_tag_not_found"
             choices = ", ".join(allowed)
             reason = f"missing {key} (one of {choices})" if missing else f"must be one of {choices}"

@@ -43,6 +43,7 @@ from pipeline.collect import CollectStage
 from pipeline.define import DefineStage
 from pipeline.model import ALERT_TYPE, COMMAND_ACK_TYPE, cloudevent, new_event_id
 from pipeline.queue import BatchQueue
+from pipeline.rules import RuleSet
 from pipeline.runner import Pipeline
 from pipeline.stage import Emitter, RawMessage, Reject
 from pipeline.store import SqliteStore, StoreStage
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 10.0
 ALERT_INTERVAL_S = 10.0
+WINDOW_TICK_S = 1.0
 FRAME_METRIC = "_frame"  # the metric level under which undecodable frames are rejected
 
 
@@ -122,14 +124,18 @@ class Gateway:
         self._raw = self.template.stage_filter("raw")
         self.queue: BatchQueue[RawMessage] = BatchQueue(config.pipeline.queue_size)
         self.journal = Journal(config.storage.data_dir)
-        self.store = SqliteStore(config.storage.data_dir)
+        self.store = SqliteStore(config.storage.data_dir, config.storage.store_limits())
         self.broker = EmbeddedBroker(config.broker, self._ingest, self.queue.wait_for_room, port_option=port_option)
         self.forwarder: Forwarder | None = None
         if config.forward:
             self.forwarder = self._new_forwarder([self._route(f) for f in config.forward])
         self._drops: dict[str, int] = {}
         self.commands: dict[str, int] = {}
-        self.analyze = AnalyzeStage(self.template, config.topics.version, interval_s=config.pipeline.agg_interval_s)
+        self.analyze = AnalyzeStage(
+            self.template, config.topics.version, windows_s=config.pipeline.analyze.windows_s,
+            grace_s=config.pipeline.analyze.grace_s, rules=RuleSet([r.to_rule() for r in config.rules]),
+            on_alerts=self.store.record_alerts,
+        )
         self.collect = CollectStage(self.template, {d.id: d.transport for d in config.devices})
         self.clean = CleanStage({})
         self._configure_clean(config)
@@ -225,6 +231,9 @@ class Gateway:
             recovered = await self.journal.open()
             self._stack.push_async_callback(self.journal.close)
             await self._stack.enter_async_context(self.store)
+            await self.store.close_unconfigured_alerts([r.name for r in self.config.rules],
+                                                       int(datetime.now(UTC).timestamp() * 1000))
+            self.analyze.rules.seed(await self.store.active_alerts())
             if self.forwarder is not None:
                 await self._stack.enter_async_context(self.forwarder)
             self._pipeline_task = asyncio.create_task(self._pipeline_loop(), name="pipeline")
@@ -241,6 +250,8 @@ class Gateway:
             await self._stack.aclose()
             raise
         self._tasks.append(asyncio.create_task(self._alert_loop(), name="outbox alerts"))
+        self._tasks.append(asyncio.create_task(self._windows_loop(), name="analyze windows"))
+        self._tasks.append(asyncio.create_task(self._store_housekeeping_loop(), name="store housekeeping"))
         for driver in self.drivers:
             self._start_driver(driver)
         log.info("gateway up: %d device(s) configured, data in %s", len(self.config.devices),
@@ -315,6 +326,10 @@ class Gateway:
             if name in built:
                 self._start_driver(built[name])
         self._configure_clean(config)
+        if plan.pipeline_changed:
+            self.analyze.set_rules(RuleSet([r.to_rule() for r in config.rules]))
+            await self.store.close_unconfigured_alerts([r.name for r in config.rules],
+                                                       int(datetime.now(UTC).timestamp() * 1000))
         await self._reload_destinations(plan, config)
         log.warning("reloaded: %s", plan.summary())
         return plan
@@ -417,6 +432,24 @@ class Gateway:
             await asyncio.sleep(ALERT_INTERVAL_S)
             await self._publish_drop_alerts()
 
+    async def _windows_loop(self) -> None:
+        """Close the aggregate windows of series that went quiet (their grace period passed)."""
+        while True:
+            await asyncio.sleep(WINDOW_TICK_S)
+            emit = Emitter()
+            self.analyze.tick(emit)
+            await self._publish(emit)
+
+    async def _store_housekeeping_loop(self) -> None:
+        """Retention and the disk budget of the store (pipeline/store.py), in short transactions."""
+        while True:
+            await asyncio.sleep(self.config.storage.maintenance_interval_s)
+            try:
+                await self.store.maintain(int(datetime.now(UTC).timestamp() * 1000))
+            except Exception:
+                log.exception("store housekeeping failed; trying again in %.0f s",
+                              self.config.storage.maintenance_interval_s)
+
     async def _publish_drop_alerts(self) -> None:
         """Outbox drops are raised as alert events (at most one per destination per interval)."""
         drops, self._drops = self._drops, {}
@@ -472,5 +505,7 @@ class Gateway:
             "forward": self.forwarder.stats() if self.forwarder is not None else {},
             "commands": dict(self.commands),
             "store_transactions": self.store.transactions,
+            "store": self.store.stats(),
+            "analyze": self.analyze.stats_dict(),
             "undrained": self.undrained,
         }

@@ -23,6 +23,7 @@ READING_TYPE = "io.iotgw.telemetry.reading.v1"
 AGGREGATE_TYPE = "io.iotgw.telemetry.aggregate.v1"
 REJECT_TYPE = "io.iotgw.telemetry.rejected.v1"
 ALERT_TYPE = "io.iotgw.alert.raised.v1"
+ALERT_CLEARED_TYPE = "io.iotgw.alert.cleared.v1"
 COMMAND_ACK_TYPE = "io.iotgw.command.ack.v1"
 
 MAX_SEQ = 2**63 - 1  # SQLite's INTEGER

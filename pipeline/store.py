@@ -3,6 +3,30 @@
 One transaction per batch. Readings are clustered by ``(series_id, ts)`` in a WITHOUT ROWID table,
 so "one series over a time range" is a single index range scan. SQLite runs on one dedicated
 thread so the event loop never waits on the disk.
+
+Rollups. The same transaction that inserts a batch's readings merges them into 1-minute and 1-hour
+rollups keyed by ``(series_id, bucket start)`` (count, mean, min, max; buckets aligned to UTC
+boundaries of the reading's time). Merging is an upsert, so rollups are exact however readings are
+batched, late or out of order; readings the store already had (a replay after a crash) are not
+counted twice: only rows actually inserted are rolled up.
+
+Retention and the disk budget (:meth:`SqliteStore.maintain`, run periodically by the gateway):
+
+- raw readings, 1-minute and 1-hour rollups are each kept for their configured number of days;
+  closed alerts as long as 1-minute rollups;
+- deletion goes in chunks of ``chunk_rows``, one short transaction each, so the store's writes
+  run between them and no write lock is held for long;
+- the file is created with ``auto_vacuum=INCREMENTAL``: freed pages are reused by new rows and only
+  the free pages that would keep the file above ``max_bytes`` are given back to the file system
+  (``PRAGMA incremental_vacuum``). A store created before this version reuses its free pages but
+  does not shrink;
+- **disk budget**: when the pages in use exceed ``max_bytes``, the oldest raw readings go first
+  (in slices of 5 % of the stored time span, across all series), until use is back under 90 % of the
+  budget; when no raw reading is left, the oldest 1-minute rollups go the same way; 1-hour rollups
+  and alerts are never deleted for the budget. Every deletion is counted (``budget_deleted`` in the
+  stats), entering and leaving the over-budget state is logged once each, and ingestion never waits
+  for the budget: writes go on while it is over, and the next pass deletes again. The WAL file
+  comes on top of the budget, capped at ``WAL_LIMIT_BYTES`` after each checkpoint.
 """
 
 from __future__ import annotations
@@ -10,19 +34,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self, TypeVar
 
 from pipeline.errors import PipelineError
-from pipeline.model import Reading
+from pipeline.model import Reading, to_ms, utc_from_ms
+from pipeline.rules import AlertChange
 from pipeline.stage import Emitter, StageStats
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 DB_NAME = "iotgw.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+DAY_MS = 86_400_000
+ROLLUPS = {"1m": 60_000, "1h": 3_600_000}  # rollup table suffix -> bucket width in ms
+RollupWidth = Literal["1m", "1h"]
+WAL_LIMIT_BYTES = 8 * 1024 * 1024
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     device_id    TEXT PRIMARY KEY,
@@ -49,7 +81,46 @@ CREATE TABLE IF NOT EXISTS readings (
     quality     TEXT,
     PRIMARY KEY (series_id, ts, event_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id      INTEGER PRIMARY KEY,
+    rule          TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    severity      TEXT NOT NULL,
+    site          TEXT NOT NULL,
+    device_class  TEXT NOT NULL,
+    device_id     TEXT NOT NULL,
+    metric        TEXT NOT NULL,
+    value         REAL NOT NULL,
+    message       TEXT NOT NULL,
+    raised_at     INTEGER NOT NULL,
+    event_id      TEXT NOT NULL,
+    cleared_at    INTEGER,
+    clear_value   REAL,
+    clear_message TEXT
+);
+CREATE INDEX IF NOT EXISTS alerts_by_state ON alerts (cleared_at, rule, device_id, metric);
 """
+_SCHEMA += "".join(f"""
+CREATE TABLE IF NOT EXISTS rollup_{width} (
+    series_id INTEGER NOT NULL,
+    bucket    INTEGER NOT NULL,
+    n         INTEGER NOT NULL,
+    mean      REAL NOT NULL,
+    vmin      REAL NOT NULL,
+    vmax      REAL NOT NULL,
+    PRIMARY KEY (series_id, bucket)
+) WITHOUT ROWID;
+""" for width in ROLLUPS)
+# Merge a partial aggregate into a bucket. In SET, every column name means the row's old value.
+_UPSERT_ROLLUP = """
+INSERT INTO rollup_{w} (series_id, bucket, n, mean, vmin, vmax) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (series_id, bucket) DO UPDATE SET
+    n = n + excluded.n,
+    mean = mean * (CAST(n AS REAL) / (n + excluded.n)) + excluded.mean * (CAST(excluded.n AS REAL) / (n + excluded.n)),
+    vmin = min(vmin, excluded.vmin),
+    vmax = max(vmax, excluded.vmax)
+"""
+_INSERT_READING = "INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?, ?, ?)"
 
 
 class StoreError(PipelineError):
@@ -60,16 +131,107 @@ def db_path(data_dir: Path) -> Path:
     return data_dir / DB_NAME
 
 
+@dataclass(frozen=True, slots=True)
+class StoreLimits:
+    """Retention per table (days) and the disk budget; defaults live in gateway/config.py."""
+
+    raw_retention_days: float = 7
+    rollup_1m_retention_days: float = 90
+    rollup_1h_retention_days: float = 730
+    max_bytes: int = 1024**3
+    chunk_rows: int = 2000  # rows per deleting transaction
+
+
+@dataclass(slots=True)
+class StoreHousekeeping:
+    retention_deleted: dict[str, int] = field(default_factory=lambda: {"readings": 0, "rollup_1m": 0,
+                                                                         "rollup_1h": 0, "alerts": 0})
+    budget_deleted: dict[str, int] = field(default_factory=lambda: {"readings": 0, "rollup_1m": 0})
+    over_budget: bool = False
+    passes: int = 0
+    pages_released: int = 0
+    used_bytes: int = 0
+    file_bytes: int = 0
+
+
+def _merge(groups: dict[tuple[int, int], list[float]], key: tuple[int, int], part: list[float]) -> None:
+    n, mean, lo, hi = part
+    g = groups.get(key)
+    if g is None:
+        groups[key] = part
+        return
+    total = g[0] + n
+    g[1] = g[1] * (g[0] / total) + mean * (n / total)  # weighted, cannot overflow for finite means
+    g[0] = total
+    g[2] = min(g[2], lo)
+    g[3] = max(g[3], hi)
+
+
+def rollup_rows(rows: Iterable[tuple[Any, ...]]) -> dict[str, list[tuple[int, int, int, float, float, float]]]:
+    """Partial 1-minute and 1-hour aggregates of reading rows ``(series_id, ts_ms, _, value, ...)``."""
+    minutes: dict[tuple[int, int], list[float]] = {}
+    for row in rows:
+        series_id, ts, value = row[0], row[1], row[3]
+        key = (series_id, ts - ts % 60_000)
+        g = minutes.get(key)
+        if g is None:
+            minutes[key] = [1, value, value, value]
+            continue
+        n = g[0] + 1
+        g[0] = n
+        g[1] = g[1] * (1 - 1 / n) + value / n
+        if value < g[2]:
+            g[2] = value
+        elif value > g[3]:
+            g[3] = value
+    hours: dict[tuple[int, int], list[float]] = {}
+    for (series_id, bucket), (n, mean, lo, hi) in minutes.items():
+        _merge(hours, (series_id, bucket - bucket % 3_600_000), [n, mean, lo, hi])
+    return {
+        width: [(sid, bucket, int(n), mean, lo, hi) for (sid, bucket), (n, mean, lo, hi) in groups.items()]
+        for width, groups in (("1m", minutes), ("1h", hours))
+    }
+
+
+def _delete_chunk(db: sqlite3.Connection, table: str, column: str, series_id: int, before: int, rows: int) -> int:  # noqa: PLR0917
+    """Up to about ``rows`` rows of one series older than ``before``, oldest first, in one transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        cursor = db.execute(
+            f"DELETE FROM {table} WHERE series_id = ?1 AND {column} < ?2 AND {column} <= coalesce("  # noqa: S608
+            f"(SELECT {column} FROM {table} WHERE series_id = ?1 AND {column} < ?2 ORDER BY {column} "
+            "LIMIT 1 OFFSET ?3), ?2)",
+            (series_id, before, rows - 1),
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return cursor.rowcount
+
+
+def _page_use(db: sqlite3.Connection) -> tuple[int, int, int]:
+    """(page size, pages in the file, free pages)."""
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    count = db.execute("PRAGMA page_count").fetchone()[0]
+    free = db.execute("PRAGMA freelist_count").fetchone()[0]
+    return int(size), int(count), int(free)
+
+
 class SqliteStore:
     """The writer. Use as ``async with SqliteStore(dir) as store: await store.write(batch)``."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, limits: StoreLimits | None = None) -> None:
         self.path = db_path(data_dir)
+        self.limits = limits or StoreLimits()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotgw-sqlite")
         self._db: sqlite3.Connection | None = None
         self._series: dict[tuple[str, str], int] = {}
         self.rows_written = 0
         self.transactions = 0
+        self.duplicates = 0
+        self.housekeeping = StoreHousekeeping()
+        self._maintaining = asyncio.Lock()
 
     async def __aenter__(self) -> Self:
         await self._run(self._open)
@@ -85,19 +247,24 @@ class SqliteStore:
         if readings:
             await self._run(self._write, readings)
 
-    async def _run(self, fn: object, *args: object) -> None:
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, fn, *args)  # type: ignore[arg-type]
+        return await loop.run_in_executor(self._executor, fn, *args)
 
     def _open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect only in a new file (before any table)
             db.execute("PRAGMA journal_mode=WAL")
             # FULL, like the journal: the journal lets a batch go once it is here, so here must survive a
             # power cut too. One fsync per batch (batches linger up to max_latency_s under light load).
             db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
             db.executescript(_SCHEMA)
+            if 0 < version < SCHEMA_VERSION:
+                self._backfill_rollups(db)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
@@ -105,10 +272,27 @@ class SqliteStore:
         for series_id, device_id, metric in db.execute("SELECT series_id, device_id, metric FROM series"):
             self._series[(device_id, metric)] = series_id
 
+    @staticmethod
+    def _backfill_rollups(db: sqlite3.Connection) -> None:
+        """A store from before rollups: roll up what it holds, once, at the upgrade."""
+        log.warning("upgrading the store: computing 1-minute and 1-hour rollups of the stored readings")
+        db.execute("BEGIN IMMEDIATE")
+        for width, ms in ROLLUPS.items():
+            db.execute(
+                f"INSERT OR REPLACE INTO rollup_{width} SELECT series_id, ts - ts % {ms}, count(*), avg(value), "  # noqa: S608
+                "min(value), max(value) FROM readings GROUP BY series_id, ts - ts % " + str(ms)
+            )
+        db.execute("COMMIT")
+
     def _close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("the store is not open")
+        return self._db
 
     def _new_series(self, db: sqlite3.Connection, reading: Reading, new: dict[tuple[str, str], int]) -> int:
         key = (reading.device_id, reading.metric)
@@ -120,10 +304,27 @@ class SqliteStore:
         series_id = new[key] = int(row[0])
         return series_id
 
+    @staticmethod
+    def _insert_readings(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Insert; return the rows that were new. Fast path: one executemany. Only when some rows were
+        already stored (a replay) is the batch inserted again row by row to learn which ones."""
+        db.execute("SAVEPOINT readings")
+        before = db.total_changes
+        db.executemany(_INSERT_READING, rows)
+        if db.total_changes - before != len(rows):
+            db.execute("ROLLBACK TO readings")
+            fresh = []
+            for row in rows:
+                before = db.total_changes
+                db.execute(_INSERT_READING, row)
+                if db.total_changes != before:
+                    fresh.append(row)
+            rows = fresh
+        db.execute("RELEASE readings")
+        return rows
+
     def _write(self, readings: list[Reading]) -> None:
-        db = self._db
-        if db is None:
-            raise StoreError("the store is not open")
+        db = self._conn()
         known = self._series
         new_series: dict[tuple[str, str], int] = {}  # cached only once committed
         seen: dict[str, list[Any]] = {}  # device id -> [transport, class, site, first, last] (receive ms)
@@ -152,9 +353,9 @@ class SqliteStore:
                     device[4] = received
                 elif received < device[3]:
                     device[3] = received
-            before = db.total_changes
-            db.executemany("INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            inserted = db.total_changes - before  # duplicates (same event id) are not counted
+            inserted = self._insert_readings(db, rows)  # duplicates (same event id) are neither stored nor rolled up
+            for width, partials in rollup_rows(inserted).items():
+                db.executemany(_UPSERT_ROLLUP.format(w=width), partials)
             db.executemany(
                 "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
                 "transport = excluded.transport, device_class = excluded.device_class, site = excluded.site, "
@@ -166,8 +367,155 @@ class SqliteStore:
             db.execute("ROLLBACK")
             raise
         known.update(new_series)
-        self.rows_written += inserted
+        self.rows_written += len(inserted)
+        self.duplicates += len(rows) - len(inserted)
         self.transactions += 1
+
+    # -- alerts ------------------------------------------------------------------------------------
+
+    async def record_alerts(self, changes: list[AlertChange]) -> None:
+        """A raise opens a row (unless one is open for the same rule and series); a clear closes it."""
+        if changes:
+            await self._run(self._record_alerts, changes)
+
+    def _record_alerts(self, changes: list[AlertChange]) -> None:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for c in changes:
+                key = (c.rule, c.device_id, c.metric)
+                if c.raised:
+                    db.execute(
+                        "INSERT INTO alerts (rule, kind, severity, site, device_class, device_id, metric, value, "
+                        "message, raised_at, event_id) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS "
+                        "(SELECT 1 FROM alerts WHERE cleared_at IS NULL AND rule = ? AND device_id = ? AND metric = ?)",
+                        (c.rule, c.kind, c.severity, c.site, c.device_class, c.device_id, c.metric, c.value,
+                         c.message, to_ms(c.raised_at), c.event_id, *key),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE alerts SET cleared_at = ?, clear_value = ?, clear_message = ? "
+                        "WHERE cleared_at IS NULL AND rule = ? AND device_id = ? AND metric = ?",
+                        (to_ms(c.at), c.value, c.message, *key),
+                    )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def active_alerts(self) -> list[tuple[str, str, str, datetime]]:
+        """``(rule, device_id, metric, raised_at)`` of every alert not cleared: seeds the rules at start."""
+        rows = await self._run(lambda: self._conn().execute(
+            "SELECT rule, device_id, metric, raised_at FROM alerts WHERE cleared_at IS NULL").fetchall())
+        return [(rule, device_id, metric, utc_from_ms(raised)) for rule, device_id, metric, raised in rows]
+
+    async def close_unconfigured_alerts(self, rules: Iterable[str], at_ms: int) -> int:
+        """At start: alerts of rules no longer configured can never clear; close them (no event)."""
+        names = sorted(set(rules))
+
+        def close() -> int:
+            marks = ", ".join("?" * len(names))
+            return self._conn().execute(
+                "UPDATE alerts SET cleared_at = ?, clear_message = 'rule no longer configured' "  # noqa: S608
+                f"WHERE cleared_at IS NULL AND rule NOT IN ({marks})", (at_ms, *names)).rowcount
+
+        return await self._run(close)
+
+    # -- retention and the disk budget -------------------------------------------------------------
+
+    async def maintain(self, now_ms: int) -> StoreHousekeeping:
+        """One retention and budget pass (see the module docstring); many short transactions."""
+        async with self._maintaining:
+            limits, hk = self.limits, self.housekeeping
+            series = await self._run(lambda: [sid for (sid,) in self._conn().execute("SELECT series_id FROM series")])
+            for table, column, days in (("readings", "ts", limits.raw_retention_days),
+                                        ("rollup_1m", "bucket", limits.rollup_1m_retention_days),
+                                        ("rollup_1h", "bucket", limits.rollup_1h_retention_days)):
+                cutoff = now_ms - int(days * DAY_MS)
+                hk.retention_deleted[table] += await self._delete_before(table, column, series, cutoff)
+            hk.retention_deleted["alerts"] += await self._run(
+                self._delete_old_alerts, now_ms - int(limits.rollup_1m_retention_days * DAY_MS))
+            await self._enforce_budget(series)
+            hk.passes += 1
+            return hk
+
+    async def _delete_before(self, table: str, column: str, series: list[int], cutoff: int) -> int:
+        deleted = 0
+        for series_id in series:
+            while True:
+                count = await self._run(
+                    _delete_chunk, self._conn(), table, column, series_id, cutoff, self.limits.chunk_rows)
+                deleted += count
+                if count < self.limits.chunk_rows:
+                    break
+        return deleted
+
+    def _delete_old_alerts(self, before: int) -> int:
+        db = self._conn()
+        return db.execute("DELETE FROM alerts WHERE cleared_at < ?", (before,)).rowcount
+
+    async def _enforce_budget(self, series: list[int]) -> None:
+        limits, hk = self.limits, self.housekeeping
+        target = int(limits.max_bytes * 0.9)
+        used = await self._run(self._used_bytes)
+        if used > limits.max_bytes:
+            if not hk.over_budget:
+                log.warning("store over its disk budget (%d of %d bytes in use): deleting the oldest raw readings,"
+                            " then the oldest 1-minute rollups", used, limits.max_bytes)
+            hk.over_budget = True
+            for table, column in (("readings", "ts"), ("rollup_1m", "bucket")):
+                while used > target:
+                    span = await self._run(self._time_span, table, column)
+                    if span is None:
+                        break
+                    oldest, newest = span
+                    cutoff = oldest + max(1, (newest - oldest) // 20)
+                    hk.budget_deleted[table] += await self._delete_before(table, column, series, cutoff)
+                    used = await self._run(self._used_bytes)
+            if used > target:
+                log.error("store still over its disk budget with only 1-hour rollups and alerts left (%d bytes)", used)
+        elif hk.over_budget:  # a pass that had nothing to delete
+            hk.over_budget = False
+            log.warning("store back within its disk budget (%d of %d bytes in use)", used, limits.max_bytes)
+        hk.pages_released += await self._run(self._release_pages)
+        hk.used_bytes = await self._run(self._used_bytes)
+
+    def _used_bytes(self) -> int:
+        size, count, free = _page_use(self._conn())
+        self.housekeeping.file_bytes = size * count
+        return size * (count - free)
+
+    def _time_span(self, table: str, column: str) -> tuple[int, int] | None:
+        row = self._conn().execute(
+            f"SELECT min(lo), max(hi) FROM (SELECT (SELECT min({column}) FROM {table} t "  # noqa: S608
+            f"WHERE t.series_id = s.series_id) AS lo, (SELECT max({column}) FROM {table} t "
+            "WHERE t.series_id = s.series_id) AS hi FROM series s)"
+        ).fetchone()
+        return None if row[0] is None else (int(row[0]), int(row[1]))
+
+    def _release_pages(self) -> int:
+        """Give back the free pages that keep the file over the budget (incremental vacuum)."""
+        db = self._conn()
+        if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            return 0
+        released = 0
+        for _ in range(4):  # pointer-map pages can make one call give back a little less than asked
+            size, count, free = _page_use(db)
+            excess = min(free, count - self.limits.max_bytes // size)
+            if excess <= 0:
+                break
+            db.execute(f"PRAGMA incremental_vacuum({excess})").fetchall()
+            released += count - _page_use(db)[1]
+        return released
+
+    def stats(self) -> dict[str, Any]:
+        hk = self.housekeeping
+        return {
+            "rows_written": self.rows_written, "duplicates": self.duplicates, "transactions": self.transactions,
+            "retention_deleted": dict(hk.retention_deleted), "budget_deleted": dict(hk.budget_deleted),
+            "over_budget": hk.over_budget, "used_bytes": hk.used_bytes, "file_bytes": hk.file_bytes,
+            "max_bytes": self.limits.max_bytes, "maintenance_passes": hk.passes, "pages_released": hk.pages_released,
+        }
 
 
 class StoreStage:
@@ -208,6 +556,38 @@ class DeviceRow:
     metrics: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class RollupRow:
+    bucket_ms: int
+    count: int
+    mean: float
+    min: float
+    max: float
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRow:
+    alert_id: int
+    rule: str
+    kind: str
+    severity: str
+    site: str
+    device_class: str
+    device_id: str
+    metric: str
+    value: float
+    message: str
+    raised_at_ms: int
+    event_id: str
+    cleared_at_ms: int | None
+    clear_value: float | None
+    clear_message: str | None
+
+    @property
+    def active(self) -> bool:
+        return self.cleared_at_ms is None
+
+
 class StoreReader:
     """Read-only queries for the CLI and, later, the HTTP API."""
 
@@ -235,20 +615,52 @@ class StoreReader:
             )
         ]
 
+    def _series_row(self, device_id: str, metric: str) -> tuple[int, str | None] | None:
+        row = self._db.execute(
+            "SELECT series_id, unit FROM series WHERE device_id = ? AND metric = ?", (device_id, metric)
+        ).fetchone()
+        return None if row is None else (int(row[0]), row[1])
+
     def series(
         self, device_id: str, metric: str, since_ms: int | None = None, until_ms: int | None = None
     ) -> tuple[str | None, list[tuple[int, float]]] | None:
         """(unit, [(ts_ms, value), ...]) of one series in time order; None if there is no such series."""
-        row = self._db.execute(
-            "SELECT series_id, unit FROM series WHERE device_id = ? AND metric = ?", (device_id, metric)
-        ).fetchone()
-        if row is None:
+        found = self._series_row(device_id, metric)
+        if found is None:
             return None
         points = self._db.execute(
             "SELECT ts, value FROM readings WHERE series_id = ? AND ts >= ? AND ts <= ? ORDER BY ts",
-            (row[0], since_ms if since_ms is not None else -(2**62), until_ms if until_ms is not None else 2**62),
+            (found[0], since_ms if since_ms is not None else -(2**62), until_ms if until_ms is not None else 2**62),
         ).fetchall()
-        return row[1], points
+        return found[1], points
+
+    def rollups(
+        self, device_id: str, metric: str, width: RollupWidth, since_ms: int | None = None, until_ms: int | None = None
+    ) -> tuple[str | None, list[RollupRow]] | None:
+        """(unit, rollups in bucket order) of one series, 1-minute or 1-hour buckets whose start lies in
+        ``[since_ms, until_ms]``; None if there is no such series."""
+        if width not in ROLLUPS:
+            raise StoreError(f"no {width!r} rollups; one of {', '.join(ROLLUPS)}")
+        found = self._series_row(device_id, metric)
+        if found is None:
+            return None
+        rows = self._db.execute(
+            f"SELECT bucket, n, mean, vmin, vmax FROM rollup_{width} WHERE series_id = ? "  # noqa: S608
+            "AND bucket >= ? AND bucket <= ? ORDER BY bucket",
+            (found[0], since_ms if since_ms is not None else -(2**62), until_ms if until_ms is not None else 2**62),
+        ).fetchall()
+        return found[1], [RollupRow(*row) for row in rows]
+
+    def alerts(self, *, active: bool | None = None, limit: int = 100) -> list[AlertRow]:
+        """Alerts, newest raised first: all, only active (``active=True``) or only cleared ones."""
+        where = {None: "", True: "WHERE cleared_at IS NULL", False: "WHERE cleared_at IS NOT NULL"}[active]
+        rows = self._db.execute(
+            "SELECT alert_id, rule, kind, severity, site, device_class, device_id, metric, value, message, "  # noqa: S608
+            f"raised_at, event_id, cleared_at, clear_value, clear_message FROM alerts {where} "
+            "ORDER BY raised_at DESC, alert_id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [AlertRow(*row) for row in rows]
 
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM readings").fetchone()[0])

@@ -9,15 +9,13 @@ import base64
 import json
 import math
 import sqlite3
-import statistics
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import settings
 
 from gateway.config import DEFAULT_METRIC_RULES, MetricRules
 from pipeline.analyze import AnalyzeStage
@@ -36,7 +34,7 @@ from pipeline.model import (
 )
 from pipeline.runner import Pipeline
 from pipeline.stage import Draft, Emitter, RawMessage, Reject, Stage, StageStats
-from pipeline.store import SqliteStore, StoreError, StoreReader, StoreStage, db_path
+from pipeline.store import SCHEMA_VERSION, SqliteStore, StoreError, StoreReader, StoreStage, db_path
 from pipeline.topics import DEFAULT_VERSION, TopicFields, TopicTemplate
 
 T = TypeVar("T")
@@ -546,7 +544,7 @@ async def test_store_wal_and_primary_key_range_scan(tmp_path: Path) -> None:
         db = sqlite3.connect(db_path(tmp_path))
         try:
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
             plan = " | ".join(row[3] for row in db.execute(
                 "EXPLAIN QUERY PLAN SELECT ts, value FROM readings WHERE series_id = ? AND ts >= ? AND ts <= ? "
                 "ORDER BY ts", (1, T0, T0 + 1000),
@@ -631,7 +629,7 @@ async def test_store_after_a_failed_write_series_stay_readable(tmp_path: Path) -
 
 
 # ===========================================================================
-# analyze
+# analyze (windows and rules: tests/test_analyze.py)
 # ===========================================================================
 
 
@@ -645,100 +643,6 @@ class FakeClock:
         return self.now
 
 
-def agg_events(emit: Emitter) -> list[tuple[str, dict[str, Any]]]:
-    return [(t, e) for t, e in emit.events if e["type"] == AGGREGATE_TYPE]
-
-
-@PROPERTY
-@given(
-    values=st.lists(st.floats(min_value=-1e9, max_value=1e9, allow_nan=False), min_size=1, max_size=60),
-    chunk=st.integers(min_value=1, max_value=10),
-)
-def test_analyze_running_stats(values: list[float], chunk: int) -> None:
-    stage = AnalyzeStage(TEMPLATE, VERSION, interval_s=0.0, clock=FakeClock())
-    readings = [reading(v, ts_ms=T0 + i) for i, v in enumerate(values)]
-    emit = Emitter()
-    for start in range(0, len(readings), chunk):
-        assert run(stage.process(readings[start:start + chunk], emit)) == readings[start:start + chunk]
-    running = stage.series[("dev-1", "temperature")]
-    assert running.count == len(values)
-    assert running.mean == pytest.approx(statistics.fmean(values), rel=1e-9, abs=1e-6)
-    assert running.min == min(values)
-    assert running.max == max(values)
-    last = agg_events(emit)[-1][1]["data"]
-    assert (last["count"], last["min"], last["max"]) == (len(values), min(values), max(values))
-    assert last["mean"] == running.mean
-    assert stage.stats.as_dict() == {"in": len(values), "out": len(values), "rejected": {}}
-
-
-async def test_analyze_mean_of_extreme_values_stays_finite() -> None:
-    stage = AnalyzeStage(TEMPLATE, VERSION, interval_s=0.0, clock=FakeClock())
-    await stage.process([reading(1.7e308, metric="voltage"), reading(-1.7e308, metric="voltage")], Emitter())
-    assert stage.series[("dev-1", "voltage")].mean == statistics.fmean([1.7e308, -1.7e308])
-
-
-async def test_analyze_publishes_at_most_once_per_interval() -> None:
-    clock = FakeClock(1000.0)
-    stage = AnalyzeStage(TEMPLATE, VERSION, interval_s=10.0, clock=clock)
-
-    async def step(now: float, *batch: Reading) -> list[str]:
-        clock.now = now
-        emit = Emitter()
-        await stage.process(list(batch), emit)
-        return [e["data"]["device_id"] for _, e in agg_events(emit)]
-
-    a = reading(1.0, device_id="a")
-    b = reading(2.0, device_id="b")
-    assert await step(1000.0, a) == ["a"]  # first time seen: published at once
-    assert await step(1005.0, a, b) == ["b"]  # a: too soon; b: new
-    assert await step(1009.999, a, b) == []
-    assert await step(1010.0, a) == ["a"]  # exactly one interval later (a was dirty since 1005)
-    assert await step(1014.0) == []  # b dirty but published at 1005
-    assert await step(1015.0) == ["b"]  # b is due and dirty, though nothing new arrived in this batch
-    assert await step(1100.0) == []  # nothing new: nothing to publish however long it has been
-    assert await step(1100.0, b) == ["b"]
-    assert stage.events_published == 5
-
-
-async def test_analyze_flush_publishes_dirty_series() -> None:
-    clock = FakeClock(50.0)
-    stage = AnalyzeStage(TEMPLATE, VERSION, interval_s=60.0, clock=clock)
-    await stage.process([reading(1.0, device_id="a"), reading(2.0, device_id="b")], Emitter())
-    emit = Emitter()
-    clock.now = 51.0
-    await stage.process([reading(3.0, device_id="a")], emit)
-    assert emit.events == []
-    flushed = Emitter()
-    stage.flush(flushed)
-    [(_, event)] = agg_events(flushed)
-    assert event["data"]["device_id"] == "a"
-    assert event["data"]["count"] == 2
-    assert event["data"]["mean"] == 2.0
-    again = Emitter()
-    stage.flush(again)
-    assert again.events == []
-
-
-async def test_analyze_event_shape() -> None:
-    stage = AnalyzeStage(TEMPLATE, VERSION, interval_s=10.0, clock=FakeClock())
-    emit = Emitter()
-    await stage.process([reading(4.0, ts_ms=T0), reading(6.0, ts_ms=T0 + 2000)], emit)
-    [(agg_topic, event)] = emit.events
-    assert agg_topic == topic(stage="agg") == "telemetry/agg/1.0/site1/environment/dev-1/temperature"
-    assert event["type"] == AGGREGATE_TYPE == "io.iotgw.telemetry.aggregate.v1"
-    assert event["specversion"] == "1.0"
-    assert event["subject"] == agg_topic
-    assert event["source"] == "/iotgw/site1/dev-1"
-    assert event["datacontenttype"] == "application/json"
-    assert len(event["id"]) == 26
-    assert event["time"] == "2024-05-01T12:00:02Z"
-    assert event["data"] == {
-        "device_id": "dev-1", "metric": "temperature", "unit": "C", "count": 2, "mean": 5.0, "min": 4.0,
-        "max": 6.0, "from": "2024-05-01T12:00:00+00:00", "to": "2024-05-01T12:00:02+00:00",
-    }
-    json.dumps(event, allow_nan=False)
-
-
 # ===========================================================================
 # runner
 # ===========================================================================
@@ -750,7 +654,7 @@ def make_pipeline(store: SqliteStore, clock: FakeClock) -> Pipeline:
         CleanStage(DEFAULT_METRIC_RULES),
         DefineStage(TEMPLATE),
         StoreStage(store),
-        AnalyzeStage(TEMPLATE, VERSION, interval_s=10.0, clock=clock),
+        AnalyzeStage(TEMPLATE, VERSION, clock=clock),
     ]
     return Pipeline(stages, TEMPLATE, site=SITE, version=VERSION)
 
@@ -783,7 +687,7 @@ async def test_pipeline_runs_a_mixed_batch(tmp_path: Path) -> None:
     ]
     kinds = [(t.split("/")[1], e["type"]) for t, e in emit.events]
     assert kinds.count(("valid", READING_TYPE)) == 3
-    assert kinds.count(("agg", AGGREGATE_TYPE)) == 2
+    assert kinds.count(("agg", AGGREGATE_TYPE)) == 0  # windows are published when they close, not per batch
     assert pipeline.stats() == {
         "collect": {"in": 7, "out": 5, "rejected": {"invalid_json": 1, "unknown_topic": 1}},
         "clean": {"in": 5, "out": 3, "rejected": {"non_numeric": 1, "out_of_range": 1}},

@@ -28,6 +28,17 @@ _OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 _ADDRESS_ENV = "DBUS_SYSTEM_BUS_ADDRESS"
 
 
+def _reap(process: subprocess.Popen[Any] | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class MockBlueZ:
     """``with MockBlueZ() as bluez:``; ``passive=False`` leaves out the advertisement-monitor API
     (as BlueZ without ``--experimental``), so passive scanning is refused."""
@@ -71,10 +82,14 @@ class MockBlueZ:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        # dbusmock waits only 1 s after SIGTERM and then kills without reaping: on a loaded machine that
+        # leaves a running process behind its Popen. Reap both ourselves first, then let dbusmock tidy up.
         if self._mock is not None:
+            _reap(self._mock.process)
             self._mock.terminate()
             self._mock = None
         if self._bus is not None:
+            _reap(getattr(self._bus, "_daemon", None))
             self._bus.stop()
             self._bus = None
         if self._saved_env is None:

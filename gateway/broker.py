@@ -245,6 +245,7 @@ class EmbeddedBroker:
         plan = broker_plan(self._settings, self.security)
         self._broker = _TappedBroker(plan.config, self._ingest, self._room)
         self._broker.listener_ssl = plan.ssl_contexts
+        self._broker.security = self.security
         quiet = _HideStartupTraceback()
         amqtt_log = logging.getLogger("amqtt.broker")
         amqtt_log.addFilter(quiet)

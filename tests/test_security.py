@@ -201,6 +201,22 @@ def test_iotgw_passwd_writes_a_file_mosquitto_accepts(tmp_path: Path) -> None:
     assert bad.rc not in (0, None)
 
 
+def test_iotgw_passwd_prompts_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import getpass
+
+    from gateway.cli import main
+
+    path = tmp_path / "passwd"
+    answers = iter(["one", "two", "same", "same"])
+    monkeypatch.setattr(getpass, "getpass", lambda prompt="": next(answers))
+    assert main(["passwd", str(path), "alice"]) == 1  # the two entries differ
+    assert not path.exists()
+    assert main(["passwd", "--iterations", str(FAST), str(path), "alice"]) == 0
+    assert verify_password("same", read_password_file(path)["alice"])
+    assert "same" not in capsys.readouterr().err
+
+
 # -- authentication ----------------------------------------------------------------------------
 
 

@@ -64,6 +64,7 @@ from typing import Any, Literal
 
 from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.session import Session
 
 from gateway.config import AclRule, BrokerSettings, BrokerTls
 from gateway.errors import ConfigError, GatewayError
@@ -536,6 +537,10 @@ def broker_plan(settings: BrokerSettings, security: BrokerSecurity) -> BrokerPla
 
 _PREAUTHENTICATED = "iotgw.authenticated"
 _DEFERRED_DELETES = "iotgw.deferred_deletes"
+_PREVIOUS_FIELDS = "iotgw.previous_fields"
+# What amqtt copies from a CONNECT onto an existing persistent session before authenticating it.
+_CONNECT_FIELDS = ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive", "username",
+                   "password")
 _CONNECTING: ContextVar[list[str] | None] = ContextVar("iotgw_connecting", default=None)
 
 
@@ -566,6 +571,8 @@ class SecureBrokerMixin:
     async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str, remote_port: int
                                          ) -> tuple[Any, Any]:
         deferred: list[str] = []
+        sessions: dict[str, tuple[Any, Any]] = self._sessions  # type: ignore[attr-defined]
+        before = {cid: tuple(getattr(s, f) for f in _CONNECT_FIELDS) for cid, (s, _) in sessions.items()}
         token = _CONNECTING.set(deferred)
         try:
             handler, session = await super()._initialize_client_session(  # type: ignore[misc]
@@ -573,6 +580,8 @@ class SecureBrokerMixin:
         finally:
             _CONNECTING.reset(token)
         session.attributes[_DEFERRED_DELETES] = deferred
+        if session.parent and session.client_id in before:  # an existing session, updated from this CONNECT
+            session.attributes[_PREVIOUS_FIELDS] = before[session.client_id]
         return handler, session
 
     async def _delete_session(self, client_id: str) -> None:
@@ -588,8 +597,14 @@ class SecureBrokerMixin:
         parent: Any = super()
         config = self.listeners_config[listener_name]  # type: ignore[attr-defined]
         deferred = client_session.attributes.pop(_DEFERRED_DELETES, [])
+        previous = client_session.attributes.pop(_PREVIOUS_FIELDS, None)
         if not await parent._authenticate(client_session, config):
-            handler.attach(client_session, reader, writer)
+            if previous is not None:  # the refused CONNECT must not change another connection's session
+                for name, value in zip(_CONNECT_FIELDS, previous, strict=True):
+                    setattr(client_session, name, value)
+            refused = Session()
+            refused.client_id = client_session.client_id  # parent 0: no session present [MQTT-3.2.2-4]
+            handler.attach(refused, reader, writer)
             await handler.mqtt_connack_authorize(False)
             await writer.close()
             return

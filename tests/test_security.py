@@ -40,7 +40,7 @@ class Client:
 
     def __init__(self, port: int, client_id: str, *, username: str | None = None, password: str | None = None,
                  transport: Literal["tcp", "websockets"] = "tcp", context: ssl.SSLContext | None = None,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", clean: bool = True) -> None:
         self.rc: int | None = None
         self.messages: list[tuple[str, bytes, bool]] = []
         self.subacks: dict[int, list[int]] = {}
@@ -48,7 +48,7 @@ class Client:
         self._answered = threading.Event()
         self._subscribed = threading.Condition(self._lock)
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, transport=transport,
-                                  protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+                                  protocol=mqtt.MQTTv311, reconnect_on_failure=False, clean_session=clean)
         if username is not None:
             self.client.username_pw_set(username, password)
         if context is not None:
@@ -268,6 +268,23 @@ async def test_a_refused_client_cannot_take_over_a_session(tmp_path: Path) -> No
         owner.close()
     assert intruder.rc == NOT_AUTHORIZED
     assert got[-1][0] == "t/after"  # still connected, still subscribed
+
+
+async def test_a_refused_connect_does_not_change_a_persistent_session(tmp_path: Path) -> None:
+    """amqtt copies a CONNECT's username onto an existing session before authenticating: a refused
+    CONNECT as "admin" would otherwise give the connected client admin's rights."""
+    path = passwd_file(tmp_path / "passwd", {"admin": "adm", "dev": "d"})
+    settings = BrokerSettings.model_validate({"port": free_port(), "password_file": str(path), "acl": [
+        {"user": "admin", "topic": "#", "access": "readwrite"}, {"user": "dev", "topic": "dev/#", "access": "read"},
+    ]})
+    async with running(settings):
+        dev = await asyncio.to_thread(Client, settings.port, "dev-1", username="dev", password="d", clean=False)
+        intruder = await asyncio.to_thread(Client, settings.port, "dev-1", username="admin", password="guess",
+                                           clean=False)
+        codes = await dev.subscribe_async([("admin/#", 0), ("dev/#", 0)])
+        dev.close()
+    assert intruder.rc == NOT_AUTHORIZED
+    assert codes == [0x80, 0]
 
 
 async def test_demo_allows_anonymous_clients_from_loopback_only(tmp_path: Path) -> None:

@@ -74,6 +74,10 @@ def _print_stats(stats: dict[str, Any], seconds: float) -> None:
         print(f"  driver {name:<14} frames={d['frames']} readings={d['readings']}{extra}", file=out)
     print(f"  broker tapped={stats['broker']['tapped']} queue_high_water={stats['queue']['high_water']}"
           f" producer_waits={stats['queue']['producer_waits']}", file=out)
+    if security := stats["broker"].get("security"):
+        denied = " ".join(f"{k}={v}" for k, v in security["denied"].items())
+        print(f"  broker logins_accepted={security['logins_accepted']} logins_refused={security['logins_refused']}"
+              f" denied: {denied}", file=out)
     for name, s in stats["stages"].items():
         rejected = " ".join(f"{k}={v}" for k, v in s["rejected"].items())
         print(f"  {name:<8} in={s['in']:<7} out={s['out']:<7} rejected: {rejected or 'none'}", file=out)

@@ -547,9 +547,9 @@ _CONNECTING: ContextVar[list[str] | None] = ContextVar("iotgw_connecting", defau
 class SecureBrokerMixin:
     """Hooks for amqtt's ``Broker`` (mixed in before it):
 
-    - a refused client is answered before amqtt touches the session under its client id (amqtt
-      otherwise deletes that session, for a clean-session CONNECT, or takes over and disconnects a
-      connected client of that id, before it authenticates);
+    - a refused client leaves the session under its client id as it was: amqtt deletes that session
+      (clean-session CONNECT), or copies the CONNECT's username, password and will onto it, before it
+      authenticates, and then takes over (disconnects) a client connected under that id;
     - retained messages go to a new subscription only where the client may read their topic;
     - TLS listeners use our own context (amqtt's never requires a client certificate);
     - topic checks (publish, subscribe, every delivery) go straight to :attr:`security`'s ACL.

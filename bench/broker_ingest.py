@@ -147,7 +147,8 @@ def run_gateway(messages: int, publishers: int, qos: int) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gw.toml"
         data = Path(tmp) / "data"
-        config.write_text(f'site = "bench"\n[broker]\nport = {port}\n[storage]\ndata_dir = "{data}"\n')
+        config.write_text(f'site = "bench"\n[broker]\nport = {port}\nallow_anonymous = true\n'
+                          f'[storage]\ndata_dir = "{data}"\n')
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

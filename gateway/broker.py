@@ -20,13 +20,20 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 import amqtt.broker as amqtt_broker_module
-from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter
+from amqtt.adapters import (
+    ReaderAdapter,
+    StreamReaderAdapter,
+    StreamWriterAdapter,
+    WebSocketsReader,
+    WebSocketsWriter,
+)
 from amqtt.broker import Broker
 from amqtt.errors import BrokerError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.session import INCOMING, Session
 
+from gateway.auth import BrokerSecurity, SecureBrokerMixin, broker_plan
 from gateway.config import BrokerSettings
 from gateway.errors import GatewayError, PortInUseError
 
@@ -125,7 +132,7 @@ class _GatedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         self._inner.feed_eof()
 
 
-class _TappedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
+class _TappedBroker(SecureBrokerMixin, Broker):  # type: ignore[misc]  # amqtt is untyped
     def __init__(self, config: dict[str, Any], ingest: Ingest, room: Callable[[], Awaitable[None]]) -> None:
         super().__init__(config)
         self._ingest = ingest
@@ -144,6 +151,10 @@ class _TappedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     ) -> None:
         await self._client_connected(listener_name, _GatedReader(StreamReaderAdapter(reader), self),
                                      StreamWriterAdapter(writer))
+
+    async def ws_connected(self, websocket: Any, listener_name: str) -> None:
+        await self._client_connected(listener_name, _GatedReader(WebSocketsReader(websocket), self),
+                                     WebSocketsWriter(websocket))
 
     async def _handle_message_delivery(self, client_session: Session, handler: Any, wait_deliver: Any) -> bool:
         message = wait_deliver.result()
@@ -227,17 +238,14 @@ class EmbeddedBroker:
         self._room = room
         self._broker: _TappedBroker | None = None
         self.port = settings.port
+        self.security: BrokerSecurity | None = None
 
     async def __aenter__(self) -> Self:
-        self._broker = _TappedBroker(
-            {
-                "listeners": {"default": {"type": "tcp", "bind": f"{self._settings.host}:{self._settings.port}"}},
-                # Name the plugins: amqtt's defaults (packet logger, $SYS...) cost a third of throughput.
-                "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-            },
-            self._ingest,
-            self._room,
-        )
+        self.security = BrokerSecurity(self._settings)  # a ConfigError when [broker] is unusable
+        plan = broker_plan(self._settings, self.security)
+        self._broker = _TappedBroker(plan.config, self._ingest, self._room)
+        self._broker.listener_ssl = plan.ssl_contexts
+        self._broker.security = self.security
         quiet = _HideStartupTraceback()
         amqtt_log = logging.getLogger("amqtt.broker")
         amqtt_log.addFilter(quiet)
@@ -251,6 +259,9 @@ class EmbeddedBroker:
             amqtt_log.removeFilter(quiet)
         self.port = self._broker.bound_port() or self._settings.port
         log.info("MQTT broker listening on %s:%d", self._settings.host, self.port)
+        for name, where in plan.names.items():
+            if name != "default":
+                log.info("MQTT broker listening (%s)", where)
         return self
 
     async def __aexit__(

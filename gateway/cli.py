@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gateway.auth import BrokerSecurity
 from gateway.config import StorageSettings, load_config
 from gateway.errors import ConfigError, GatewayError
 from gateway.logs import redact, secret_values, setup_logging
@@ -93,6 +94,10 @@ def _print_stats(stats: dict[str, Any], seconds: float) -> None:
         print(f"  driver {name:<14} frames={d['frames']} readings={d['readings']}{extra}", file=out)
     print(f"  broker tapped={stats['broker']['tapped']} queue_high_water={stats['queue']['high_water']}"
           f" producer_waits={stats['queue']['producer_waits']}", file=out)
+    if security := stats["broker"].get("security"):
+        denied = " ".join(f"{k}={v}" for k, v in security["denied"].items())
+        print(f"  broker logins_accepted={security['logins_accepted']} logins_refused={security['logins_refused']}"
+              f" denied: {denied}", file=out)
     for name, s in stats["stages"].items():
         rejected = " ".join(f"{k}={v}" for k, v in s["rejected"].items())
         print(f"  {name:<8} in={s['in']:<7} out={s['out']:<7} rejected: {rejected or 'none'}", file=out)
@@ -137,6 +142,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config).with_overrides(data_dir=args.data_dir, mqtt_port=args.mqtt_port)
+        BrokerSecurity(config.broker)  # before anything starts: the password file and the anonymous rule
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -169,7 +175,41 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem)
         return EXIT_USAGE
+    try:
+        BrokerSecurity(config.broker)  # the password file and the anonymous rule
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return EXIT_USAGE
     print(f"{args.file}: valid ({len(config.devices)} device(s))")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    import getpass
+
+    from gateway.auth import AuthError, hash_password, update_password_file
+
+    try:
+        if args.delete:
+            update_password_file(args.file, args.user, None)
+            print(f"{args.file}: user {args.user!r} deleted", file=sys.stderr)
+            return 0
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = getpass.getpass(f"Password for {args.user}: ")
+            if getpass.getpass("Again: ") != password:
+                print("iotgw: error: the passwords differ; nothing changed", file=sys.stderr)
+                return 1
+        if not password:
+            print("iotgw: error: an empty password is not allowed", file=sys.stderr)
+            return 1
+        update_password_file(args.file, args.user, hash_password(password, iterations=args.iterations))
+    except (AuthError, OSError) as exc:
+        print(f"iotgw: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: password set for {args.user!r}", file=sys.stderr)
     return 0
 
 
@@ -263,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file: exit 0, or 2 with one line per problem")
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_check_config)
+
+    from gateway.auth import DEFAULT_ITERATIONS
+
+    p = sub.add_parser("passwd", help="set (or with -D delete) a broker user's password in a password file")
+    p.add_argument("file", type=Path, help="the [broker] password_file (created if missing, mode 0600)")
+    p.add_argument("user")
+    p.add_argument("-D", "--delete", action="store_true", help="delete the user")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin (one line)")
+    p.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
+                   help=f"PBKDF2-SHA512 iterations (default: {DEFAULT_ITERATIONS})")
+    p.set_defaults(func=cmd_passwd)
 
     p = sub.add_parser("devices", help="devices seen, from the store")
     data_dir(p, DEFAULT_DATA_DIR)

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -53,9 +54,110 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _read_secret_file(value: object) -> object:
+    if not isinstance(value, str | Path):
+        return value  # let the type check name the problem
+    try:
+        text = Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValueError(f"cannot read {value} ({reason})") from None
+    return SecretStr(text.rstrip("\r\n"))
+
+
+def _read_secret_env(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    if value not in os.environ:
+        raise ValueError(f"environment variable {value} is not set")
+    return SecretStr(os.environ[value])
+
+
+# The secrets convention: a field ``x: SecretStr | None`` of a :class:`_WithSecrets` model may be given
+# instead as ``x_file = "path"`` (the file's text, without its final newline) or ``x_env = "VARIABLE"``.
+SecretFile = Annotated[SecretStr, BeforeValidator(_read_secret_file)]
+SecretEnv = Annotated[SecretStr, BeforeValidator(_read_secret_env)]
+
+
+class _WithSecrets(_Model):
+    """Folds ``x_file`` / ``x_env`` into ``x`` (read at load time; at most one of the three)."""
+
+    @model_validator(mode="after")
+    def _fold_secrets(self) -> _WithSecrets:
+        fields = type(self).model_fields
+        for name in fields:
+            for source in (f"{name}_file", f"{name}_env"):
+                value = getattr(self, source, None) if source in fields else None
+                if value is None:
+                    continue
+                if getattr(self, name) is not None:
+                    raise ValueError(f"give only one of {name}, {name}_file, {name}_env")
+                self.__dict__[name] = value  # frozen model: set once, during validation
+        return self
+
+
+Access = Literal["read", "write", "readwrite", "deny"]
+
+
+class AclRule(_Model):
+    """One ``[[broker.acl]]`` rule; see gateway/auth.py for how rules are matched."""
+
+    topic: str = Field(min_length=1, description="a topic filter (+ #); %c is the client id, %u the username")
+    access: Access = "readwrite"
+    user: str | None = Field(default=None, description="this username only; absent: every client")
+
+    @field_validator("topic")
+    @classmethod
+    def _filter(cls, value: str) -> str:
+        levels = value.split("/")
+        for i, level in enumerate(levels):
+            if ("#" in level and (level != "#" or i != len(levels) - 1)) or ("+" in level and level != "+"):
+                raise ValueError("'+' must be a whole level and '#' the whole last level")
+        return value
+
+
+class BrokerTls(_Model):
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = Field(default=None, description="CA that signs client certificates")
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _ca(self) -> BrokerTls:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA that signs client certificates)")
+        return self
+
+
+class BrokerListener(_Model):
+    """A listener beside the plain TCP one on [broker] host/port."""
+
+    type: Literal["tcp", "tls", "ws", "wss"]
+    host: str | None = Field(default=None, description="default: [broker] host")
+    port: int = Field(ge=0, le=65535)
+    tls: BrokerTls | None = Field(default=None, description="default: [broker.tls]")
+
+
 class BrokerSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=0, le=65535)
+    allow_anonymous: bool | Literal["loopback"] = Field(
+        default=False, description='clients without a username; "loopback": only from this machine'
+    )
+    password_file: Path | None = Field(default=None, description="user:hash lines, managed by `iotgw passwd`")
+    acl: list[AclRule] = Field(default_factory=list, description="first matching rule decides")
+    acl_default: Access | None = Field(
+        default=None, description="when no rule matches: readwrite without [[broker.acl]] rules, deny with them"
+    )
+    tls: BrokerTls | None = None
+    listeners: list[BrokerListener] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _listener_tls(self) -> BrokerSettings:
+        for i, listener in enumerate(self.listeners):
+            if listener.type in ("tls", "wss") and listener.tls is None and self.tls is None:
+                raise ValueError(f"listeners[{i}]: type {listener.type} needs [broker.tls] or its own tls")
+        return self
 
 
 class StorageSettings(_Model):
@@ -308,12 +410,14 @@ class RewriteRule(_Model):
     to: str
 
 
-class MqttForward(_Forward):
+class MqttForward(_Forward, _WithSecrets):
     type: Literal["mqtt"]
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     client_id: str | None = None
     username: str | None = None
     password: SecretStr | None = None
+    password_file: SecretFile | None = None
+    password_env: SecretEnv | None = None
     tls: TlsSettings | None = None
     topic_prefix: str = ""
     rewrite: list[RewriteRule] = Field(default_factory=list)

@@ -28,7 +28,7 @@ BLE_ADDRESS = "A4:C1:38:00:00:01"
 def demo_config(data_dir: Path, mqtt_port: int, *, host: str = "127.0.0.1") -> GatewayConfig:
     raw: dict[str, Any] = {
         "site": "demo",
-        "broker": {"host": host, "port": mqtt_port},
+        "broker": {"host": host, "port": mqtt_port, "allow_anonymous": "loopback"},
         "storage": {"data_dir": str(data_dir)},
         "ble": {"backend": "simulated"},
         "devices": [

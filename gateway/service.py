@@ -493,7 +493,8 @@ class Gateway:
     def stats(self) -> dict[str, Any]:
         return {
             "time": datetime.now(UTC).isoformat(),
-            "broker": {"port": self.broker.port, "tapped": self.broker.tapped},
+            "broker": {"port": self.broker.port, "tapped": self.broker.tapped,
+                       "security": self.broker.security.snapshot() if self.broker.security else {}},
             "queue": {"depth": len(self.queue), "max": self.queue.maxsize, "high_water": self.queue.high_water,
                       "producer_waits": self.queue.put_waits},
             "drivers": {d.name: d.stats.as_dict() for d in self.drivers},

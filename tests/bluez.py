@@ -52,7 +52,7 @@ def bluez_no_monitor_fixture() -> Iterator[MockBlueZ]:
 def ble_config(tmp_path: Path, devices: list[dict[str, Any]], **ble: Any) -> GatewayConfig:
     return parse_config({
         "site": "s1", "gateway_id": "gw-ble",
-        "broker": {"host": "127.0.0.1", "port": free_port()},
+        "broker": {"host": "127.0.0.1", "port": free_port(), "allow_anonymous": True},
         "storage": {"data_dir": str(tmp_path)},
         "pipeline": {"max_latency_s": 0.05},
         "ble": ble,

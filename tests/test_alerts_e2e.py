@@ -32,7 +32,7 @@ def test_threshold_rule_raises_and_clears_an_alert(
     data = tmp_path / "data"
     config = tmp_path / "gw.toml"
     config.write_text(
-        f'site = "s1"\n[broker]\nport = {port}\n[storage]\ndata_dir = "{data}"\n'
+        f'site = "s1"\n[broker]\nport = {port}\nallow_anonymous = true\n[storage]\ndata_dir = "{data}"\n'
         "[pipeline]\nmax_latency_s = 0.05\n"
         '[[rules]]\nname = "boiler-hot"\nkind = "threshold"\ndevice_class = "heat*"\nmetric = "temperature"\n'
         'high = 80.0\nclear_below = 70.0\nseverity = "critical"\n'

@@ -56,7 +56,7 @@ def _raw_ingest(queue: BatchQueue[RawMessage]) -> Ingest:
 
 async def test_full_pipeline_queue_pauses_clients_and_loses_nothing(port: int) -> None:
     queue: BatchQueue[RawMessage] = BatchQueue(50)
-    settings = BrokerSettings(port=port)
+    settings = BrokerSettings(port=port, allow_anonymous=True)
     async with EmbeddedBroker(settings, _raw_ingest(queue), queue.wait_for_room, port_option="--mqtt-port") as broker:
         publishers = [
             asyncio.create_task(asyncio.to_thread(_publish, port, 2000, qos, f"pub-{qos}", RAW.format(n=qos)))
@@ -82,7 +82,7 @@ async def test_full_pipeline_queue_pauses_clients_and_loses_nothing(port: int) -
 
 async def test_in_process_publishes_reach_tap_and_subscribers(port: int) -> None:
     queue: BatchQueue[RawMessage] = BatchQueue(10)
-    settings = BrokerSettings(port=port)
+    settings = BrokerSettings(port=port, allow_anonymous=True)
     async with EmbeddedBroker(settings, _raw_ingest(queue), queue.wait_for_room, port_option="--mqtt-port") as broker:
         watcher = await asyncio.to_thread(Watcher, port, ["telemetry/#"])
         await broker.publish(RAW.format(n=1), b'{"value": 1}')

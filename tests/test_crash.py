@@ -48,7 +48,8 @@ def test_kill_9_under_load_three_times_loses_nothing_acknowledged(tmp_path: Path
     port = free_port()
     config = tmp_path / "gw.toml"
     config.write_text(
-        f'site = "s1"\ngateway_id = "gw-crash"\n[broker]\nport = {port}\n[storage]\ndata_dir = "{tmp_path / "d"}"\n'
+        f'site = "s1"\ngateway_id = "gw-crash"\n[broker]\nport = {port}\nallow_anonymous = true\n'
+        f'[storage]\ndata_dir = "{tmp_path / "d"}"\n'
         f'[pipeline]\nmax_latency_s = 0.05\n'
         f'[[forward]]\nname = "central"\ntype = "mqtt"\nurl = "{mosquitto.url}"\ntopics = ["telemetry/valid/#"]\n'
     )

@@ -37,7 +37,7 @@ RAW = "telemetry/raw/1.0/s1/meter/{device}/power"
 
 def gateway_config(tmp_path: Path, forward: list[dict[str, Any]], **extra: Any) -> GatewayConfig:
     return parse_config({
-        "site": "s1", "gateway_id": "gw-a", "broker": {"port": free_port()},
+        "site": "s1", "gateway_id": "gw-a", "broker": {"port": free_port(), "allow_anonymous": True},
         "storage": {"data_dir": str(tmp_path / "gw")}, "pipeline": {"max_latency_s": 0.05}, "forward": forward,
         **extra,
     })
@@ -281,7 +281,7 @@ async def test_downlink_command_reaches_the_device_and_is_acknowledged(
 async def test_event_mesh_two_gateways_one_backbone_no_loops(tmp_path: Path, mosquitto: Mosquitto) -> None:
     def mesh(name: str, site: str) -> GatewayConfig:
         return parse_config({
-            "site": site, "gateway_id": name, "broker": {"port": free_port()},
+            "site": site, "gateway_id": name, "broker": {"port": free_port(), "allow_anonymous": True},
             "storage": {"data_dir": str(tmp_path / name)}, "pipeline": {"max_latency_s": 0.05},
             "forward": [{"name": "backbone", "type": "mqtt", "url": mosquitto.url,
                          "topics": ["telemetry/valid/#"], "subscribe": ["telemetry/valid/#"]}],
@@ -359,7 +359,7 @@ async def test_fresh_first_serves_live_data_during_a_long_backlog(
 async def test_downlink_to_a_serial_device_writes_the_protocols_command(tmp_path: Path, mosquitto: Mosquitto) -> None:
     link = tmp_path / "ttySDS011"
     config = parse_config({
-        "site": "s1", "gateway_id": "gw-a", "broker": {"port": free_port()},
+        "site": "s1", "gateway_id": "gw-a", "broker": {"port": free_port(), "allow_anonymous": True},
         "storage": {"data_dir": str(tmp_path / "gw")},
         "devices": [{"id": "pm-1", "transport": "serial", "protocol": "sds011", "port": str(link)}],
         "forward": [{"name": "central", "type": "mqtt", "url": mosquitto.url, "topics": ["cmdack/#"],

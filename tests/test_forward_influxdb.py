@@ -59,7 +59,7 @@ T = TypeVar("T")
 
 def gateway_config(tmp_path: Path, influx: dict[str, Any], **pipeline: Any) -> GatewayConfig:
     return parse_config({
-        "site": "s1", "gateway_id": "gw-a", "broker": {"port": free_port()},
+        "site": "s1", "gateway_id": "gw-a", "broker": {"port": free_port(), "allow_anonymous": True},
         "storage": {"data_dir": str(tmp_path / "gw")}, "pipeline": {"max_latency_s": 0.05, **pipeline},
         "forward": [{"name": "tsdb", "type": "influxdb", "bucket": "b", "org": "o", "token": "t", **influx}],
     })

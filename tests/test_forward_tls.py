@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from amqtt.broker import Broker
 from peers import Mosquitto, MqttCollector, free_port, mqtt_publish
 
@@ -19,27 +17,6 @@ from gateway.forward.mqtt import MqttDestination
 from gateway.service import Gateway
 
 RAW = "telemetry/raw/1.0/s1/meter/t-1/power"
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> dict[str, Path]:
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate for the gateway."""
-    d = tmp_path / "pki"
-    d.mkdir()
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
-             "-days", "2", "-subj", "/CN=iotgw-test-ca")
-    for name, cn, ext in (("server", "127.0.0.1", "subjectAltName=IP:127.0.0.1"), ("client", "gw-tls", "")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / f"{name}.key"), "-out",
-                 str(d / f"{name}.csr"), "-subj", f"/CN={cn}")
-        extfile = d / f"{name}.ext"
-        extfile.write_text(ext + "\n")
-        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
-                 "-CAcreateserial", "-out", str(d / f"{name}.pem"), "-days", "2", "-extfile", str(extfile))
-    return {p.stem + p.suffix.replace(".", "_"): p for p in d.iterdir()}
 
 
 async def _until(check: Any, timeout: float) -> bool:
@@ -53,7 +30,7 @@ async def _until(check: Any, timeout: float) -> bool:
 
 def _config(tmp_path: Path, forward: dict[str, Any]) -> Any:
     return parse_config({
-        "site": "s1", "gateway_id": "gw-tls", "broker": {"port": free_port()},
+        "site": "s1", "gateway_id": "gw-tls", "broker": {"port": free_port(), "allow_anonymous": True},
         "storage": {"data_dir": str(tmp_path / "gw")}, "pipeline": {"max_latency_s": 0.05},
         "forward": [{"name": "central", "type": "mqtt", "topics": ["telemetry/valid/#"], **forward}],
     })

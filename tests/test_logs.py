@@ -80,7 +80,8 @@ def test_run_never_logs_a_configured_secret(tmp_path: Path) -> None:
     """A real `iotgw run` whose backbone refuses: the password appears nowhere in its output."""
     config = tmp_path / "gw.toml"
     config.write_text(
-        f'site = "s"\n[broker]\nport = 0\n[storage]\ndata_dir = "{tmp_path / "data"}"\n[logging]\nformat = "json"\n'
+        f'site = "s"\n[broker]\nport = 0\nallow_anonymous = true\n'
+        f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[logging]\nformat = "json"\n'
         f'[[forward]]\nname = "central"\ntype = "mqtt"\nurl = "mqtt://127.0.0.1:1"\ntopics = ["#"]\n'
         f'username = "gw"\npassword = "{SECRET}"\n'
     )

@@ -71,7 +71,8 @@ class Client:
 
 
 def write_config(path: Path, port: int, data: Path, extra: str) -> None:
-    path.write_text(f'site = "s"\n[broker]\nport = {port}\n[storage]\ndata_dir = "{data}"\n{extra}')
+    path.write_text(f'site = "s"\n[broker]\nport = {port}\nallow_anonymous = true\n'
+                    f'[storage]\ndata_dir = "{data}"\n{extra}')
 
 
 def test_sighup_applies_rules_devices_and_destinations_without_dropping_clients(

@@ -20,7 +20,7 @@ TOPIC = "telemetry/raw/1.0/s1/meter/m-1/power"
 def _config(tmp_path: Path, port: int, queue_size: int) -> Path:
     path = tmp_path / "gw.toml"
     path.write_text(
-        f'site = "s1"\n[broker]\nport = {port}\n[storage]\ndata_dir = "{tmp_path / "data"}"\n'
+        f'site = "s1"\n[broker]\nport = {port}\nallow_anonymous = true\n[storage]\ndata_dir = "{tmp_path / "data"}"\n'
         f"[pipeline]\nqueue_size = {queue_size}\nbatch_size = 200\n"
     )
     return path

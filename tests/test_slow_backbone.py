@@ -108,7 +108,7 @@ def gateway_with_slow_backbone(tmp_path: Path, mosquitto: Mosquitto, request: py
         port = free_port()
         config = tmp_path / "gw.toml"
         config.write_text(
-            f'site = "s1"\n[broker]\nport = {port}\n[storage]\ndata_dir = "{tmp_path / "d"}"\n'
+            f'site = "s1"\n[broker]\nport = {port}\nallow_anonymous = true\n[storage]\ndata_dir = "{tmp_path / "d"}"\n'
             f'[pipeline]\nmax_latency_s = 0.05\nqueue_size = 200\n'
             f'[[forward]]\nname = "central"\ntype = "mqtt"\nurl = "mqtt://127.0.0.1:{proxy.port}"\n'
             f'topics = ["telemetry/valid/#"]\nmax_bytes = {MAX_BYTES}\nwhen_full = "{policy}"\n'

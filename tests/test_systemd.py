@@ -119,7 +119,8 @@ def test_gateway_reports_ready_feeds_the_watchdog_and_says_stopping(
 ) -> None:
     port = free_port()
     config = tmp_path / "gw.toml"
-    config.write_text(f'site = "s"\n[broker]\nport = {port}\n[storage]\ndata_dir = "{tmp_path / "data"}"\n')
+    config.write_text(f'site = "s"\n[broker]\nport = {port}\nallow_anonymous = true\n'
+                      f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
     gw = gateway_process(["run", "--config", str(config)], port,
                          env={"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "1000000"})
     ready = notify_socket.wait_for("READY", "1")
@@ -152,7 +153,7 @@ class _Stuck:
 
 async def test_watchdog_is_withheld_while_the_pipeline_is_stuck(tmp_path: Path, notify_socket: NotifySocket) -> None:
     config = parse_config({
-        "site": "s", "broker": {"port": 0}, "storage": {"data_dir": str(tmp_path / "data")},
+        "site": "s", "broker": {"port": 0, "allow_anonymous": True}, "storage": {"data_dir": str(tmp_path / "data")},
         "pipeline": {"stall_s": 0.5, "max_latency_s": 0},
     })
     notifier = Notifier({"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "200000"})

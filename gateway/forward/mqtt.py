@@ -59,7 +59,7 @@ class MqttSettings:
     keepalive_s: int = 30
     session_expiry_s: int = 86_400
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a repr or a log
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None

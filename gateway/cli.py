@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.config import StorageSettings, load_config
+from gateway.config import GatewayConfig, StorageSettings, load_config
 from gateway.errors import ConfigError, GatewayError
 from gateway.query import (
     QueryError,
@@ -143,7 +143,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_devices(args: argparse.Namespace) -> int:
     with StoreReader(args.data_dir) as store:
         rows = store.devices()
-    records = [
+    records: list[dict[str, Any]] = [
         {
             "device_id": r.device_id, "transport": r.transport, "device_class": r.device_class, "site": r.site,
             "first_seen": iso_ms(r.first_seen_ms), "last_seen": iso_ms(r.last_seen_ms), "metrics": list(r.metrics),
@@ -164,6 +164,57 @@ def cmd_query(args: argparse.Namespace) -> int:
     with StoreReader(args.data_dir) as store:
         points = query_series(store, args.device, args.metric, since=args.since, every=args.every, agg=args.agg)
     sys.stdout.write(render_points(points, args.format))
+    return 0
+
+
+def _field_text(f: dict[str, Any]) -> str:
+    return f"{f['name']}{'' if f['required'] else '?'}:{f['type']}" + (f" [{f['unit']}]" if f["unit"] else "")
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from pipeline.asyncapi import asyncapi_document, consumers_json, producers_json, traffic_by_type
+    from pipeline.catalog import Catalog
+    from pipeline.topics import TopicTemplate
+    from pipeline.traffic import read_traffic
+
+    try:
+        config = load_config(args.config) if args.config else GatewayConfig()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    config = config.with_overrides(data_dir=args.data_dir)
+    catalog = Catalog(TopicTemplate(config.topics.template), config.catalog.all_types, strict=config.catalog.strict)
+    producers, consumers = read_traffic(config.storage.data_dir)
+    if args.format == "asyncapi":
+        document = asyncapi_document(catalog, host=config.broker.host, port=config.broker.port, site=config.site,
+                                     producers=producers, consumers=consumers)
+        json.dump(document, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+        return 0
+    traffic = traffic_by_type(catalog, producers, consumers)
+    records: list[dict[str, Any]] = [
+        {
+            "name": t.name, "version": t.version, "variant": t.variant, "key": t.key, "description": t.description,
+            "topic": str(t.pattern), "builtin": t.builtin, "device_classes": list(t.device_classes),
+            "metric": t.metric, "fields": t.schema_fields(),
+            "producers": producers_json(traffic[t.key][0]), "consumers": consumers_json(traffic[t.key][1]),
+        }
+        for t in catalog.types
+    ]
+    if args.format == "json":
+        json.dump(records, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+        return 0
+    header = ("TYPE", "VERSION", "TOPIC", "FIELDS", "PRODUCERS", "CONSUMERS")
+    table = [
+        (r["name"] + (f" ({r['variant']})" if r["variant"] else ""), r["version"], r["topic"],
+         ", ".join(_field_text(f) for f in r["fields"]),
+         ", ".join(f"{p['client']} ({p['messages']})" for p in r["producers"]) or "-",
+         ", ".join(f"{c['client']} ({c['filter']})" for c in r["consumers"]) or "-")
+        for r in records
+    ]
+    _print_table(header, table)
     return 0
 
 
@@ -213,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agg", choices=("mean", "min", "max", "last", "count"), default="mean")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("catalog", help="event types with their schema, producers and consumers; AsyncAPI 3.0")
+    p.add_argument("--config", type=Path, default=None, help="the gateway's config file (default: built-ins only)")
+    data_dir(p, None)
+    p.add_argument("--format", choices=("table", "json", "asyncapi"), default="table")
+    p.set_defaults(func=cmd_catalog)
     return parser
 
 

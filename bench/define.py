@@ -74,8 +74,8 @@ class BaselineDefine:
             reading = Reading(
                 id=draft.event_id or new_event_id(to_ms(draft.received_at)), site=fields.site,
                 device_id=fields.device_id, device_class=fields.device_class,
-                transport=draft.transport,  # type: ignore[arg-type]
-                metric=fields.metric, value=draft.value,  # type: ignore[arg-type]
+                transport=draft.transport,
+                metric=fields.metric, value=draft.value,
                 unit=draft.unit, device_ts=draft.device_ts, received_at=draft.received_at, seq=draft.seq,
                 quality=() if draft.device_ts else (Quality.DEVICE_TIME_MISSING,),
             )

@@ -402,15 +402,8 @@ def builtin_types(template: TopicTemplate, *, lenient_readings: bool) -> list[Ev
 
 
 def declared_type(decl: TypeDecl, template: TopicTemplate) -> EventType:
-    """An :class:`EventType` for a declared reading: the built-in reading's fields, ``value`` with its
-    unit and range, and the extra fields."""
-    problem = check_name(decl.name, decl.version)
-    if problem is not None:
-        raise CatalogError(f"event type {decl.name} {decl.version}: {problem}")
-    clash = sorted(set(decl.fields) & set(Reading.model_fields))
-    if clash:
-        raise CatalogError(f"event type {decl.name} {decl.version}: field {clash[0]!r} is a reading field already"
-                           f" (declare `value` for the measurement itself)")
+    """An :class:`EventType` for a declared reading (checked by :func:`check_declarations`): the built-in
+    reading's fields, ``value`` with its unit and range, and the extra fields."""
     value = decl.value
     extra: JsonDict = {"x-unit": value.unit} if value.unit else {}
     definitions: dict[str, Any] = {
@@ -484,6 +477,9 @@ def check_declarations(decls: Iterable[TypeDecl]) -> None:
     covered: dict[tuple[str, str, str], str] = {}
     for decl in decls:
         problem = check_name(decl.name, decl.version)
+        clash = sorted(set(decl.fields) & set(Reading.model_fields))
+        if clash:
+            problem = f"field {clash[0]!r} is a reading field already (declare `value` for the measurement itself)"
         if problem is not None:
             raise CatalogError(f"event type {decl.name} {decl.version}: {problem}")
         same = by_name.setdefault(decl.name, [])

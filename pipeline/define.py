@@ -98,8 +98,7 @@ class DefineStage:
                 "quality": () if draft.device_ts else _NO_DEVICE_TIME,
             }
             if event_type.extra_fields:
-                body = json.loads(draft.payload)  # collect checked it is a JSON object
-                data.update((name, body[name]) for name in event_type.extra_fields if name in body)
+                data.update(_extra_fields(draft.payload, event_type.extra_fields))
             try:
                 reading: Reading = route.validate(data)
             except ValidationError as exc:
@@ -112,6 +111,15 @@ class DefineStage:
         self.stats.received += len(batch)
         self.stats.passed += len(out)
         return out
+
+
+def _extra_fields(payload: bytes, names: tuple[str, ...]) -> dict[str, Any]:
+    """The declared extra fields present in the raw JSON object (collect has parsed it once already)."""
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        return {}
+    return {name: body[name] for name in names if name in body} if isinstance(body, dict) else {}
 
 
 def _valid_event(reading: Reading, route: _Route, type_: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from datetime import UTC
 from typing import Any, Final
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 
 from pipeline.catalog import Catalog, EventType
 from pipeline.model import CLOUDEVENTS_SPEC, Quality, Reading, cloudevent, new_event_id, to_ms
@@ -116,9 +117,12 @@ class DefineStage:
 def _extra_fields(payload: bytes, names: tuple[str, ...]) -> dict[str, Any]:
     """The declared extra fields present in the raw JSON object (collect has parsed it once already)."""
     try:
-        body = json.loads(payload)
-    except (ValueError, RecursionError):
-        return {}
+        body = from_json(payload)  # pydantic-core's parser: about 10x json.loads here
+    except ValueError:
+        try:
+            body = json.loads(payload)  # what collect accepted and from_json does not (a UTF-8 BOM)
+        except (ValueError, RecursionError):
+            return {}
     return {name: body[name] for name in names if name in body} if isinstance(body, dict) else {}
 
 

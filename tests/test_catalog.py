@@ -5,6 +5,7 @@ cache: never committed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -394,10 +395,12 @@ async def test_declared_types_fill_the_unit_read_extra_fields_and_name_the_event
     v10 = draft(20.0, unit=None)
     v11 = draft(21.0, version="1.1", payload={"value": 21.0, "accuracy": 0.3, "ignored": True})
     v11_without = draft(22.0, version="1.1", payload={"value": 22.0})
-    out, emit, _ = await define(make_catalog(strict=True), v10, v11, v11_without)
+    v11_bom = dataclasses.replace(v11, payload=b"\xef\xbb\xbf" + v11.payload)  # collect accepts a UTF-8 BOM
+    out, emit, _ = await define(make_catalog(strict=True), v10, v11, v11_without, v11_bom)
     assert emit.rejects == []
-    assert [r.unit for r in out] == ["°C"] * 3
-    assert [getattr(r, "accuracy", "absent") for r in out] == ["absent", 0.3, None]
+    assert [r.unit for r in out] == ["°C"] * 4
+    assert [getattr(r, "accuracy", "absent") for r in out] == ["absent", 0.3, None, 0.3]
+    emit.events.pop()
     assert [(t, e["type"], e["data"].get("accuracy", "absent")) for t, e in emit.events] == [
         ("telemetry/valid/1.0/site1/environment/dev-1/temperature", TEMPERATURE_V1, "absent"),
         ("telemetry/valid/1.1/site1/environment/dev-1/temperature", TEMPERATURE_V1, 0.3),

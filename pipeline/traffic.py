@@ -6,7 +6,8 @@ type its topic belongs to: a raw reading to the type that validates it (its prod
 client, or ``driver:<device id>`` for an in-process driver), any other topic to the most specific
 type whose pattern matches (in-process publishes are the gateway's, ``gateway:<id>``; its relay of
 readings onto ``valid`` is not counted again). A subscription consumes every type whose pattern its
-filter overlaps.
+filter overlaps; its last seen is refreshed at each write while the subscription lasts, and it is
+marked inactive when the client unsubscribes, its session ends or the gateway stops.
 
 What was learned is kept in memory and written to ``catalog.db`` in the data directory at most once
 per ``flush_interval_s`` (and on exit), so ``iotgw catalog`` can read it while or after the gateway

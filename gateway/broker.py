@@ -39,6 +39,7 @@ from gateway.errors import GatewayError, PortInUseError
 
 log = logging.getLogger(__name__)
 _DRAIN_POLL_S = 0.02
+_SUBSCRIBE_REFUSED = 0x80  # the SUBACK return code of a refused filter
 
 
 class Ingest(Protocol):
@@ -48,6 +49,17 @@ class Ingest(Protocol):
     async def __call__(
         self, topic: str, payload: bytes, origin: str | None, event_id: str | None, resend: Resend | None
     ) -> Sequence[asyncio.Future[None]]: ...
+
+
+class Traffic(Protocol):
+    """Told about every publish and subscription, for the event catalog to learn producers and consumers
+    (pipeline.traffic.TrafficLearner). Called on the broker's path: must be cheap and must not block."""
+
+    def published(self, topic: str, origin: str | None) -> None: ...
+
+    def subscribed(self, client: str, topic_filter: str) -> None: ...
+
+    def unsubscribed(self, client: str, topic_filter: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +145,13 @@ class _GatedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
 
 
 class _TappedBroker(SecureBrokerMixin, Broker):  # type: ignore[misc]  # amqtt is untyped
-    def __init__(self, config: dict[str, Any], ingest: Ingest, room: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, config: dict[str, Any], ingest: Ingest, room: Callable[[], Awaitable[None]], traffic: Traffic | None
+    ) -> None:
         super().__init__(config)
         self._ingest = ingest
         self._room = room
+        self._traffic = traffic
         self.in_tap = 0
         self.draining = asyncio.Event()
         self.tapped = 0
@@ -180,6 +195,8 @@ class _TappedBroker(SecureBrokerMixin, Broker):  # type: ignore[misc]  # amqtt i
             return
         meta = _PUBLISH_META.get()
         origin = meta.origin if meta else (f"mqtt:{session.client_id}" if session else None)
+        if self._traffic is not None:
+            self._traffic.published(topic, origin)
         message = _DELIVERING.get() if session is not None else None
         resend = None
         if message is not None and message.packet_id is not None and message.publish_packet is not None:
@@ -199,6 +216,18 @@ class _TappedBroker(SecureBrokerMixin, Broker):  # type: ignore[misc]  # amqtt i
         durable = _AWAITING_DURABILITY.pop(id(message), None) if message is not None else None
         if durable is not None:
             _settle(durable, futures)
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        code: int = await super().add_subscription(subscription, session)
+        if self._traffic is not None and code != _SUBSCRIBE_REFUSED:
+            self._traffic.subscribed(f"mqtt:{session.client_id}", subscription[0])
+        return code
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        deleted: int = super()._del_subscription(a_filter, session)
+        if self._traffic is not None and deleted:
+            self._traffic.unsubscribed(f"mqtt:{session.client_id}", a_filter)
+        return deleted
 
     def pending_deliveries(self) -> int:
         """Messages read from clients (and maybe acknowledged) that have not reached the queue yet."""
@@ -230,9 +259,11 @@ class EmbeddedBroker:
     """``async with EmbeddedBroker(...) as broker``: listening on exit of ``__aenter__``."""
 
     def __init__(
-        self, settings: BrokerSettings, ingest: Ingest, room: Callable[[], Awaitable[None]], *, port_option: str
+        self, settings: BrokerSettings, ingest: Ingest, room: Callable[[], Awaitable[None]], *, port_option: str,
+        traffic: Traffic | None = None,
     ) -> None:
         self._settings = settings
+        self._traffic = traffic
         self._port_option = port_option
         self._ingest = ingest
         self._room = room
@@ -243,7 +274,7 @@ class EmbeddedBroker:
     async def __aenter__(self) -> Self:
         self.security = BrokerSecurity(self._settings)  # a ConfigError when [broker] is unusable
         plan = broker_plan(self._settings, self.security)
-        self._broker = _TappedBroker(plan.config, self._ingest, self._room)
+        self._broker = _TappedBroker(plan.config, self._ingest, self._room, self._traffic)
         self._broker.listener_ssl = plan.ssl_contexts
         self._broker.security = self.security
         quiet = _HideStartupTraceback()

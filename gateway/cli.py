@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.auth import BrokerSecurity
-from gateway.config import StorageSettings, load_config
+from gateway.config import GatewayConfig, StorageSettings, load_config
 from gateway.errors import ConfigError, GatewayError
 from gateway.logs import redact, secret_values, setup_logging
 from gateway.query import (
@@ -216,7 +216,7 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 def cmd_devices(args: argparse.Namespace) -> int:
     with StoreReader(args.data_dir) as store:
         rows = store.devices()
-    records = [
+    records: list[dict[str, Any]] = [
         {
             "device_id": r.device_id, "transport": r.transport, "device_class": r.device_class, "site": r.site,
             "first_seen": iso_ms(r.first_seen_ms), "last_seen": iso_ms(r.last_seen_ms), "metrics": list(r.metrics),
@@ -261,10 +261,72 @@ def cmd_service_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _field_text(f: dict[str, Any]) -> str:
+    return f"{f['name']}{'' if f['required'] else '?'}:{f['type']}" + (f" [{f['unit']}]" if f["unit"] else "")
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from pipeline.asyncapi import asyncapi_document, consumers_json, producers_json, traffic_by_type
+    from pipeline.catalog import Catalog
+    from pipeline.topics import TopicTemplate
+    from pipeline.traffic import read_traffic
+
+    try:
+        config = load_config(args.config) if args.config else GatewayConfig()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    config = config.with_overrides(data_dir=args.data_dir)
+    catalog = Catalog(TopicTemplate(config.topics.template), config.catalog.all_types, strict=config.catalog.strict)
+    producers, consumers = read_traffic(config.storage.data_dir)
+    if args.format == "asyncapi":
+        document = asyncapi_document(catalog, host=config.broker.host, port=config.broker.port, site=config.site,
+                                     producers=producers, consumers=consumers)
+        json.dump(document, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+        return 0
+    traffic = traffic_by_type(catalog, producers, consumers)
+    records: list[dict[str, Any]] = [
+        {
+            "name": t.name, "version": t.version, "variant": t.variant, "key": t.key, "description": t.description,
+            "topic": str(t.pattern), "builtin": t.builtin, "device_classes": list(t.device_classes),
+            "metric": t.metric, "fields": t.schema_fields(),
+            "producers": producers_json(traffic[t.key][0]), "consumers": consumers_json(traffic[t.key][1]),
+        }
+        for t in catalog.types
+    ]
+    if args.format == "json":
+        json.dump(records, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+        return 0
+    header = ("TYPE", "VERSION", "TOPIC", "FIELDS", "PRODUCERS", "CONSUMERS")
+    table = [
+        (r["name"] + (f" ({r['variant']})" if r["variant"] else ""), r["version"], r["topic"],
+         ", ".join(_field_text(f) for f in r["fields"]),
+         ", ".join(f"{p['client']} ({p['messages']})" for p in r["producers"]) or "-",
+         ", ".join(f"{c['client']} ({c['filter']})" for c in r["consumers"]) or "-")
+        for r in records
+    ]
+    _print_table(header, table)
+    return 0
+
+
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     for row in (header, *rows):
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _add_service_command(sub: Any) -> None:
+    p = sub.add_parser("service", help="run under systemd")
+    service = p.add_subparsers(dest="action", required=True)
+    p = service.add_parser("install", help="install the systemd unit and an example config (as root)")
+    p.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"))
+    p.add_argument("--config-dir", type=Path, default=Path("/etc/iotgw"))
+    p.add_argument("--executable", default=None, help="the iotgw the unit runs (default: this one)")
+    p.add_argument("--no-reload", action="store_true", help="do not run systemctl daemon-reload")
+    p.set_defaults(func=cmd_service_install)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,14 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-port", type=int, default=None, help="overrides [broker] port")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("service", help="run under systemd")
-    service = p.add_subparsers(dest="action", required=True)
-    p = service.add_parser("install", help="install the systemd unit and an example config (as root)")
-    p.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"))
-    p.add_argument("--config-dir", type=Path, default=Path("/etc/iotgw"))
-    p.add_argument("--executable", default=None, help="the iotgw the unit runs (default: this one)")
-    p.add_argument("--no-reload", action="store_true", help="do not run systemctl daemon-reload")
-    p.set_defaults(func=cmd_service_install)
+    _add_service_command(sub)
 
     p = sub.add_parser("check-config", help="validate a config file: exit 0, or 2 with one line per problem")
     p.add_argument("file", type=Path)
@@ -329,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agg", choices=("mean", "min", "max", "last", "count"), default="mean")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("catalog", help="event types with their schema, producers and consumers; AsyncAPI 3.0")
+    p.add_argument("--config", type=Path, default=None, help="the gateway's config file (default: built-ins only)")
+    data_dir(p, None)
+    p.add_argument("--format", choices=("table", "json", "asyncapi"), default="table")
+    p.set_defaults(func=cmd_catalog)
     return parser
 
 

@@ -38,6 +38,7 @@ from gateway.journal import Journal
 from gateway.reload import FIXED_FIELDS, ReloadPlan, plan_reload
 from gateway.systemd import Health
 from pipeline.analyze import AnalyzeStage
+from pipeline.catalog import Catalog
 from pipeline.clean import CleanStage, ClockPolicy
 from pipeline.collect import CollectStage
 from pipeline.define import DefineStage
@@ -48,6 +49,7 @@ from pipeline.runner import Pipeline
 from pipeline.stage import Emitter, RawMessage, Reject
 from pipeline.store import SqliteStore, StoreStage
 from pipeline.topics import TopicFields, TopicTemplate, compile_filter
+from pipeline.traffic import TrafficLearner
 
 if TYPE_CHECKING:
     from drivers.ble.sources import AdvertisementSource
@@ -75,6 +77,11 @@ async def _until_done(commit: Callable[[], Awaitable[None]], what: str) -> None:
         if attempt:
             log.warning("%s commit recovered after %d failed attempt(s)", what, attempt)
         return
+
+
+def config_forward_filters(config: GatewayConfig) -> list[tuple[str, str]]:
+    """(consumer, filter) for every forward destination: the catalog lists them as consumers."""
+    return [(f"forward:{f.name}", topic) for f in config.forward for topic in f.topics]
 
 
 def _dumps(event: dict[str, Any]) -> bytes:
@@ -125,7 +132,11 @@ class Gateway:
         self.queue: BatchQueue[RawMessage] = BatchQueue(config.pipeline.queue_size)
         self.journal = Journal(config.storage.data_dir)
         self.store = SqliteStore(config.storage.data_dir, config.storage.store_limits())
-        self.broker = EmbeddedBroker(config.broker, self._ingest, self.queue.wait_for_room, port_option=port_option)
+        self.catalog = Catalog(self.template, config.catalog.all_types, strict=config.catalog.strict)
+        self.traffic = TrafficLearner(self.catalog, config.storage.data_dir, gateway_id=self.gateway_id,
+                                      flush_interval_s=config.catalog.flush_interval_s)
+        self.broker = EmbeddedBroker(config.broker, self._ingest, self.queue.wait_for_room, port_option=port_option,
+                                     traffic=self.traffic)
         self.forwarder: Forwarder | None = None
         if config.forward:
             self.forwarder = self._new_forwarder([self._route(f) for f in config.forward])
@@ -143,7 +154,7 @@ class Gateway:
             [
                 self.collect,
                 self.clean,
-                DefineStage(self.template),
+                DefineStage(self.template, catalog=self.catalog),
                 StoreStage(self.store),
                 self.analyze,
             ],
@@ -236,6 +247,9 @@ class Gateway:
             self.analyze.rules.seed(await self.store.active_alerts())
             if self.forwarder is not None:
                 await self._stack.enter_async_context(self.forwarder)
+            await self._stack.enter_async_context(self.traffic)
+            for f in config_forward_filters(self.config):  # forward destinations consume what they forward
+                self.traffic.subscribed(*f)
             self._pipeline_task = asyncio.create_task(self._pipeline_loop(), name="pipeline")
             if recovered:  # before any new message: per-device order holds across the crash
                 log.warning("replaying %d message(s) accepted before the last stop", len(recovered))

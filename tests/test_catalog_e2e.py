@@ -15,6 +15,8 @@ TEMPERATURE_V1 = "com.example.environment.temperature.v1"
 CONFIG = """\
 site = "plant"
 gateway_id = "gw-e2e"
+[broker]
+allow_anonymous = true
 [storage]
 data_dir = "{data_dir}"
 [catalog]

@@ -148,6 +148,7 @@ class Gateway:
             grace_s=config.pipeline.analyze.grace_s, rules=RuleSet([r.to_rule() for r in config.rules]),
             on_alerts=self.store.record_alerts,
         )
+        self.define = DefineStage(self.template, catalog=self.catalog)
         self.collect = CollectStage(self.template, {d.id: d.transport for d in config.devices})
         self.clean = CleanStage({})
         self._configure_clean(config)
@@ -155,7 +156,7 @@ class Gateway:
             [
                 self.collect,
                 self.clean,
-                DefineStage(self.template, catalog=self.catalog),
+                self.define,
                 StoreStage(self.store),
                 self.analyze,
             ],
@@ -345,6 +346,10 @@ class Gateway:
             if name in built:
                 self._start_driver(built[name])
         self._configure_clean(config)
+        if config.catalog != old.catalog:
+            self.catalog = Catalog(self.template, config.catalog.all_types, strict=config.catalog.strict)
+            self.define.set_catalog(self.catalog)
+            self.traffic.set_catalog(self.catalog)
         if plan.pipeline_changed:
             self.analyze.set_rules(RuleSet([r.to_rule() for r in config.rules]))
             await self.store.close_unconfigured_alerts([r.name for r in config.rules],

@@ -59,6 +59,11 @@ class DefineStage:
         self._routes: dict[str, _Route] = {}
         self.stats = StageStats()
 
+    def set_catalog(self, catalog: Catalog) -> None:
+        """A reload changed the catalog: every topic's type is worked out again."""
+        self.catalog = catalog
+        self._routes.clear()
+
     def _route(self, draft: Draft) -> _Route:
         fields = draft.fields
         found = self.catalog.reading_type(fields)

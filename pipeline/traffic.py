@@ -95,6 +95,12 @@ class TrafficLearner:
         self._failing = False
         self.flushes = 0
 
+    def set_catalog(self, catalog: Catalog) -> None:
+        """A reload changed the catalog: topics are looked up afresh (subscriptions keep the types
+        they were matched to when made)."""
+        self.catalog = catalog
+        self._topics.clear()
+
     async def __aenter__(self) -> Self:
         await self._db.open(SCHEMA)
         await self._db.run(lambda conn: conn.execute("UPDATE consumers SET active = 0"))  # a new broker: no one

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from peers import Mosquitto, MqttCollector, mosquitto_fixture  # noqa: F401 (the
 
 from gateway.config import parse_config
 from gateway.reload import plan_reload
+from gateway.service import Gateway
 
 BASE: dict[str, Any] = {"site": "s", "storage": {"data_dir": "/tmp/x"}}
 
@@ -146,3 +148,36 @@ def test_a_bad_config_on_sighup_keeps_the_running_one(
     code, _, err = gw.stop()
     assert code == 0, err
     assert "reload refused, the running configuration stays" in err
+
+
+async def test_reload_applies_a_stricter_catalog(tmp_path: Path) -> None:
+    base = {"site": "s", "broker": {"port": 0, "allow_anonymous": True},
+            "storage": {"data_dir": str(tmp_path / "data")}, "pipeline": {"max_latency_s": 0}}
+    declared = {"strict": True, "types": [{
+        "name": "com.example.temperature.v1", "version": "1.0", "metric": "temperature",
+        "device_classes": ["environment"], "value": {"unit": "°C", "minimum": -40, "maximum": 85},
+    }]}
+    async with Gateway(parse_config(base)) as gw:
+        topic = "telemetry/raw/1.0/s/environment/d1/{}"
+
+        async def rejected_unknown() -> int:
+            count: int = gw.pipeline.stats()["define"]["rejected"].get("unknown_event_type", 0)
+            return count
+
+        await gw.broker.publish(topic.format("humidity"), b'{"value": 40}', origin="device-1")
+        await _until_processed(gw, 1)
+        assert await rejected_unknown() == 0  # lenient: any numeric metric is a reading
+        plan = await gw.reload(parse_config({**base, "catalog": declared}))
+        assert plan.pipeline_changed
+        await gw.broker.publish(topic.format("humidity"), b'{"value": 41}', origin="device-1")
+        await gw.broker.publish(topic.format("temperature"), b'{"value": 21}', origin="device-1")
+        await _until_processed(gw, 3)
+        assert await rejected_unknown() == 1  # strict now: humidity is declared nowhere
+        assert gw.pipeline.stats()["define"]["out"] == 2
+
+
+async def _until_processed(gw: Gateway, count: int) -> None:
+    deadline = time.monotonic() + 20
+    while gw.pipeline.stats()["define"]["in"] < count:
+        assert time.monotonic() < deadline, gw.pipeline.stats()
+        await asyncio.sleep(0.05)

@@ -68,6 +68,11 @@ class Sent:
     device_time: datetime
     spiked: str | None = None  # the metric that carried an out-of-range spike
 
+    @property
+    def intact(self) -> bool:
+        """The frame itself reached the wire undamaged (noise before it leaves it whole)."""
+        return self.fault in (None, "garbage")
+
 
 class SerialSim:
     """The base of every simulated serial device; subclasses encode frames."""
@@ -81,8 +86,6 @@ class SerialSim:
     RANGES: ClassVar[dict[str, tuple[float, float]]] = {}
     """Ranges the gateway needs (``[pipeline.ranges]``) to catch ``SPIKE`` beyond its defaults."""
     HAS_CLOCK: ClassVar[bool] = False
-    TIMED_FRAMES: ClassVar[int] = 1
-    """Frames (sentences) carrying the device time in each frame this simulator sends."""
 
     def __init__(
         self,
@@ -230,9 +233,15 @@ class SerialSim:
 
     def _device_time(self) -> datetime:
         self._clock_offset_s += self.clock_drift_s
-        if self.clock_drift_s and abs(self._clock_offset_s) >= self.skew_limit_s:
-            self.faults["clock_drift"] += self.TIMED_FRAMES
         return datetime.now(UTC) + timedelta(seconds=self._clock_offset_s)
+
+    def readings(self, sent: Sent) -> list[tuple[str, float]]:
+        """What the gateway decodes from a frame sent as ``sent``: (metric, value) in order."""
+        return list(sent.values.items()) if sent.intact else []
+
+    def timed_frames(self, sent: Sent) -> int:
+        """How many frames carrying the device's time reach the gateway from ``sent``."""
+        return int(self.HAS_CLOCK and sent.intact)
 
     async def _write(self, data: bytes) -> None:
         byte_time = 10 / self.baudrate  # 8N1: ten bits a byte; a pty does not pace, so we do
@@ -251,9 +260,12 @@ class SerialSim:
         if self._after_wire_fault:  # a damaged frame is always followed by an intact one
             fault = None
         self._after_wire_fault = fault is not None
-        self.history.append(Sent(values, fault, device_time, spiked))  # before the bytes leave
+        sent = Sent(values, fault, device_time, spiked)
+        self.history.append(sent)  # before the bytes leave
         if fault is not None:
             self.faults[fault] += 1
+        if self.clock_drift_s and abs(self._clock_offset_s) >= self.skew_limit_s:
+            self.faults["clock_drift"] += self.timed_frames(sent)
         data = self.encode(values, device_time, fault if fault != "garbage" else None)
         if fault == "garbage":
             data = self.garbage() + data
@@ -414,7 +426,8 @@ class NmeaSim(SerialSim):
     RANGES: ClassVar[dict[str, tuple[float, float]]] = {"altitude": (-500.0, 20000.0)}
     HAS_CLOCK = True
 
-    TIMED_FRAMES = 2  # GGA and RMC
+    GGA_METRICS = ("latitude", "longitude", "altitude", "satellites", "hdop")
+    RMC_METRICS = ("latitude", "longitude", "speed", "course")
 
     def setup(self) -> None:
         self._lat, self._lon, self._alt = 48.1173, 11.5167, 545.4
@@ -441,6 +454,14 @@ class NmeaSim(SerialSim):
         elif fault == "truncated":
             gga = gga[:20] + b"\r\n"  # the receiver reset mid-sentence
         return gga + rmc
+
+    def readings(self, sent: Sent) -> list[tuple[str, float]]:
+        """Faults damage the GGA sentence only; the RMC after it always arrives."""
+        gga = [(m, sent.values[m]) for m in self.GGA_METRICS] if sent.intact else []
+        return gga + [(m, sent.values[m]) for m in self.RMC_METRICS]
+
+    def timed_frames(self, sent: Sent) -> int:
+        return 1 + sent.intact
 
     def garbage(self) -> bytes:
         return bytes(self.rng.choice(b"#@!~%^&|?") for _ in range(self.rng.randint(3, 12))) + b"\r\n"

@@ -100,15 +100,21 @@ class SerialDriver:
 
     async def _read(self, reader: asyncio.StreamReader, sink: Sink) -> None:
         stream = PROTOCOLS[self.protocol]()
+        synced = False  # a port opened mid-frame starts with the tail of one: not the device's fault
         while True:
             data = await reader.read(READ_SIZE)
             if not data:
                 raise OSError("end of file on the serial port")
             for item in stream.feed(data):
                 if isinstance(item, FrameError):
+                    if not synced:
+                        synced = True
+                        self.stats.skipped["resync"] += 1
+                        continue
                     self.stats.errors[item.reason] += 1
                     await sink.error(self.device_id, item.reason, item.detail, data)
                     continue
+                synced = True
                 self.stats.frames += 1
                 device_ts = frame_time(item, datetime.now(UTC))
                 if device_ts is not None and abs(device_ts - datetime.now(UTC)) >= self.max_clock_skew:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Self
 from drivers.base import Driver, DriverReading
 from drivers.errors import DecodeError
 from drivers.serial.driver import SerialDriver
+from drivers.serial.modbus import RegisterSpec
+from drivers.serial.modbus_driver import ModbusDriver
 from drivers.serial.protocols import COMMANDS
 from gateway.broker import EmbeddedBroker, Resend
 from gateway.config import BleDevice, GatewayConfig, SerialDevice
@@ -74,6 +76,16 @@ async def _until_done(commit: Callable[[], Awaitable[None]], what: str) -> None:
 
 def _dumps(event: dict[str, Any]) -> bytes:
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _serial_driver(device: SerialDevice) -> Driver:
+    if device.protocol == "modbus":
+        return ModbusDriver(
+            device.id, device.port, device.baudrate, unit_id=device.unit_id, poll_interval_s=device.poll_interval_s,
+            timeout_s=device.timeout_s, registers=[RegisterSpec(**r.model_dump()) for r in device.registers],
+        )
+    return SerialDriver(device.id, device.port, device.protocol, device.baudrate,
+                        max_clock_skew_s=device.max_clock_skew_s)
 
 
 class _DriverSink:
@@ -145,7 +157,7 @@ class Gateway:
     def _build_drivers(self, ble_source: AdvertisementSource | None) -> list[Driver]:
         devices = self.config.devices
         drivers: list[Driver] = [
-            SerialDriver(d.id, d.port, d.protocol, d.baudrate) for d in devices if isinstance(d, SerialDevice)
+            _serial_driver(d) for d in devices if isinstance(d, SerialDevice)
         ]
         ble_devices = [d for d in devices if isinstance(d, BleDevice)]
         if ble_devices:  # the BLE stack (bleak, bthome-ble) loads only when a BLE device is configured

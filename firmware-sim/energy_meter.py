@@ -99,6 +99,7 @@ class EnergyMeterSim:
         self._fault: str | None = None
         self._served: dict[str, float] | None = None
         self._unplugging: asyncio.Task[None] | None = None
+        self._unplug_due = False
 
     @property
     def reasons(self) -> dict[str, str]:
@@ -106,8 +107,7 @@ class EnergyMeterSim:
         return {**self.REASONS, "exception": f"exception_{int(self.exception_code)}"}
 
     async def __aenter__(self) -> Self:
-        await self.pair.__aenter__()
-        await self._start_server()
+        await self.pair.plug(self._start_server)
         return self
 
     async def __aexit__(
@@ -125,8 +125,7 @@ class EnergyMeterSim:
         await self.pair.unplug()
 
     async def replug(self) -> None:
-        await self.pair.replug()
-        await self._start_server()
+        await self.pair.replug(self._start_server)
 
     async def _start_server(self) -> None:
         device = SimDevice(
@@ -164,8 +163,12 @@ class EnergyMeterSim:
         self.requests += 1
         n = self.requests
         fault = next((f for f, every in self.every.items() if every and n % every == 0), None)
+        if self._unplugging is not None:
+            fault = "unplugging"  # the cable is about to go: no reply, and no fault of its own
         self._fault, self._served = fault, None
         await asyncio.sleep((5 + 2 * count) * 10 / self.baudrate)  # the reply's time on the wire
+        if fault == "unplugging":
+            return None
         if fault == "exception":
             self.faults["exception"] += 1
             self._after_request(n)
@@ -189,11 +192,16 @@ class EnergyMeterSim:
         return None
 
     def _after_request(self, n: int) -> None:
-        if self.unplug_every and n % self.unplug_every == 0 and self._unplugging is None:
+        """After every ``unplug_every`` requests, pull the cable after the next intact reply (a fault
+        just before the pull would look like part of the outage)."""
+        if self.unplug_every and n % self.unplug_every == 0:
+            self._unplug_due = True
+        if self._unplug_due and self._fault in (None, "spike") and self._unplugging is None:
+            self._unplug_due = False
             self._unplugging = asyncio.get_running_loop().create_task(self._pull_cable())
 
     async def _pull_cable(self) -> None:
-        await asyncio.sleep(0.3)  # after the reply has left
+        await asyncio.sleep(0.1)  # after the reply has left (later requests go unanswered)
         self.faults["disconnect"] += 1
         await self.unplug()
         await asyncio.sleep(self.unplug_for_s)
@@ -206,6 +214,8 @@ class EnergyMeterSim:
             return data
         fault, self._fault = self._fault, None
         served, self._served = self._served, None
+        if fault == "unplugging":
+            return b""
         if fault == "no_reply":
             self.faults["no_reply"] += 1
             return b""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -42,13 +43,22 @@ class SocatPair:
         await self.replug()
         return self
 
+    async def plug(self, device_ready: Callable[[], Awaitable[None]]) -> Self:
+        """Like ``async with``, with ``device_ready`` run before the gateway's end appears."""
+        await self.replug(device_ready)
+        return self
+
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self._stop()
 
-    async def replug(self) -> None:
-        """Start socat on the same links (no-op when it runs) and wait until both links exist."""
+    async def replug(self, device_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Start socat on the same links (no-op when it runs) and wait until both links exist.
+
+        ``device_ready`` runs once the device end exists and before the gateway's end appears (the
+        link is renamed into place last), as a USB device node appears only once the device is up:
+        a gateway cannot open the port and write to a device that is not listening yet."""
         if self.plugged:
             return
         socat = shutil.which("socat")
@@ -58,13 +68,16 @@ class SocatPair:
             link.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 link.unlink()  # a stale link left by a killed socat
+        pending = self.gateway_path.with_name(self.gateway_path.name + ".pending")
+        with contextlib.suppress(FileNotFoundError):
+            pending.unlink()
         self._proc = await asyncio.create_subprocess_exec(
-            socat, f"pty,raw,echo=0,link={self.device_path}", f"pty,raw,echo=0,link={self.gateway_path}",
+            socat, f"pty,raw,echo=0,link={self.device_path}", f"pty,raw,echo=0,link={pending}",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT_S
-        while not (self.device_path.exists() and self.gateway_path.exists()):
+        while not (self.device_path.exists() and pending.exists()):
             if self._proc.returncode is not None or loop.time() > deadline:
                 stderr = b""
                 if self._proc.returncode is None:
@@ -74,6 +87,9 @@ class SocatPair:
                 await self._proc.wait()
                 raise SocatError(f"socat did not create {self.gateway_path}: {stderr.decode(errors='replace')}")
             await asyncio.sleep(0.01)
+        if device_ready is not None:
+            await device_ready()
+        pending.replace(self.gateway_path)
 
     async def unplug(self) -> None:
         """Kill socat: both ends of the cable disappear."""

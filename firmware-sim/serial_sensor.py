@@ -147,8 +147,7 @@ class SerialSim:
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Self:
-        await self.pair.__aenter__()
-        self._open()
+        await self.pair.plug(self._open)
         self._task = asyncio.create_task(self._firmware(), name=f"sim-{self.protocol}-{self.link.name}")
         return self
 
@@ -169,10 +168,9 @@ class SerialSim:
 
     async def replug(self) -> None:
         """Plug the cable back in on the same path."""
-        await self.pair.replug()
-        self._open()
+        await self.pair.replug(self._open)
 
-    def _open(self) -> None:
+    async def _open(self) -> None:
         self._fd = os.open(self.pair.device_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         tty.setraw(self._fd)
         asyncio.get_running_loop().add_reader(self._fd, self._on_readable)

@@ -147,7 +147,7 @@ class EnergyMeterSim:
     async def _stop_server(self) -> None:
         server, self._server = self._server, None
         if server is not None:
-            await server.shutdown()
+            await server.shutdown()  # type: ignore[no-untyped-call]
 
     def _tick(self) -> None:
         self.voltage = round(min(250.0, max(210.0, self.voltage + self.rng.uniform(-0.5, 0.5))), 1)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import tomllib
 from collections import Counter
 from collections.abc import Mapping
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -216,16 +215,15 @@ def parse_fleet(data: Mapping[str, Any]) -> FleetSpec:
             problems.append(f"{where}.faults: must be a table")
             continue
         options = {k: v for k, v in raw.items() if k not in _DEVICE_KEYS}
-        devices.append(FleetDevice(kind, device_id, Path(raw["link"]) if "link" in raw else None,
-                                   raw.get("device_class"), options, faults))
+        device = FleetDevice(kind, device_id, Path(raw["link"]) if "link" in raw else None,
+                             raw.get("device_class"), options, faults)
+        try:  # the simulator checks its own options and knobs (its constructor does no I/O)
+            KINDS[kind].simulator(device, FleetEnv(Path()))
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{where} ({device_id}): {exc}")
+        devices.append(device)
     spec = FleetSpec(tuple(devices), str(data.get("site", "fleet")), str(mqtt.get("host", "127.0.0.1")),
                      int(mqtt.get("port", 1883)))
-    env = spec.env(Path("."))
-    for i, device in enumerate(spec.devices):  # the simulators check their own knobs
-        try:
-            KINDS[device.kind].simulator(device, env)
-        except (TypeError, ValueError) as exc:
-            problems.append(f"device[{i}] ({device.id}): {exc}")
     if problems:
         raise FleetError(problems)
     return spec
@@ -245,11 +243,14 @@ class Fleet:
     """The running fleet. Serial devices start first (:meth:`start_local`), network devices once the
     gateway's broker listens (:meth:`start_network`); ``async with`` starts both."""
 
-    def __init__(self, spec: FleetSpec, env: FleetEnv) -> None:
+    def __init__(self, spec: FleetSpec, env: FleetEnv, *, paused: bool = False) -> None:
+        """``paused``: serial devices stay silent until :meth:`resume` (tests that count every
+        fault start them once the gateway's ports are open)."""
         self.spec = spec
         self.env = env
+        self.paused = paused
         self.simulators: dict[str, Simulator] = {}
-        self._stack = AsyncExitStack()
+        self._running: list[str] = []
 
     async def __aenter__(self) -> Fleet:
         await self.start_local()
@@ -260,16 +261,26 @@ class Fleet:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop every simulator started, last started first."""
-        await self._stack.aclose()
+        """Stop every simulator still running, last started first."""
+        await self.stop(*reversed(self._running))
+
+    async def stop(self, *device_ids: str) -> None:
+        """Stop these simulators (unplugged, disconnected); their ``faults`` stay readable."""
+        for device_id in device_ids:
+            if device_id in self._running:
+                self._running.remove(device_id)
+                await self.simulators[device_id].__aexit__(None, None, None)
 
     async def _start(self, network: bool) -> None:
         for device in self.spec.devices:
             kind = KINDS[device.kind]
             if (kind.transport == "mqtt") == network and device.id not in self.simulators:
                 sim = kind.simulator(device, self.env)
-                await self._stack.enter_async_context(sim)
+                await sim.__aenter__()
+                if self.paused and isinstance(sim, SerialSim):
+                    sim.sleeping = True  # before its firmware task first runs
                 self.simulators[device.id] = sim
+                self._running.append(device.id)
 
     async def start_local(self) -> None:
         await self._start(network=False)
@@ -279,6 +290,12 @@ class Fleet:
         self.env = replace(self.env, mqtt_host=mqtt_host or self.env.mqtt_host,
                            mqtt_port=mqtt_port or self.env.mqtt_port)
         await self._start(network=True)
+
+    def resume(self) -> None:
+        self.paused = False
+        for sim in self.simulators.values():
+            if isinstance(sim, SerialSim):
+                sim.sleeping = False
 
     def gateway_devices(self) -> list[dict[str, Any]]:
         return [KINDS[d.kind].gateway_device(d, self.env) for d in self.spec.devices]
@@ -297,7 +314,8 @@ def gateway_fragment(fleet: Fleet, default_ranges: Mapping[str, tuple[float, flo
     """A TOML fragment for the gateway: its ``[[devices]]`` and the ``[pipeline.ranges]`` that catch
     the fleet's spikes (the defaults included: the table replaces them)."""
     lines = [f"# written by iotgw sim: {len(fleet.spec.devices)} simulated device(s)",
-             f"site = {_toml(fleet.env.site)}", "", "[pipeline.ranges]"]
+             f"site = {_toml(fleet.env.site)}", "", "[broker]", f"port = {fleet.env.mqtt_port}", "",
+             "[pipeline.ranges]"]
     for metric, (lo, hi) in sorted({**default_ranges, **fleet.ranges()}.items()):
         lines.append(f"{metric} = {{ min = {lo!r}, max = {hi!r} }}")
     for device in fleet.gateway_devices():

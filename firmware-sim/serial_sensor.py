@@ -225,8 +225,7 @@ class SerialSim:
         self._last_values = dict(values)
         spiked = None
         if self.SPIKE is not None and self._due(self.spike_every, n):
-            spiked, values[self.SPIKE[0]] = self.SPIKE
-            self.faults["spike"] += 1
+            spiked, values[self.SPIKE[0]] = self.SPIKE  # counted once we know it reaches the wire intact
         return values, spiked
 
     def _device_time(self) -> datetime:
@@ -262,6 +261,8 @@ class SerialSim:
         self.history.append(sent)  # before the bytes leave
         if fault is not None:
             self.faults[fault] += 1
+        if spiked is not None and any(m == spiked for m, _ in self.readings(sent)):
+            self.faults["spike"] += 1
         if self.clock_drift_s and abs(self._clock_offset_s) >= self.skew_limit_s:
             self.faults["clock_drift"] += self.timed_frames(sent)
         data = self.encode(values, device_time, fault if fault != "garbage" else None)
@@ -272,7 +273,8 @@ class SerialSim:
 
     async def _firmware(self) -> None:
         while True:
-            if self.sleeping:  # e.g. an SDS011 told to sleep: no reports until told to work
+            if self.sleeping and not self._after_wire_fault:  # e.g. an SDS011 told to sleep (a damaged
+                # frame is still followed by an intact one, which ends it for the reader)
                 await asyncio.sleep(0.05)
                 continue
             started = time.monotonic()

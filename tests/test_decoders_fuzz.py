@@ -37,6 +37,6 @@ def test_stream_returns_frames_or_errors_and_never_raises(protocol: str, chunks:
 def test_a_split_read_decodes_like_one_read(protocol: str, data: bytes, cut: int) -> None:
     whole = PROTOCOLS[protocol]().feed(data)
     split = PROTOCOLS[protocol]()
-    parts = split.feed(data[:cut]) + split.feed(data[cut:])
+    parts = [*split.feed(data[:cut]), *split.feed(data[cut:])]
     assert [type(x) for x in parts if not isinstance(x, FrameError)] == [
         type(x) for x in whole if not isinstance(x, FrameError)]

@@ -3,6 +3,7 @@ client (paho) to watch it from outside."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,14 @@ class Watcher:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+async def until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Wait for a condition (polled), failing with ``what`` after ``timeout`` seconds: tests wait for
+    conditions with generous timeouts instead of sleeping and asserting."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not check():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None

@@ -10,11 +10,10 @@ import subprocess
 import sys
 import tomllib
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, until
 
 from firmware_sim.energy_meter import REGISTERS, EnergyMeterSim
 from firmware_sim.fleet import Fleet, FleetError, parse_fleet
@@ -96,15 +95,6 @@ bad_json_every = 9
 STREAMS = ("pm-1", "pms-1", "gps-1", "js-1", "kv-1")
 
 
-async def until(check: Callable[[], bool], timeout: float = 45.0, what: str = "condition") -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not check():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 def expected_stream_values(sim: SerialSim) -> Counter[tuple[str, float]]:
     """What the store must hold: every reading of every intact frame, except spiked values."""
     return Counter((m, round(v, 6)) for sent in sim.history for m, v in sim.readings(sent) if m != sent.spiked)
@@ -137,7 +127,7 @@ async def test_a_faulty_fleet_of_every_protocol_is_stored_right_and_every_fault_
             assert isinstance(mqtt, MqttSensorSim)
             await until(lambda: all(s.frames_sent >= 40 for s in streams.values())  # type: ignore[attr-defined]
                         and meter.requests >= 50 and mqtt.seq >= 40 and sims["kv-1"].faults["disconnect"] >= 1,
-                        what="enough traffic and one unplug")
+                        timeout=90, what="enough traffic and one unplug")
             # Quiet the fleet, then let the gateway read and store what is on the wires.
             for sim in streams.values():
                 assert isinstance(sim, SerialSim)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import statistics
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, until
 
 from drivers.base import backoff_delay
 from drivers.serial.driver import SerialDriver
@@ -17,15 +16,6 @@ from firmware_sim.pty import SocatPair
 from firmware_sim.serial_sensor import Sds011Sim
 from gateway.config import parse_config
 from gateway.service import Gateway
-
-
-async def until(check: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not check():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def test_socat_pair_links_vanish_on_unplug_and_come_back_on_replug(tmp_path: Path) -> None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
+from conftest import free_port, until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -155,15 +154,6 @@ def test_decode_block_never_raises(words: list[int], types: list[str]) -> None:
     for block in plan_blocks(regs):
         out = decode_block(block, words)
         assert all(isinstance(x, Measurement | FrameError) for x in out)
-
-
-async def until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not check():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def block_of(blocks: list[Block], kind: str) -> Block:

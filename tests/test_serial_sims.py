@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import until
 
 from drivers.base import DriverReading
 from drivers.serial.driver import SerialDriver
@@ -27,12 +27,6 @@ class Collector:
 
     async def error(self, device_id: str, reason: str, detail: str, raw: bytes) -> None:
         self.errors[reason] += 1
-
-
-async def until(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.02)
 
 
 def wire_faults(sim: SerialSim) -> dict[str, int]:

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, until
+from conftest import ROOT, Watcher, free_port, until
 
 from firmware_sim.energy_meter import REGISTERS, EnergyMeterSim
 from firmware_sim.fleet import Fleet, FleetError, parse_fleet
@@ -272,3 +272,24 @@ def test_iotgw_sim_prints_paths_writes_a_gateway_config_and_counts_faults(tmp_pa
     config = tomllib.loads(out_config.read_text())
     assert [d["protocol"] for d in config["devices"]] == ["sds011", "modbus"]
     assert config["devices"][1]["registers"] == REGISTERS
+
+
+async def test_mqtt_device_drops_its_connection_the_broker_sends_its_will_and_it_reconnects(tmp_path: Path) -> None:
+    config = parse_config({"site": "plant", "broker": {"port": free_port()}, "storage": {"data_dir": str(tmp_path)},
+                           "pipeline": {"max_latency_s": 0.05}})
+    async with Gateway(config) as gw:
+        watcher = await asyncio.to_thread(Watcher, gw.broker.port, ["status/#"])
+        try:
+            topics = {"temperature": (gw.raw_topic("th-1", "temperature"), "°C", 20.0)}
+            async with MqttSensorSim("th-1", "127.0.0.1", gw.broker.port, topics, status_topic="status/plant/th-1",
+                                     interval_s=0.05, disconnect_every=10) as sim:
+                await until(lambda: sim.faults["disconnect"] >= 1 and sim.seq >= 20, what="a drop and a reconnect")
+                await until(lambda: [p for _, p in watcher.messages].count(b"online") >= 2, what="online again")
+            statuses = [p for _, p in watcher.messages]
+        finally:
+            watcher.close()
+        await until(lambda: gw.store.rows_written >= len(sim.history), what="every reading stored")
+    first = statuses.index(b"online")
+    again = statuses.index(b"online", first + 1)
+    assert b"offline" in statuses[first:again]  # the last will, published by the broker when the link died
+    assert gw.stats()["stages"]["collect"]["rejected"] == {}

@@ -15,6 +15,7 @@ import contextlib
 import json
 import random
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -61,6 +62,9 @@ class MqttSensorSim:
         self._task: asyncio.Task[None] | None = None
         self.seq = 0
         self.acked = 0
+        self._lock = threading.Lock()
+        self._sent_mids: set[int] = set()
+        self._acked_mids: set[int] = set()
         self.spikes_sent = 0
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"sim-{device_id}", protocol=mqtt.MQTTv311
@@ -70,7 +74,20 @@ class MqttSensorSim:
         self._client.on_publish = self._on_publish
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, rc: object, props: object) -> None:
-        self.acked += 1
+        with self._lock:
+            self.acked += 1
+            self._acked_mids.add(mid)
+
+    def _send(self, topic: str, payload: bytes | str) -> None:
+        """A QoS 1 reading; :attr:`unacked` counts those not acknowledged yet."""
+        info = self._client.publish(topic, payload, qos=1)
+        with self._lock:
+            self._sent_mids.add(info.mid)
+
+    @property
+    def unacked(self) -> int:
+        with self._lock:
+            return len(self._sent_mids - self._acked_mids)
 
     async def __aenter__(self) -> Self:
         self._client.connect_async(self._host, self._port, keepalive=30)
@@ -86,7 +103,7 @@ class MqttSensorSim:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         deadline = time.monotonic() + 2.0  # let in-flight QoS 1 messages be acknowledged
-        while self.acked < self.seq and time.monotonic() < deadline:  # noqa: ASYNC110 - paho's thread sets it
+        while self.unacked and time.monotonic() < deadline:  # noqa: ASYNC110 - paho's thread sets it
             await asyncio.sleep(0.02)
         self._client.publish(self.status_topic, b"offline", qos=1, retain=True)
         self._client.disconnect()
@@ -112,7 +129,7 @@ class MqttSensorSim:
                 value = self._values[metric]
                 if self.bad_json_every and self.seq % self.bad_json_every == 0:
                     self.faults["bad_json"] += 1
-                    self._client.publish(topic, b'{"value": 1, "unit": ', qos=1)  # cut short
+                    self._send(topic, b'{"value": 1, "unit": ')  # cut short
                     continue
                 if self.spike_every and self.seq % self.spike_every == 0:
                     value = 1e6  # a glitch the clean stage must catch
@@ -121,14 +138,14 @@ class MqttSensorSim:
                 else:
                     self.history.append((metric, value))
                 body = {"value": value, "unit": unit, "ts": round(time.time() + drift, 3), "seq": self.seq}
-                self._client.publish(topic, json.dumps(body), qos=1)
+                self._send(topic, json.dumps(body))
             if self.disconnect_every and rounds % self.disconnect_every == 0:
                 await self._drop_connection()
             await asyncio.sleep(self.interval_s)
 
     async def _drop_connection(self) -> None:
         """Lose the TCP connection without a DISCONNECT (a power cut, a Wi-Fi drop)."""
-        while self.acked < self.seq:  # noqa: ASYNC110 - paho's thread sets it; QoS 1 in flight first
+        while self.unacked:  # noqa: ASYNC110 - paho's thread acknowledges; QoS 1 in flight first
             await asyncio.sleep(0.02)
         sock = self._client.socket()
         if not isinstance(sock, socket.socket):
@@ -140,4 +157,5 @@ class MqttSensorSim:
             await asyncio.sleep(0.02)
         while not self._client.is_connected():  # noqa: ASYNC110 - and reconnects by itself
             await asyncio.sleep(0.05)
+        sock.close()  # paho has let go of it (closing twice is harmless)
         self._client.publish(self.status_topic, b"online", qos=1, retain=True)

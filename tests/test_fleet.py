@@ -6,6 +6,7 @@ disconnects, pipeline rejects for spikes and broken JSON). Also: ``iotgw sim --f
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
 import sys
 import tomllib
@@ -274,6 +275,9 @@ def test_iotgw_sim_prints_paths_writes_a_gateway_config_and_counts_faults(tmp_pa
     assert config["devices"][1]["registers"] == REGISTERS
 
 
+# amqtt 0.12.1 never closes the server side of a connection that died without a DISCONNECT: its
+# transport is garbage-collected unclosed (a ResourceWarning). Collected here, inside this test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning", "ignore::ResourceWarning")
 async def test_mqtt_device_drops_its_connection_the_broker_sends_its_will_and_it_reconnects(tmp_path: Path) -> None:
     config = parse_config({"site": "plant", "broker": {"port": free_port()}, "storage": {"data_dir": str(tmp_path)},
                            "pipeline": {"max_latency_s": 0.05}})
@@ -289,6 +293,7 @@ async def test_mqtt_device_drops_its_connection_the_broker_sends_its_will_and_it
         finally:
             watcher.close()
         await until(lambda: gw.store.rows_written >= len(sim.history), what="every reading stored")
+    gc.collect()  # amqtt's leaked transport (see above), while this test's warning filters apply
     first = statuses.index(b"online")
     again = statuses.index(b"online", first + 1)
     assert b"offline" in statuses[first:again]  # the last will, published by the broker when the link died

@@ -19,6 +19,7 @@ from typing import Self
 __all__ = ["SocatError", "SocatPair"]
 
 START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
 
 
 class SocatError(RuntimeError):
@@ -101,7 +102,8 @@ class SocatPair:
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
             proc.kill()
-            await proc.wait()
+            with contextlib.suppress(TimeoutError):  # reaped later by the child watcher if need be
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
         for link in (self.device_path, self.gateway_path):
             with contextlib.suppress(FileNotFoundError):
                 link.unlink()

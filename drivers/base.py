@@ -36,13 +36,14 @@ class DriverStats:
     readings: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)  # not errors: duplicates, strangers
+    anomalies: Counter[str] = field(default_factory=Counter)  # kept but suspect: clock_skew
     disconnects: int = 0
     connected: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "frames": self.frames, "readings": self.readings, "errors": dict(sorted(self.errors.items())),
-            "skipped": dict(sorted(self.skipped.items())),
+            "skipped": dict(sorted(self.skipped.items())), "anomalies": dict(sorted(self.anomalies.items())),
             "disconnects": self.disconnects, "connected": self.connected,
         }
 

@@ -90,7 +90,8 @@ def _print_stats(stats: dict[str, Any], seconds: float) -> None:
     print(f"iotgw: ran {seconds:.1f} s", file=out)
     drivers = stats["drivers"]
     for name, d in drivers.items():
-        extra = "".join(f" {k}={v}" for k, v in {**d["errors"], **d["skipped"]}.items())
+        extra = "".join(f" {k}={v}" for k, v in {**d["errors"], **d["skipped"], **d.get("anomalies", {})}.items())
+        extra += f" disconnects={d['disconnects']}" if d["disconnects"] else ""
         print(f"  driver {name:<14} frames={d['frames']} readings={d['readings']}{extra}", file=out)
     print(f"  broker tapped={stats['broker']['tapped']} queue_high_water={stats['queue']['high_water']}"
           f" producer_waits={stats['queue']['producer_waits']}", file=out)
@@ -166,6 +167,48 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     return _run_gateway(lambda: Gateway(config, port_option="--mqtt-port or [broker] port"), args.seconds, announce,
                         reload)
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from firmware_sim.fleet import (  # the simulators load only for this command
+        Fleet,
+        FleetError,
+        gateway_fragment,
+        load_fleet,
+    )
+    from gateway.config import DEFAULT_METRIC_RULES
+
+    try:
+        spec = load_fleet(args.fleet)
+    except FleetError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    fleet = Fleet(spec, spec.env(args.dir.resolve()))
+    if args.gateway_config is not None:
+        ranges = {k: (r.min, r.max) for k, r in DEFAULT_METRIC_RULES.items()
+                  if r.min is not None and r.max is not None}
+        args.gateway_config.write_text(gateway_fragment(fleet, ranges), encoding="utf-8")
+        print(f"iotgw sim: gateway config written to {args.gateway_config}", flush=True)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with fleet:
+            for device in fleet.gateway_devices():
+                where = device.get("port") or f"mqtt {spec.mqtt_host}:{spec.mqtt_port}"
+                print(f"  {device['id']:<16} {device['transport']:<7} {where}", flush=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.seconds)
+
+    asyncio.run(serve())
+    print("iotgw sim: faults injected", file=sys.stdout)
+    for device_id, faults in fleet.faults().items():
+        counts = " ".join(f"{k}={v}" for k, v in sorted(faults.items())) or "none"
+        print(f"  {device_id:<16} {counts}")
+    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -318,6 +361,15 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
 
 
+def _add_sim_command(sub: Any) -> None:
+    p = sub.add_parser("sim", help="run a fleet of simulated devices described in TOML (until Ctrl-C)")
+    p.add_argument("--fleet", type=Path, required=True, help="the fleet file ([[device]] kind, id, faults)")
+    p.add_argument("--dir", type=Path, default=Path("iotgw-sim"), help="where serial links go (default: iotgw-sim)")
+    p.add_argument("--gateway-config", type=Path, default=None, help="write a matching gateway config fragment")
+    p.add_argument("--seconds", type=float, default=None, help="stop after N seconds (default: until Ctrl-C)")
+    p.set_defaults(func=cmd_sim)
+
+
 def _add_service_command(sub: Any) -> None:
     p = sub.add_parser("service", help="run under systemd")
     service = p.add_subparsers(dest="action", required=True)
@@ -354,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     _add_service_command(sub)
+
+    _add_sim_command(sub)
 
     p = sub.add_parser("check-config", help="validate a config file: exit 0, or 2 with one line per problem")
     p.add_argument("file", type=Path)

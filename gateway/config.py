@@ -6,6 +6,7 @@ A TOML file is parsed into :class:`GatewayConfig`. Problems come back as one lin
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import socket
@@ -289,17 +290,79 @@ class _Device(_Model):
     device_class: Level | None = None
 
 
+class ModbusRegister(_Model):
+    """One value of a Modbus device: ``[[devices.registers]]``."""
+
+    name: Level = Field(description="the metric")
+    address: int = Field(ge=0, le=65535)
+    kind: Literal["holding", "input"] = "holding"
+    type: Literal["uint16", "int16", "uint32", "int32", "float32"] = "uint16"
+    word_order: Literal["big", "little"] = Field(default="big", description="of 32-bit values: high word first")
+    scale: float = Field(default=1.0, allow_inf_nan=False, description="value = raw * scale")
+    unit: str | None = None
+
+    @property
+    def end(self) -> int:
+        """One past its last register."""
+        return self.address + (1 if self.type in ("uint16", "int16") else 2)
+
+
+MODBUS_ONLY = ("unit_id", "poll_interval_s", "timeout_s")
+
+
 class SerialDevice(_Device):
     transport: Literal["serial"]
     port: str = Field(min_length=1, description="prefer a stable /dev/serial/by-id/... path")
-    protocol: Literal["sds011", "pms5003", "nmea", "jsonlines", "kv"]
+    protocol: Literal["sds011", "pms5003", "nmea", "jsonlines", "kv", "modbus"]
     baudrate: int = 9600
+    max_clock_skew_s: float = Field(default=5.0, gt=0, description="device clock vs gateway: counted as clock_skew")
+    # Modbus RTU (protocol = "modbus") only:
+    unit_id: int = Field(default=1, ge=1, le=247)
+    poll_interval_s: float = Field(default=5.0, gt=0, le=86400)
+    timeout_s: float = Field(default=1.0, gt=0, le=60, description="for each reply")
+    registers: list[ModbusRegister] = Field(default_factory=list, validate_default=True)
 
     @field_validator("baudrate")
     @classmethod
     def _baud(cls, value: int) -> int:
         if value not in BAUDRATES:
             raise ValueError(f"must be one of {', '.join(map(str, BAUDRATES))}")
+        return value
+
+    @field_validator(*MODBUS_ONLY)
+    @classmethod
+    def _modbus_only(cls, value: float, info: ValidationInfo) -> float:
+        if info.data.get("protocol", "modbus") != "modbus":
+            raise ValueError('only for protocol = "modbus"')
+        return value
+
+    @field_validator("registers")
+    @classmethod
+    def _registers(cls, value: list[ModbusRegister], info: ValidationInfo) -> list[ModbusRegister]:
+        protocol = info.data.get("protocol")
+        if protocol is None:
+            return value  # the protocol itself is wrong: that error is enough
+        if protocol != "modbus":
+            if value:
+                raise ValueError('only for protocol = "modbus"')
+            return value
+        if not value:
+            raise ValueError("a modbus device needs at least one [[devices.registers]]")
+        problems: list[str] = []
+        names: dict[str, int] = {}
+        for i, reg in enumerate(value):
+            if reg.name in names:
+                problems.append(f"[{i}].name {reg.name!r} is also registers[{names[reg.name]}]")
+            names.setdefault(reg.name, i)
+            if reg.end > 65536:
+                problems.append(f"[{i}] runs past address 65535")
+        for kind in ("holding", "input"):
+            regs = sorted(((r.address, r.end, i) for i, r in enumerate(value) if r.kind == kind))
+            for (_, end_a, a), (start_b, _, b) in itertools.pairwise(regs):
+                if start_b < end_a:
+                    problems.append(f"[{b}] ({kind} {value[b].address}) overlaps registers[{a}] ({value[a].name})")
+        if problems:
+            raise ValueError("; ".join(problems))
         return value
 
 

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Self
 from drivers.base import Driver, DriverReading
 from drivers.errors import DecodeError
 from drivers.serial.driver import SerialDriver
+from drivers.serial.modbus import RegisterSpec
+from drivers.serial.modbus_driver import ModbusDriver
 from drivers.serial.protocols import COMMANDS
 from gateway.broker import EmbeddedBroker, Resend
 from gateway.config import BleDevice, ForwardSettings, GatewayConfig, SerialDevice, forward_topics
@@ -87,6 +89,16 @@ def config_forward_filters(config: GatewayConfig) -> list[tuple[str, str]]:
 
 def _dumps(event: dict[str, Any]) -> bytes:
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _serial_driver(device: SerialDevice) -> Driver:
+    if device.protocol == "modbus":
+        return ModbusDriver(
+            device.id, device.port, device.baudrate, unit_id=device.unit_id, poll_interval_s=device.poll_interval_s,
+            timeout_s=device.timeout_s, registers=[RegisterSpec(**r.model_dump()) for r in device.registers],
+        )
+    return SerialDriver(device.id, device.port, device.protocol, device.baudrate,
+                        max_clock_skew_s=device.max_clock_skew_s)
 
 
 class _DriverSink:
@@ -209,7 +221,7 @@ class Gateway:
         ble_source = self._ble_source
         devices = config.devices
         drivers: list[Driver] = [
-            SerialDriver(d.id, d.port, d.protocol, d.baudrate) for d in devices if isinstance(d, SerialDevice)
+            _serial_driver(d) for d in devices if isinstance(d, SerialDevice)
         ]
         ble_devices = [d for d in devices if isinstance(d, BleDevice)]
         if ble_devices:  # the BLE stack (bleak, bthome-ble) loads only when a BLE device is configured

@@ -3,6 +3,7 @@ client (paho) to watch it from outside."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +138,14 @@ def pki(tmp_path: Path) -> dict[str, Path]:
         _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
                  "-CAcreateserial", "-out", str(d / f"{name}.pem"), "-days", "2", "-extfile", str(extfile))
     return {p.stem + p.suffix.replace(".", "_"): p for p in d.iterdir()}
+
+
+async def until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Wait for a condition (polled), failing with ``what`` after ``timeout`` seconds: tests wait for
+    conditions with generous timeouts instead of sleeping and asserting."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not check():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None

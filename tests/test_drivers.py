@@ -47,7 +47,7 @@ async def test_serial_driver_reads_sds011_over_a_pty_and_counts_bad_checksums(tm
         await _until(lambda: driver.stats.frames >= 12 and driver.stats.errors["bad_checksum"] >= 2)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        sent_good = [(pm25, pm10) for pm25, pm10, corrupt in sim.history if not corrupt]
+        sent_good = [(s.values["pm2_5"], s.values["pm10"]) for s in sim.history if s.intact]
     got = list(zip(
         [r.value for r in sink.readings if r.metric == "pm2_5"],
         [r.value for r in sink.readings if r.metric == "pm10"],

@@ -2,7 +2,8 @@
 
 * **JSON lines** (:class:`JsonLinesStream`): one JSON object per line, each
   member a metric name and a number, e.g. ``{"temperature": 21.5, "humidity": 40}``.
-  Units are not carried (every value gets unit ``None``).
+  Units are not carried (every value gets unit ``None``).  A ``ts`` member is
+  not a metric but the device's clock, in epoch seconds (:attr:`TextFrame.device_ts`).
 * **key=value** (:class:`KeyValueStream`): ``temperature=21.5 humidity=40%``,
   pairs separated by spaces, tabs, commas or semicolons; a unit may follow the
   number directly (``temp=21.5C`` -> unit ``"C"``).
@@ -16,7 +17,8 @@ Error reasons: ``too_long``, ``invalid_utf8``, ``bad_json``, ``not_object``,
 ``empty`` (an object without members), ``bad_key`` (not a metric name),
 ``bad_token`` (a key=value token without ``=``), ``duplicate_key``,
 ``non_numeric`` (a value that is not a finite number; ``true``/``false``,
-``null``, strings, ``NaN`` included), ``truncated`` (an unfinished line at
+``null``, strings, ``NaN`` included), ``bad_ts`` (a JSON ``ts`` that is not a
+non-negative finite number of epoch seconds), ``truncated`` (an unfinished line at
 :meth:`flush`), ``bad_input`` (:meth:`feed` given something other than bytes).
 
 Nothing here does I/O and nothing raises on any input.
@@ -44,6 +46,9 @@ __all__ = [
     "parse_key_value_line",
 ]
 
+TS_KEY = "ts"
+_MAX_TS = 253402300800.0  # 10000-01-01: beyond what a datetime holds
+
 MAX_LINE_LEN = 512
 """Longest accepted line in bytes, without its ``CR LF`` / ``LF``."""
 
@@ -58,6 +63,8 @@ class TextFrame:
     """The values of one decoded line, in line order."""
 
     values: tuple[Measurement, ...]
+    device_ts: float | None = None
+    """The device's clock (JSON lines ``ts``), epoch seconds; ``None`` when the line has none."""
 
     def measurements(self) -> tuple[Measurement, ...]:
         return self.values
@@ -111,15 +118,23 @@ def parse_json_line(line: str | BytesLike) -> TextFrame | FrameError | None:
         return FrameError("empty", "an object without members")
     seen: set[str] = set()
     values: list[Measurement] = []
+    device_ts: float | None = None
     for key, raw in obj:
         error = _check_key(key, seen)
         if error is not None:
             return error
         value = _finite(raw)
+        if key == TS_KEY:
+            if value is None or value < 0 or value >= _MAX_TS:
+                return FrameError("bad_ts", "ts: not epoch seconds")
+            device_ts = value
+            continue
         if value is None:
             return FrameError("non_numeric", f"{key}: not a finite number")
         values.append(Measurement(key, value, None))
-    return TextFrame(tuple(values))
+    if not values:
+        return FrameError("empty", "no metric besides ts")
+    return TextFrame(tuple(values), device_ts)
 
 
 def parse_key_value_line(line: str | BytesLike) -> TextFrame | FrameError | None:

@@ -210,7 +210,7 @@ class Gateway:
         groups: dict[str, tuple[object, ...]] = {}
         for d in config.devices:
             if isinstance(d, SerialDevice):
-                groups[f"serial:{d.id}"] = (d,)
+                groups[f"{'modbus' if d.protocol == 'modbus' else 'serial'}:{d.id}"] = (d,)
             elif isinstance(d, BleDevice) and d.protocol == "gatt":
                 groups[f"ble-gatt:{d.id}"] = (d, config.ble)
             elif isinstance(d, BleDevice):  # one scanner for every advertising device

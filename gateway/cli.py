@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.config import StorageSettings, load_config
+from gateway.config import HttpSettings, StorageSettings, load_config
 from gateway.errors import ConfigError, GatewayError
 from gateway.query import (
     QueryError,
@@ -32,6 +32,7 @@ from pipeline.store import StoreReader
 log = logging.getLogger("iotgw")
 EXIT_USAGE = 2
 DEFAULT_DATA_DIR = StorageSettings().data_dir
+DEMO_HTTP_PORT = HttpSettings().port
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -105,28 +106,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
         demo_gateway,
     )
 
-    config = demo_config(args.data_dir, args.mqtt_port)
-
-    def announce(gw: Gateway) -> None:
-        print(f"iotgw demo: MQTT broker on {config.broker.host}:{gw.broker.port}, data in {config.storage.data_dir}"
-              f"\n  watch:  mosquitto_sub -p {gw.broker.port} -t 'telemetry/#' -v", flush=True)
-
-    return _run_gateway(lambda: demo_gateway(config), args.seconds, announce)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config).with_overrides(data_dir=args.data_dir, mqtt_port=args.mqtt_port)
+        config = demo_config(args.data_dir, args.mqtt_port).with_overrides(
+            http_port=DEMO_HTTP_PORT if args.http_port is None else args.http_port)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
 
     def announce(gw: Gateway) -> None:
-        print(f"iotgw: MQTT broker on {config.broker.host}:{gw.broker.port}, data in {config.storage.data_dir}",
-              flush=True)
+        print(f"iotgw demo: MQTT broker on {config.broker.host}:{gw.broker.port}, data in {config.storage.data_dir}"
+              f"\n  dashboard: {gw.http.url if gw.http else '(off)'}"
+              f"\n  watch:  mosquitto_sub -p {gw.broker.port} -t 'telemetry/#' -v", flush=True)
 
-    return _run_gateway(lambda: Gateway(config, port_option="--mqtt-port or [broker] port"), args.seconds, announce)
+    # without --http-port the demo takes any free port when 8080 is taken (it prints which)
+    return _run_gateway(lambda: demo_gateway(config, http_any_port_if_taken=args.http_port is None),
+                        args.seconds, announce)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config).with_overrides(data_dir=args.data_dir, mqtt_port=args.mqtt_port,
+                                                         http_port=args.http_port)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+
+    def announce(gw: Gateway) -> None:
+        print(f"iotgw: MQTT broker on {config.broker.host}:{gw.broker.port}, data in {config.storage.data_dir}"
+              + (f"\n  dashboard: {gw.http.url}" if gw.http else ""), flush=True)
+
+    return _run_gateway(lambda: Gateway(config, port_option="--mqtt-port or [broker] port",
+                                        http_port_option="--http-port or [http] port"), args.seconds, announce)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -186,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=None, help="stop after N seconds (default: until Ctrl-C)")
     data_dir(p, DEFAULT_DATA_DIR)
     p.add_argument("--mqtt-port", type=int, default=1883, help="embedded broker port (default: 1883)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help=f"dashboard and HTTP API port (default: {DEMO_HTTP_PORT}, or any free one if taken; 0: any)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run the gateway from a TOML config file")
@@ -193,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=None, help="stop after N seconds (default: until stopped)")
     data_dir(p, None)
     p.add_argument("--mqtt-port", type=int, default=None, help="overrides [broker] port")
+    p.add_argument("--http-port", type=int, default=None, help="serve the dashboard and HTTP API on this port "
+                   "(overrides [http] port and turns [http] on; 0: any free port)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check-config", help="validate a config file: exit 0, or 2 with one line per problem")

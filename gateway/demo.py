@@ -43,7 +43,9 @@ def demo_config(data_dir: Path, mqtt_port: int, *, host: str = "127.0.0.1") -> G
 
 
 @contextlib.asynccontextmanager
-async def demo_gateway(config: GatewayConfig, *, interval_s: float = 1.0) -> AsyncIterator[Gateway]:
+async def demo_gateway(
+    config: GatewayConfig, *, interval_s: float = 1.0, http_any_port_if_taken: bool = False
+) -> AsyncIterator[Gateway]:
     """The simulated fleet around a running gateway; everything stops cleanly on exit."""
     serial_device = next(d for d in config.devices if d.transport == "serial")
     radio = SimulatedRadio()
@@ -52,7 +54,9 @@ async def demo_gateway(config: GatewayConfig, *, interval_s: float = 1.0) -> Asy
         await stack.enter_async_context(
             Sds011Sim(Path(serial_device.port), interval_s=interval_s, bad_checksum_every=10)
         )
-        gateway = await stack.enter_async_context(Gateway(config, ble_source=radio))
+        gateway = await stack.enter_async_context(Gateway(
+            config, ble_source=radio, http_port_option="--http-port", http_any_port_if_taken=http_any_port_if_taken,
+        ))
         await stack.enter_async_context(BTHomeSensorSim(BLE_ADDRESS, radio.push, interval_s=interval_s))
         co2_topics = {
             "co2": (gateway.raw_topic("co2-1", "co2"), "ppm", 650.0),

@@ -34,6 +34,7 @@ from gateway.forward.forwarder import ORIGIN_PREFIX, Forwarder, Route
 from gateway.forward.outbox import Limits
 from gateway.forward.registry import build_destination
 from gateway.journal import Journal
+from gateway.views import AlertLog, AlertView, CatalogView, NoSignal, SignalView, StaticCatalog
 from pipeline.analyze import AnalyzeStage
 from pipeline.clean import CleanStage, ClockPolicy
 from pipeline.collect import CollectStage
@@ -47,6 +48,7 @@ from pipeline.topics import TopicFields, TopicTemplate, compile_filter
 
 if TYPE_CHECKING:
     from drivers.ble.sources import AdvertisementSource
+    from gateway.api import HttpApi
 
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 10.0
@@ -100,7 +102,7 @@ class Gateway:
 
     def __init__(
         self, config: GatewayConfig, *, ble_source: AdvertisementSource | None = None,
-        port_option: str = "--mqtt-port",
+        port_option: str = "--mqtt-port", http_port_option: str = "[http] port", http_any_port_if_taken: bool = False,
     ) -> None:
         self.config = config
         self.template = TopicTemplate(config.topics.template)
@@ -146,6 +148,16 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._pipeline_task: asyncio.Task[None] | None = None
         self.undrained = 0
+        # What the HTTP API shows (gateway/views.py): replaceable by richer sources before start.
+        self.alert_log = AlertLog()
+        self.alerts: AlertView = self.alert_log
+        self.catalog: CatalogView = StaticCatalog(
+            self.template, site=config.site, version=config.topics.version, gateway_id=self.gateway_id,
+            devices=[d.id for d in config.devices], destinations={f.name: f.topics for f in config.forward},
+        )
+        self.signal: SignalView = NoSignal()
+        self._http_options = (http_port_option, http_any_port_if_taken)
+        self.http: HttpApi | None = None
 
     def _build_drivers(self, ble_source: AdvertisementSource | None) -> list[Driver]:
         devices = self.config.devices
@@ -183,6 +195,13 @@ class Gateway:
                 for message in recovered:
                     await self.queue.put(message)
             await self._stack.enter_async_context(self.broker)
+            if self.config.http.enabled:
+                from gateway.api import HttpApi  # aiohttp and prometheus-client load only when serving HTTP
+
+                self.http = await self._stack.enter_async_context(HttpApi(
+                    self, self.config.http, catalog=self.catalog, alerts=self.alerts, signal=self.signal,
+                    port_option=self._http_options[0], fallback_to_any_port=self._http_options[1],
+                ))
         except BaseException:
             if self._pipeline_task is not None:
                 self._pipeline_task.cancel()
@@ -317,6 +336,7 @@ class Gateway:
     async def _publish_drop_alerts(self) -> None:
         """Outbox drops are raised as alert events (at most one per destination per interval)."""
         drops, self._drops = self._drops, {}
+        self.alert_log.clear_others("outbox_dropped", set(drops))
         for destination, count in drops.items():
             topic = f"alert/raised/1.0/{self.config.site}/gateway/{self.gateway_id}/outbox_dropped"
             event = cloudevent(
@@ -326,7 +346,11 @@ class Gateway:
                       "policy": "drop_oldest"},
             )
             log.warning("forward %s: outbox full, dropped %d oldest event(s)", destination, count)
+            self.alert_log.raise_(event["id"], "outbox_dropped", destination, detail=event["data"])
             await self.broker.publish(topic, _dumps(event), event_id=event["id"])
+
+    def pipeline_running(self) -> bool:
+        return self._pipeline_task is not None and not self._pipeline_task.done()
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -37,7 +37,6 @@ from gateway.config import HttpSettings
 from gateway.errors import GatewayError
 from gateway.query import AGGREGATES, QueryError, iso_ms, parse_duration, parse_time, query_series
 from gateway.views import Alert, AlertView, CatalogView, NoSignal, SignalView
-from pipeline.errors import PipelineError
 from pipeline.store import StoreReader
 
 if TYPE_CHECKING:
@@ -336,10 +335,8 @@ class HttpApi:
         try:
             await asyncio.wait_for(self._store.run(lambda s: s.count_series()), 5.0)
             checks["store"] = "up"
-        except (PipelineError, OSError, TimeoutError) as exc:
-            checks["store"] = f"cannot read the store: {exc}"
-        except Exception as exc:  # sqlite3.Error and the like
-            checks["store"] = f"cannot read the store: {exc}"
+        except Exception as exc:  # StoreError, sqlite3.Error, a timeout: whatever it is, not ready
+            checks["store"] = f"cannot read the store: {exc or type(exc).__name__}"
         down = {k: v for k, v in checks.items() if v != "up"}
         if down:
             detail = "; ".join(f"{k}: {v}" for k, v in down.items())
@@ -368,8 +365,7 @@ class HttpApi:
             m.Device(
                 device_id=r.device_id, transport=r.transport, device_class=r.device_class, site=r.site,
                 first_seen=iso_ms(r.first_seen_ms), last_seen=iso_ms(r.last_seen_ms), metrics=list(r.metrics),
-                rssi_dbm=self.signal.rssi(r.device_id) if self.signal.rssi(r.device_id) is not None
-                else last.get((r.device_id, "rssi")),
+                rssi_dbm=self._rssi(r.device_id, last.get((r.device_id, "rssi"))),
                 battery_pct=last.get((r.device_id, "battery")),
             )
             for r in rows
@@ -380,6 +376,11 @@ class HttpApi:
                         ([d.device_id, d.transport, d.device_class, d.site, d.first_seen, d.last_seen,
                           " ".join(d.metrics), d.rssi_dbm, d.battery_pct] for d in devices))
         return _json(list[BaseModel](devices))
+
+    def _rssi(self, device_id: str, stored: float | None) -> float | None:
+        """What the radio reported, else the latest value of an ``rssi`` metric the device sent."""
+        reported = self.signal.rssi(device_id)
+        return reported if reported is not None else stored
 
     async def _latest(self, request: web.Request) -> web.Response:
         fmt = _format(request)

@@ -219,6 +219,7 @@ class StoreReader:
         if not path.exists():
             raise StoreError(f"no store at {path} (is --data-dir right?)")
         self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        self._db.execute("PRAGMA mmap_size=1073741824")  # long scans read mapped pages, not copies (bench/query.py)
 
     def __enter__(self) -> Self:
         return self
@@ -274,8 +275,8 @@ class StoreReader:
         """
         if bucket_ms < 1:
             raise ValueError(f"bucket must be at least 1 ms, not {bucket_ms}")
-        # one bucket: [s, s + bucket) clipped to [?5, ?6], the range asked for
-        where = "FROM readings WHERE series_id = ?2 AND ts >= max(s, ?5) AND ts < s + ?1 AND ts <= ?6"
+        # one bucket: [s, s + bucket) clipped to [?5, ?6], the range asked for, as [lo, hi]
+        where = "FROM readings WHERE series_id = ?2 AND ts BETWEEN lo AND hi"
         if agg == "last":
             value = f"SELECT value {where} ORDER BY ts DESC LIMIT 1"
         elif agg in _BUCKET_AGG_SQL:
@@ -288,11 +289,8 @@ class StoreReader:
         if row is None:
             return None
         series_id, unit = row
-        first, last = self._db.execute(
-            "SELECT min(ts), max(ts) FROM readings WHERE series_id = ? AND ts >= ? AND ts <= ?",
-            (series_id, since_ms if since_ms is not None else -(2**62), until_ms if until_ms is not None else 2**62),
-        ).fetchone()
-        if first is None:
+        first, last = self._ends(series_id, since_ms, until_ms)
+        if first is None or last is None:
             return unit, []
         first_bucket = first - first % bucket_ms
         count = (last - first_bucket) // bucket_ms + 1
@@ -301,7 +299,8 @@ class StoreReader:
                              "use a larger bucket or a shorter range")
         lo, hi = since_ms if since_ms is not None else first, until_ms if until_ms is not None else last
         # the text is fixed (one of the aggregates above): no parameter reaches it
-        steps = "WITH RECURSIVE b(s) AS (SELECT ?3 UNION ALL SELECT s + ?1 FROM b WHERE s + ?1 <= ?4) "
+        steps = ("WITH RECURSIVE b(s, lo, hi) AS (SELECT ?3, max(?3, ?5), min(?3 + ?1 - 1, ?6) "
+                 "UNION ALL SELECT s + ?1, s + ?1, min(s + 2 * ?1 - 1, ?6) FROM b WHERE s + ?1 <= ?4) ")
         sql = f"{steps}SELECT s, v FROM (SELECT s, ({value}) AS v FROM b) WHERE v IS NOT NULL"  # noqa: S608
         points = self._db.execute(
             sql,
@@ -327,19 +326,20 @@ class StoreReader:
     ) -> tuple[str | None, int | None, int | None] | None:
         """(unit, first ts, last ts) of one series within the range (None, None when empty); None if no such series."""
         row = self._db.execute(
-            "SELECT s.unit, min(r.ts), max(r.ts) FROM series s LEFT JOIN readings r ON r.series_id = s.series_id "
-            "AND r.ts >= ? AND r.ts <= ? WHERE s.device_id = ? AND s.metric = ?",
-            (since_ms if since_ms is not None else -(2**62), until_ms if until_ms is not None else 2**62,
-             device_id, metric),
+            "SELECT series_id, unit FROM series WHERE device_id = ? AND metric = ?", (device_id, metric)
         ).fetchone()
-        if row is None or (row[0] is None and row[1] is None and not self._has_series(device_id, metric)):
+        if row is None:
             return None
-        return row[0], row[1], row[2]
+        return (row[1], *self._ends(row[0], since_ms, until_ms))
 
-    def _has_series(self, device_id: str, metric: str) -> bool:
-        return self._db.execute(
-            "SELECT 1 FROM series WHERE device_id = ? AND metric = ?", (device_id, metric)
-        ).fetchone() is not None
+    def _ends(self, series_id: int, since_ms: int | None, until_ms: int | None) -> tuple[int | None, int | None]:
+        """First and last ts in the range: two index seeks (``SELECT min(ts), max(ts)`` together would scan it)."""
+        bounds = (series_id, since_ms if since_ms is not None else -(2**62),
+                  until_ms if until_ms is not None else 2**62)
+        where = "FROM readings WHERE series_id = ? AND ts >= ? AND ts <= ?"
+        first = self._db.execute(f"SELECT min(ts) {where}", bounds).fetchone()[0]
+        last = self._db.execute(f"SELECT max(ts) {where}", bounds).fetchone()[0]
+        return first, last
 
     def count_range(self, device_id: str, metric: str, since_ms: int | None = None, until_ms: int | None = None) -> int:
         return int(self._db.execute(

@@ -22,9 +22,10 @@ from gateway.api_auth import authorized, is_loopback, read_token
 from gateway.config import parse_config
 from gateway.errors import ConfigError, GatewayError
 from gateway.service import Gateway
-from gateway.views import AlertLog
-from pipeline.model import READING_TYPE
+from gateway.views import AlertLog, StaticCatalog
+from pipeline.model import AGGREGATE_TYPE, ALERT_TYPE, COMMAND_ACK_TYPE, READING_TYPE
 from pipeline.store import StoreReader
+from pipeline.topics import DEFAULT_TEMPLATE, TopicTemplate
 
 DEVICES = {"pm-1": "serial", "t-1": "ble", "co2-1": "mqtt"}
 
@@ -351,3 +352,18 @@ def test_alert_log_raises_updates_and_clears() -> None:
     recent = log.recent(10)
     assert [a.id for a in recent] == ["A3", "A1"]
     assert recent[1].cleared_at == t0 + timedelta(seconds=20)
+
+
+def test_static_catalog_consumers_come_from_forward_filters() -> None:
+    catalog = StaticCatalog(TopicTemplate(DEFAULT_TEMPLATE), site="s1", version="1.0", gateway_id="gw", devices=["a"],
+                            destinations={"central": ["telemetry/valid/#", "alert/#"], "stream": ["telemetry/agg/>"]})
+    types = {t.type: t for t in catalog.types()}
+    assert types[READING_TYPE].producers == ("device:a",)
+    assert types[READING_TYPE].consumers == ("forward:central",)
+    assert types[AGGREGATE_TYPE].consumers == ("forward:stream",)
+    assert types[ALERT_TYPE].consumers == ("forward:central",)
+    assert types[COMMAND_ACK_TYPE].consumers == ()
+    doc = catalog.asyncapi()
+    reading = doc["channels"][READING_TYPE.replace(".", "_")]
+    assert reading["address"] == "telemetry/valid/1.0/s1/{device_class}/{device_id}/{metric}"
+    assert set(reading["parameters"]) == {"device_class", "device_id", "metric"}

@@ -155,6 +155,26 @@ async def test_dashboard_shows_live_charts_devices_and_catalog(demo: DemoWithHtt
     assert path.stat().st_size > 10_000
     print(f"dashboard screenshot: {path}")
 
+    # Drag across a chart: the window becomes that span (no longer live) and the charts re-query it
+    await browser.evaluate("document.querySelector('svg[data-series=\"t-1/temperature\"]').scrollIntoView()")
+    box = await browser.evaluate("(() => { const r = document.querySelector('svg[data-series=\"t-1/temperature\"]')"
+                                 ".getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })()")
+    left, top, width, height = box
+    y = top + height / 2
+    await browser.call("Input.dispatchMouseEvent", type="mousePressed", x=left + width * 0.5, y=y, button="left",
+                       clickCount=1)
+    await browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=left + width * 0.95, y=y, button="left")
+    await browser.call("Input.dispatchMouseEvent", type="mouseReleased", x=left + width * 0.95, y=y, button="left",
+                       clickCount=1)
+    live, span_ms = await browser.evaluate("[state.live, state.span]")
+    assert live is False
+    assert 60_000 < span_ms < 15 * 60_000 * 0.6  # about the right half of the 15-minute window
+    label = "document.getElementById('range-label').textContent"
+    deadline = asyncio.get_running_loop().time() + 30
+    while (await browser.evaluate(label)).startswith("live"):  # the charts re-query the dragged span
+        assert asyncio.get_running_loop().time() < deadline, "the range label still says live"
+        await asyncio.sleep(0.25)
+
     # Zoom: the 7-day button re-queries with coarser buckets; the chart still shows the stored data
     await browser.evaluate("document.querySelector('[data-range=\"7d\"]').click()")
     bucket_s, zoomed = await _wait_bucket(browser, "t-1/temperature", lambda b: b >= 600)

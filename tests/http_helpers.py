@@ -34,7 +34,8 @@ def get(url: str, token: str | None = None, timeout: float = 30) -> Answer:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http to loopback)
             return Answer(response.status, response.headers, response.read())
     except urllib.error.HTTPError as exc:
-        return Answer(exc.code, exc.headers, exc.read())
+        with exc:  # it holds the connection
+            return Answer(exc.code, exc.headers, exc.read())
 
 
 def wait_for(condition: Any, timeout: float, what: str) -> Any:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import iotgw
 from http_helpers import DemoWithHttp, get
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
@@ -367,3 +368,11 @@ def test_static_catalog_consumers_come_from_forward_filters() -> None:
     reading = doc["channels"][READING_TYPE.replace(".", "_")]
     assert reading["address"] == "telemetry/valid/1.0/s1/{device_class}/{device_id}/{metric}"
     assert set(reading["parameters"]) == {"device_class", "device_id", "metric"}
+
+
+def test_run_with_http_port_on_a_public_host_without_token_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "gw.toml"
+    config.write_text('[http]\nhost = "0.0.0.0"\n', encoding="utf-8")
+    result = iotgw("run", "--config", str(config), "--data-dir", str(tmp_path), "--http-port", "0")
+    assert result.returncode == 2
+    assert result.stderr.startswith("http: host '0.0.0.0' is not a loopback address")

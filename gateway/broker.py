@@ -326,6 +326,12 @@ class EmbeddedBroker:
         return self._broker.pending_deliveries() if self._broker else 0
 
     @property
+    def serving(self) -> bool:
+        """Started and taking clients (not yet draining for a stop): what ``/readyz`` reports."""
+        broker = self._broker
+        return broker is not None and broker.transitions.state == "started" and not broker.draining.is_set()
+
+    @property
     def tapped(self) -> int:
         return self._broker.tapped if self._broker else 0
 

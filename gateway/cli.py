@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.auth import BrokerSecurity
-from gateway.config import GatewayConfig, StorageSettings, load_config
+from gateway.config import GatewayConfig, HttpSettings, StorageSettings, load_config
 from gateway.errors import ConfigError, GatewayError
 from gateway.logs import redact, secret_values, setup_logging
 from gateway.query import (
@@ -35,6 +35,7 @@ from pipeline.store import StoreReader
 log = logging.getLogger("iotgw")
 EXIT_USAGE = 2
 DEFAULT_DATA_DIR = StorageSettings().data_dir
+DEMO_HTTP_PORT = HttpSettings().port
 
 
 Reloader = Callable[[Gateway], Awaitable[None]]
@@ -131,18 +132,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         demo_gateway,
     )
 
-    config = demo_config(args.data_dir, args.mqtt_port)
+    try:
+        config = demo_config(args.data_dir, args.mqtt_port).with_overrides(
+            http_port=DEMO_HTTP_PORT if args.http_port is None else args.http_port)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
 
     def announce(gw: Gateway) -> None:
         print(f"iotgw demo: MQTT broker on {config.broker.host}:{gw.broker.port}, data in {config.storage.data_dir}"
+              f"\n  dashboard: {gw.http.url if gw.http else '(off)'}"
               f"\n  watch:  mosquitto_sub -p {gw.broker.port} -t 'telemetry/#' -v", flush=True)
 
-    return _run_gateway(lambda: demo_gateway(config), args.seconds, announce)
+    # without --http-port the demo takes any free port when 8080 is taken (it prints which)
+    return _run_gateway(lambda: demo_gateway(config, http_any_port_if_taken=args.http_port is None),
+                        args.seconds, announce)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config).with_overrides(data_dir=args.data_dir, mqtt_port=args.mqtt_port)
+        config = load_config(args.config).with_overrides(data_dir=args.data_dir, mqtt_port=args.mqtt_port,
+                                                         http_port=args.http_port)
         BrokerSecurity(config.broker)  # before anything starts: the password file and the anonymous rule
     except ConfigError as exc:
         for problem in exc.problems:
@@ -153,19 +164,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         setup_logging(verbose=args.verbose, fmt=config.logging.format)
 
     def announce(gw: Gateway) -> None:
-        print(f"iotgw: MQTT broker on {config.broker.host}:{gw.broker.port}, data in {config.storage.data_dir}",
-              flush=True)
+        print(f"iotgw: MQTT broker on {config.broker.host}:{gw.broker.port}, data in {config.storage.data_dir}"
+              + (f"\n  dashboard: {gw.http.url}" if gw.http else ""), flush=True)
 
     async def reload(gw: Gateway) -> None:
         try:
-            new = load_config(args.config).with_overrides(data_dir=args.data_dir, mqtt_port=args.mqtt_port)
+            new = load_config(args.config).with_overrides(data_dir=args.data_dir, mqtt_port=args.mqtt_port,
+                                                          http_port=args.http_port)
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays: %s", "; ".join(exc.problems))
             return
         redact(secret_values(new))
         await gw.reload(new)
 
-    return _run_gateway(lambda: Gateway(config, port_option="--mqtt-port or [broker] port"), args.seconds, announce,
+    return _run_gateway(lambda: Gateway(config, port_option="--mqtt-port or [broker] port",
+                                        http_port_option="--http-port or [http] port"), args.seconds, announce,
                         reload)
 
 
@@ -396,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=None, help="stop after N seconds (default: until Ctrl-C)")
     data_dir(p, DEFAULT_DATA_DIR)
     p.add_argument("--mqtt-port", type=int, default=1883, help="embedded broker port (default: 1883)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help=f"dashboard and HTTP API port (default: {DEMO_HTTP_PORT}, or any free one if taken; 0: any)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run the gateway from a TOML config file")
@@ -403,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=None, help="stop after N seconds (default: until stopped)")
     data_dir(p, None)
     p.add_argument("--mqtt-port", type=int, default=None, help="overrides [broker] port")
+    p.add_argument("--http-port", type=int, default=None, help="serve the dashboard and HTTP API on this port "
+                   "(overrides [http] port and turns [http] on; 0: any free port)")
     p.set_defaults(func=cmd_run)
 
     _add_service_command(sub)

@@ -597,6 +597,44 @@ class LoggingSettings(_Model):
     format: Literal["text", "json"] = Field(default="text", description="text for journald, or JSON lines")
 
 
+class HttpSettings(_Model):
+    """The HTTP API and dashboard (gateway/api.py), served in the gateway's event loop.
+
+    Off unless enabled here or by ``--http-port`` (``iotgw demo`` turns it on). On a non-loopback
+    address every request except ``/healthz`` needs ``Authorization: Bearer <token>``; the token
+    comes from ``token``, else the file ``token_file``, else the environment variable ``token_env``.
+    """
+
+    enabled: bool = False
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8080, ge=0, le=65535, description="0: any free port")
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    token_env: str | None = Field(default=None, min_length=1)
+    require_token: bool = Field(default=False, description="also on loopback")
+
+    @model_validator(mode="after")
+    def _token_where_needed(self) -> HttpSettings:
+        if self.enabled and self.needs_token and self.resolve_token() is None:
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address (or require_token is set): "
+                "configure a bearer token (token, token_file or token_env)"
+            )
+        return self
+
+    @property
+    def needs_token(self) -> bool:
+        from gateway.api_auth import is_loopback
+
+        return self.require_token or not is_loopback(self.host)
+
+    def resolve_token(self) -> SecretStr | None:
+        """The configured token: ``token``, else ``token_file``'s first line, else ``$token_env``."""
+        from gateway.api_auth import read_token
+
+        return read_token(self.token, self.token_file, self.token_env)
+
+
 class BleSettings(_Model):
     backend: Literal["bleak", "simulated"] = "bleak"
     scanning: Literal["passive", "active"] = Field(
@@ -779,6 +817,7 @@ class GatewayConfig(_Model):
     topics: TopicSettings = TopicSettings()
     ble: BleSettings = BleSettings()
     logging: LoggingSettings = LoggingSettings()
+    http: HttpSettings = HttpSettings()
     gateway_id: Level | None = Field(default=None, description="default: SITE-HOSTNAME")
     devices: list[Device] = []
     forward: list[Forward] = []
@@ -807,9 +846,19 @@ class GatewayConfig(_Model):
     def device_class(self, device: SerialDevice | BleDevice | MqttDevice) -> str:
         return device.device_class or DEFAULT_DEVICE_CLASS[device.transport]
 
-    def with_overrides(self, *, data_dir: Path | None = None, mqtt_port: int | None = None) -> GatewayConfig:
-        """The command line's flags win over the file."""
+    def with_overrides(
+        self, *, data_dir: Path | None = None, mqtt_port: int | None = None, http_port: int | None = None
+    ) -> GatewayConfig:
+        """The command line's flags win over the file (``--http-port`` also turns the HTTP API on)."""
         config = self
+        if http_port is not None:
+            http = config.http.model_dump() | {"enabled": True, "port": http_port}
+            try:
+                settings = HttpSettings.model_validate(http)
+            except ValidationError as exc:
+                raise ConfigError([f"http{'' if p.startswith('(') else '.'}{p}".replace("http(root)", "http")
+                                   for p in _problems(exc)]) from None
+            config = config.model_copy(update={"http": settings})
         if data_dir is not None:
             config = config.model_copy(update={"storage": config.storage.model_copy(update={"data_dir": data_dir})})
         if mqtt_port is not None:

@@ -71,7 +71,9 @@ def demo_config(data_dir: Path, mqtt_port: int, *, host: str = "127.0.0.1") -> G
 
 
 @contextlib.asynccontextmanager
-async def demo_gateway(config: GatewayConfig, *, interval_s: float = 1.0) -> AsyncIterator[Gateway]:
+async def demo_gateway(
+    config: GatewayConfig, *, interval_s: float = 1.0, http_any_port_if_taken: bool = False
+) -> AsyncIterator[Gateway]:
     """The simulated fleet around a running gateway; everything stops cleanly on exit."""
     radio = SimulatedRadio()
     fleet = Fleet(demo_fleet(interval_s), _env(config))
@@ -79,7 +81,9 @@ async def demo_gateway(config: GatewayConfig, *, interval_s: float = 1.0) -> Asy
         # Serial devices must exist before the drivers open their ports, as real hardware would.
         stack.push_async_callback(fleet.aclose)
         await fleet.start_local()
-        gateway = await stack.enter_async_context(Gateway(config, ble_source=radio))
+        gateway = await stack.enter_async_context(Gateway(
+            config, ble_source=radio, http_port_option="--http-port", http_any_port_if_taken=http_any_port_if_taken,
+        ))
         await stack.enter_async_context(
             BTHomeSensorSim(address=BLE_ADDRESS, radio=radio, interval_s=interval_s, repeats=2)
         )

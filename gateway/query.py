@@ -1,4 +1,4 @@
-"""Series queries over the store, downsampled with pandas, rendered as table, CSV or JSON."""
+"""Series queries over the store, downsampled in SQL, rendered as table, CSV or JSON; times and durations."""
 
 from __future__ import annotations
 
@@ -42,34 +42,53 @@ class Point:
     value: float
 
 
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """An instant: RFC 3339 with an offset (``2026-11-28T06:40:00Z``), ``now``, or relative to now
+    (``-1h``, ``-15m``: a duration as :func:`parse_duration` reads it, with a minus sign)."""
+    now = datetime.now(UTC) if now is None else now
+    text = text.strip()
+    if text == "now":
+        return now
+    if text.startswith("-"):
+        return now - parse_duration(text[1:])
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        value = None
+    if value is None or not re.fullmatch(r"\d{4}-\d\d-\d\d[T ].+", text, re.ASCII) or value.tzinfo is None:
+        raise ValueError(f"not a time: {text!r} (use RFC 3339 with an offset, e.g. 2026-11-28T06:40:00Z, "
+                         "or relative, e.g. -1h, or now)")
+    return value
+
+
 def query_series(
     store: StoreReader, device_id: str, metric: str, *, since: timedelta | None = None,
     every: timedelta | None = None, agg: str = "mean", now_ms: int | None = None,
+    from_ms: int | None = None, to_ms: int | None = None,
 ) -> list[Point]:
+    """One series, raw or in ``every`` buckets. The range is ``from_ms`` (or ``since`` ago) to ``to_ms``,
+    both inclusive and optional. Coarse buckets to now come from the store's rollups; the others are
+    aggregated in SQL (:meth:`StoreReader.buckets`)."""
     if agg not in AGGREGATES:
         raise QueryError(f"unknown aggregate {agg!r}; one of {', '.join(AGGREGATES)}")
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    since_ms = now_ms - int(since.total_seconds() * 1000) if since is not None else None
+    if from_ms is None and since is not None:
+        from_ms = now_ms - int(since.total_seconds() * 1000)
     width = rollup_width(every, agg)
-    if width is not None and every is not None:
-        return _from_rollups(store, device_id, metric, width, since_ms=since_ms,
+    if width is not None and every is not None and to_ms is None:
+        return _from_rollups(store, device_id, metric, width, since_ms=from_ms,
                              every_ms=int(every.total_seconds() * 1000), agg=agg)
-    found = store.series(device_id, metric, since_ms)
+    if every is None:
+        found = store.series(device_id, metric, from_ms, to_ms)
+    else:
+        try:
+            found = store.buckets(device_id, metric, max(1, int(every.total_seconds() * 1000)), agg,
+                                  since_ms=from_ms, until_ms=to_ms)
+        except ValueError as exc:
+            raise QueryError(str(exc)) from None
     if found is None:
         raise QueryError(f"no series {device_id}/{metric} in the store (see: iotgw devices)")
-    rows = found[1]
-    if every is None:
-        return [Point(ts, value) for ts, value in rows]
-    if not rows:
-        return []
-    import pandas as pd  # loaded only when a query downsamples: the running gateway never pays for it
-
-    frame = pd.DataFrame(rows, columns=["ts", "value"])
-    series = pd.Series(frame["value"].to_numpy(), index=pd.to_datetime(frame["ts"], unit="ms", utc=True))
-    buckets = series.resample(every, origin="epoch", label="left").agg(agg)
-    buckets = buckets[buckets > 0] if agg == "count" else buckets.dropna()
-    stamps_ms = pd.DatetimeIndex(buckets.index).as_unit("ms").asi8
-    return [Point(int(ts), float(v)) for ts, v in zip(stamps_ms, buckets.to_numpy(), strict=True)]
+    return [Point(ts, value) for ts, value in found[1]]
 
 
 def rollup_width(every: timedelta | None, agg: str) -> RollupWidth | None:

@@ -40,6 +40,7 @@ from gateway.forward.registry import build_destination
 from gateway.journal import Journal
 from gateway.reload import FIXED_FIELDS, ReloadPlan, plan_reload
 from gateway.systemd import Health
+from gateway.views import AlertLog, AlertView, CatalogView, DriverSignal, LearnedCatalog, SignalView, StoredAlerts
 from pipeline.analyze import AnalyzeStage
 from pipeline.catalog import Catalog
 from pipeline.clean import CleanStage, ClockPolicy
@@ -56,6 +57,7 @@ from pipeline.traffic import TrafficLearner
 
 if TYPE_CHECKING:
     from drivers.ble.sources import AdvertisementSource
+    from gateway.api import HttpApi
 
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 10.0
@@ -135,7 +137,7 @@ class Gateway:
 
     def __init__(
         self, config: GatewayConfig, *, ble_source: AdvertisementSource | None = None,
-        port_option: str = "--mqtt-port",
+        port_option: str = "--mqtt-port", http_port_option: str = "[http] port", http_any_port_if_taken: bool = False,
     ) -> None:
         self.config = config
         self.template = TopicTemplate(config.topics.template)
@@ -186,6 +188,15 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._pipeline_task: asyncio.Task[None] | None = None
         self.undrained = 0
+        # What the HTTP API shows (gateway/views.py): replaceable by richer sources before start.
+        self.alert_log = AlertLog()
+        # What the HTTP API shows (gateway/views.py): the learned catalog, the rules' and the gateway's
+        # alerts, and the RSSI the BLE driver heard.
+        self.alerts: AlertView = StoredAlerts(config.storage.data_dir, self.alert_log)
+        self.catalog_view: CatalogView = LearnedCatalog(self)
+        self.signal: SignalView = DriverSignal(lambda: self.drivers)
+        self._http_options = (http_port_option, http_any_port_if_taken)
+        self.http: HttpApi | None = None
 
     def _route(self, f: ForwardSettings) -> Route:
         return Route(build_destination(f, self.gateway_id, self.template),
@@ -270,6 +281,13 @@ class Gateway:
                 for message in recovered:
                     await self.queue.put(message)
             await self._stack.enter_async_context(self.broker)
+            if self.config.http.enabled:
+                from gateway.api import HttpApi  # aiohttp and prometheus-client load only when serving HTTP
+
+                self.http = await self._stack.enter_async_context(HttpApi(
+                    self, self.config.http, catalog=self.catalog_view, alerts=self.alerts, signal=self.signal,
+                    port_option=self._http_options[0], fallback_to_any_port=self._http_options[1],
+                ))
         except BaseException:
             if self._pipeline_task is not None:
                 self._pipeline_task.cancel()
@@ -489,6 +507,7 @@ class Gateway:
     async def _publish_drop_alerts(self) -> None:
         """Outbox drops are raised as alert events (at most one per destination per interval)."""
         drops, self._drops = self._drops, {}
+        self.alert_log.clear_others("outbox_dropped", set(drops))
         for destination, count in drops.items():
             topic = f"alert/raised/1.0/{self.config.site}/gateway/{self.gateway_id}/outbox_dropped"
             event = cloudevent(
@@ -498,6 +517,7 @@ class Gateway:
                       "policy": "drop_oldest"},
             )
             log.warning("forward %s: outbox full, dropped %d oldest event(s)", destination, count)
+            self.alert_log.raise_(event["id"], "outbox_dropped", destination, detail=event["data"])
             await self.broker.publish(topic, _dumps(event), event_id=event["id"])
 
     def health(self) -> Health:
@@ -525,6 +545,9 @@ class Gateway:
                 for name, f in self.forwarder.stats().get("destinations", {}).items()
             )
         return Health(tuple(problems), status)
+
+    def pipeline_running(self) -> bool:
+        return self._pipeline_task is not None and not self._pipeline_task.done()
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -123,6 +123,9 @@ ON CONFLICT (series_id, bucket) DO UPDATE SET
 _INSERT_READING = "INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?, ?, ?)"
 
 
+_BUCKET_AGG_SQL = {"mean": "avg(value)", "min": "min(value)", "max": "max(value)", "count": "nullif(count(*), 0)"}
+
+
 class StoreError(PipelineError):
     """The local store cannot be opened or written."""
 
@@ -596,6 +599,7 @@ class StoreReader:
         if not path.exists():
             raise StoreError(f"no store at {path} (is --data-dir right?)")
         self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        self._db.execute("PRAGMA mmap_size=1073741824")  # long scans read mapped pages, not copies (bench/query.py)
 
     def __enter__(self) -> Self:
         return self
@@ -664,3 +668,98 @@ class StoreReader:
 
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM readings").fetchone()[0])
+
+    # -- for the HTTP API (gateway/api.py) and `iotgw query --every` ---------------------------------
+
+    MAX_BUCKETS = 20_000
+
+    def buckets(
+        self, device_id: str, metric: str, bucket_ms: int, agg: str, *,
+        since_ms: int | None = None, until_ms: int | None = None,
+    ) -> tuple[str | None, list[tuple[int, float]]] | None:
+        """(unit, [(bucket start ms, aggregate), ...]) of one series, aggregated in SQL: only non-empty
+        buckets, aligned on the epoch, over ``since_ms <= ts <= until_ms`` (default: the whole series).
+
+        One statement: a recursive CTE walks the bucket starts and each bucket is an aggregate over an
+        index range of the ``(series_id, ts)`` key, so rows arrive in key order and nothing is sorted
+        (a ``GROUP BY ts / bucket`` builds a temporary B-tree over every row: ~3x slower, see bench/query.py).
+        Raises ValueError for a bad aggregate or more than :attr:`MAX_BUCKETS` buckets.
+        """
+        if bucket_ms < 1:
+            raise ValueError(f"bucket must be at least 1 ms, not {bucket_ms}")
+        # one bucket: [s, s + bucket) clipped to [?5, ?6], the range asked for, as [lo, hi]
+        where = "FROM readings WHERE series_id = ?2 AND ts BETWEEN lo AND hi"
+        if agg == "last":
+            value = f"SELECT value {where} ORDER BY ts DESC LIMIT 1"
+        elif agg in _BUCKET_AGG_SQL:
+            value = f"SELECT {_BUCKET_AGG_SQL[agg]} {where}"
+        else:
+            raise ValueError(f"unknown aggregate {agg!r}; one of mean, min, max, last, count")
+        row = self._db.execute(
+            "SELECT series_id, unit FROM series WHERE device_id = ? AND metric = ?", (device_id, metric)
+        ).fetchone()
+        if row is None:
+            return None
+        series_id, unit = row
+        first, last = self._ends(series_id, since_ms, until_ms)
+        if first is None or last is None:
+            return unit, []
+        first_bucket = first - first % bucket_ms
+        count = (last - first_bucket) // bucket_ms + 1
+        if count > self.MAX_BUCKETS:
+            raise ValueError(f"{count} buckets of {bucket_ms} ms in this range, at most {self.MAX_BUCKETS}: "
+                             "use a larger bucket or a shorter range")
+        lo, hi = since_ms if since_ms is not None else first, until_ms if until_ms is not None else last
+        # the text is fixed (one of the aggregates above): no parameter reaches it
+        steps = ("WITH RECURSIVE b(s, lo, hi) AS (SELECT ?3, max(?3, ?5), min(?3 + ?1 - 1, ?6) "
+                 "UNION ALL SELECT s + ?1, s + ?1, min(s + 2 * ?1 - 1, ?6) FROM b WHERE s + ?1 <= ?4) ")
+        sql = f"{steps}SELECT s, v FROM (SELECT s, ({value}) AS v FROM b) WHERE v IS NOT NULL"  # noqa: S608
+        points = self._db.execute(
+            sql,
+            (bucket_ms, series_id, first_bucket, last, lo, hi),
+        ).fetchall()
+        return unit, [(int(s), float(v)) for s, v in points]
+
+    def latest(self) -> list[tuple[str, str, str | None, int, float]]:
+        """The newest reading of every series: (device_id, metric, unit, ts_ms, value)."""
+        out: list[tuple[str, str, str | None, int, float]] = []
+        for series_id, device_id, metric, unit in self._db.execute(
+            "SELECT series_id, device_id, metric, unit FROM series ORDER BY device_id, metric"
+        ).fetchall():
+            last = self._db.execute(
+                "SELECT ts, value FROM readings WHERE series_id = ? ORDER BY ts DESC LIMIT 1", (series_id,)
+            ).fetchone()
+            if last is not None:
+                out.append((device_id, metric, unit, int(last[0]), float(last[1])))
+        return out
+
+    def series_span(
+        self, device_id: str, metric: str, since_ms: int | None = None, until_ms: int | None = None
+    ) -> tuple[str | None, int | None, int | None] | None:
+        """(unit, first ts, last ts) of one series within the range (None, None when empty); None if no such series."""
+        row = self._db.execute(
+            "SELECT series_id, unit FROM series WHERE device_id = ? AND metric = ?", (device_id, metric)
+        ).fetchone()
+        if row is None:
+            return None
+        return (row[1], *self._ends(row[0], since_ms, until_ms))
+
+    def _ends(self, series_id: int, since_ms: int | None, until_ms: int | None) -> tuple[int | None, int | None]:
+        """First and last ts in the range: two index seeks (``SELECT min(ts), max(ts)`` together would scan it)."""
+        bounds = (series_id, since_ms if since_ms is not None else -(2**62),
+                  until_ms if until_ms is not None else 2**62)
+        where = "FROM readings WHERE series_id = ? AND ts >= ? AND ts <= ?"
+        first = self._db.execute(f"SELECT min(ts) {where}", bounds).fetchone()[0]
+        last = self._db.execute(f"SELECT max(ts) {where}", bounds).fetchone()[0]
+        return first, last
+
+    def count_range(self, device_id: str, metric: str, since_ms: int | None = None, until_ms: int | None = None) -> int:
+        return int(self._db.execute(
+            "SELECT count(*) FROM readings r JOIN series s ON r.series_id = s.series_id "
+            "WHERE s.device_id = ? AND s.metric = ? AND r.ts >= ? AND r.ts <= ?",
+            (device_id, metric, since_ms if since_ms is not None else -(2**62),
+             until_ms if until_ms is not None else 2**62),
+        ).fetchone()[0])
+
+    def count_series(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM series").fetchone()[0])

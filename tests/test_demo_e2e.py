@@ -39,6 +39,7 @@ def test_demo_stores_and_publishes_readings_from_all_three_transports(
     # The injected faults were rejected on the rejected stage, with their reasons.
     reasons = {e["data"]["reason"] for e in watcher.json("telemetry/rejected/")}
     assert {"bad_checksum", "out_of_range"} <= reasons
+    assert "  dashboard: http://127.0.0.1:" in out  # 8080, or any free port when 8080 is taken
     assert "bad_checksum=" in out  # driver faults are counted in the driver's line of the summary
     assert "out_of_range=" in out
     stored = int(out.split("stored=")[1].split()[0])

@@ -548,7 +548,7 @@ def _fetch_asyncapi_schema(target: Path) -> None:
 def asyncapi_schema(pytestconfig: pytest.Config) -> Draft7Validator:
     """The AsyncAPI 3.0.0 JSON Schema from the npm package @asyncapi/specs (v6), fetched from the npm
     registry at test time and cached under pytest's cache (or build/) directory: never committed."""
-    cache = pytestconfig.cache
+    cache = getattr(pytestconfig, "cache", None)  # absent under -p no:cacheprovider
     directory = cache.mkdir("asyncapi-specs-6") if cache is not None else ROOT / "build" / "asyncapi-specs-6"
     directory.mkdir(parents=True, exist_ok=True)
     schema_path = directory / "3.0.0.json"

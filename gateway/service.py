@@ -110,7 +110,8 @@ class Gateway:
         self.queue: BatchQueue[RawMessage] = BatchQueue(config.pipeline.queue_size)
         self.journal = Journal(config.storage.data_dir)
         self.store = SqliteStore(config.storage.data_dir)
-        self.broker = EmbeddedBroker(config.broker, self._ingest, self.queue.wait_for_room, port_option=port_option)
+        self.broker = EmbeddedBroker(config.broker, self._ingest, self.queue.wait_for_room, port_option=port_option,
+                                     data_dir=config.storage.data_dir)
         self.forwarder: Forwarder | None = None
         if config.forward:
             routes = [
@@ -331,7 +332,7 @@ class Gateway:
     def stats(self) -> dict[str, Any]:
         return {
             "time": datetime.now(UTC).isoformat(),
-            "broker": {"port": self.broker.port, "tapped": self.broker.tapped},
+            "broker": {"port": self.broker.port, "tapped": self.broker.tapped, **self.broker.stats()},
             "queue": {"depth": len(self.queue), "max": self.queue.maxsize, "high_water": self.queue.high_water,
                       "producer_waits": self.queue.put_waits},
             "drivers": {d.name: d.stats.as_dict() for d in self.drivers},

@@ -358,6 +358,15 @@ class _HideStartupTraceback(logging.Filter):
         return "startup failed" not in record.getMessage()
 
 
+class _QuietConnectionEnds(logging.Filter):
+    """amqtt logs an ERROR for every connection that ends before its CONNECT (the firewall's
+    refusals included); the firewall counts those by reason, and logs the first of each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(("No data from ", "Failed to initialize client session"))
+
+
 class EmbeddedBroker:
     """``async with EmbeddedBroker(...) as broker``: listening on exit of ``__aenter__``."""
 
@@ -372,6 +381,7 @@ class EmbeddedBroker:
         self._room = room
         self._broker: _TappedBroker | None = None
         self.sessions = Sessions(settings, data_dir)
+        self._quiet = _QuietConnectionEnds()
         self.port = settings.port
 
     async def __aenter__(self) -> Self:
@@ -388,12 +398,14 @@ class EmbeddedBroker:
             sessions=self.sessions,
         )
         self._broker.restore(restored)
+        logging.getLogger("amqtt.broker").addFilter(self._quiet)
         quiet = _HideStartupTraceback()
         amqtt_log = logging.getLogger("amqtt.broker")
         amqtt_log.addFilter(quiet)
         try:
             await self._broker.start()
         except BrokerError as exc:
+            logging.getLogger("amqtt.broker").removeFilter(self._quiet)
             await self.sessions.close()
             if _is_addr_in_use(exc):
                 raise PortInUseError(self._settings.host, self._settings.port, self._port_option) from None
@@ -410,6 +422,7 @@ class EmbeddedBroker:
         try:
             await self._running.shutdown()
         finally:
+            logging.getLogger("amqtt.broker").removeFilter(self._quiet)
             await self.sessions.close()
 
     def stats(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from gateway.config import BrokerSettings, GatewayConfig, StorageSettings
 
 
 def _config(tmp_path: Path, port: int, **broker: object) -> GatewayConfig:
-    return GatewayConfig(site="s1", broker=BrokerSettings(port=port, **broker),  # type: ignore[arg-type]
+    return GatewayConfig(site="s1", broker=BrokerSettings(port=port, **broker),
                          storage=StorageSettings(data_dir=tmp_path / "data"))
 
 

@@ -278,10 +278,11 @@ class _TappedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             if filtering and not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
                 continue
             effective = min(qos, granted)
-            connected = session.transitions.state == "connected"
-            if not connected and (session.clean_session or effective == 0):
+            # Connected or not by our own record: amqtt marks a session disconnected when a
+            # connection it took over ends, though the new one is up.
+            queue = self.mqtt_sessions.queues.get(client_id)
+            if queue is None or (not queue.connected and (not queue.persistent or effective == 0)):
                 continue  # [MQTT-3.1.2-5]: only QoS 1 and 2 wait for a disconnected persistent session
-            queue = self.mqtt_sessions.queue(client_id, persistent=not session.clean_session)
             if (future := queue.enqueue(topic, data, effective)) is not None:
                 futures.append(future)
         return futures

@@ -123,6 +123,7 @@ class Received(NamedTuple):
     payload: bytes
     qos: int
     dup: bool
+    retain: bool
 
 
 class Paho:
@@ -145,8 +146,12 @@ class Paho:
         self.client.loop_start()
         assert self._connected.wait(20), f"{client_id} could not connect"
         if subscribe:
-            self.client.subscribe(subscribe)
-            assert self._subscribed.wait(20), f"{client_id} could not subscribe"
+            self.subscribe(subscribe)
+
+    def subscribe(self, filters: list[tuple[str, int]]) -> None:
+        self._subscribed.clear()
+        self.client.subscribe(filters)
+        assert self._subscribed.wait(20), "could not subscribe"
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         self.session_present = bool(flags.session_present)
@@ -158,15 +163,15 @@ class Paho:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
-            self.messages.append(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.dup)))
+            self.messages.append(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.dup), bool(msg.retain)))
 
     def received(self) -> list[Received]:
         with self._lock:
             return list(self.messages)
 
-    def publish(self, topic: str, payload: bytes, qos: int) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int, *, retain: bool = False) -> None:
         """Publish and wait for the broker's acknowledgement (QoS 1 and 2)."""
-        info = self.client.publish(topic, payload, qos=qos)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
         info.wait_for_publish(20)
         assert info.is_published(), f"no acknowledgement for {topic}"
 

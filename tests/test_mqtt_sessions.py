@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import GatewayProcess
-from mqttwire import GatewayThread, Paho, RawClient, connect, puback, subscribe, wait_for
+from mqttwire import GatewayThread, Paho, RawClient, RawPacket, connect, packet, puback, subscribe, wait_for
 
 from gateway.config import BrokerSettings, GatewayConfig, StorageSettings
 
@@ -97,6 +97,60 @@ def test_raw_client_sees_same_packet_ids_with_dup_after_reconnect(tmp_path: Path
         pub.close()
 
 
+def _packet_id(p: RawPacket | None, topic_len: int = 0) -> int:
+    """The packet id of a PUBLISH (after its topic) or of an acknowledgement."""
+    assert p is not None
+    offset = 2 + topic_len if p.type == 3 else 0
+    return int.from_bytes(p.body[offset:offset + 2], "big")
+
+
+def test_qos2_in_flight_resumes_where_it_stopped(tmp_path: Path, port: int) -> None:
+    topic = "sess/qos2"
+    with GatewayThread(_config(tmp_path, port)):
+        raw = RawClient(port)
+        raw.send(connect("raw-qos2", clean=False) + subscribe(topic, 2))
+        assert [p.type for p in (raw.read(), raw.read()) if p] == [2, 9]
+        pub = Paho(port, "pub-qos2")
+        pub.publish(topic, b"one", 2)
+        pub.publish(topic, b"two", 2)
+        one, two = raw.read(), raw.read()
+        assert one is not None
+        assert two is not None
+        assert (one.first, two.first) == (0x34, 0x34)  # PUBLISH QoS 2, no DUP
+        raw.send(packet(0x50, _packet_id(one, len(topic)).to_bytes(2, "big")))  # PUBREC for the first only
+        pubrel = raw.read()
+        assert pubrel is not None
+        assert (pubrel.first, _packet_id(pubrel)) == (0x62, _packet_id(one, len(topic)))
+        raw.close()  # no PUBCOMP, no PUBREC for the second
+
+        raw = RawClient(port)
+        raw.send(connect("raw-qos2", clean=False))
+        assert raw.read() is not None
+        again_rel, again_two = raw.read(), raw.read()
+        assert again_rel is not None
+        assert again_two is not None
+        # [MQTT-4.4.0-1]: the PUBREL again (not the PUBLISH), then the second PUBLISH with DUP, same ids.
+        assert (again_rel.first, _packet_id(again_rel)) == (0x62, _packet_id(one, len(topic)))
+        assert (again_two.first, again_two.body) == (0x3C, two.body)
+        raw.send(packet(0x70, again_rel.body))  # PUBCOMP
+        raw.send(packet(0x50, _packet_id(two, len(topic)).to_bytes(2, "big")))  # PUBREC
+        rel_two = raw.read()
+        assert rel_two is not None
+        assert (rel_two.first, _packet_id(rel_two)) == (0x62, _packet_id(two, len(topic)))
+        raw.send(packet(0x70, rel_two.body))
+        raw.close()
+
+        raw = RawClient(port)  # everything was completed: only new messages now
+        raw.send(connect("raw-qos2", clean=False))
+        assert raw.read() is not None
+        pub.publish(topic, b"three", 2)
+        three = raw.read()
+        assert three is not None
+        assert (three.first, three.body[2 + len(topic) + 2:]) == (0x34, b"three")
+        raw.close()
+        pub.close()
+
+
 def test_will_on_keepalive_expiry_and_on_dropped_connection_but_not_after_disconnect(
     tmp_path: Path, port: int
 ) -> None:
@@ -146,6 +200,28 @@ def test_delivery_qos_is_minimum_of_publish_and_subscription(tmp_path: Path, por
         wait_for(lambda: len(both.received()) >= 1, "the overlap message")
         assert [(m.payload, m.qos) for m in both.received()] == [(b"2", 1)]
         for client in (*subs.values(), pub, both):
+            client.close()
+
+
+def test_retained_messages_go_to_a_new_subscription_only(tmp_path: Path, port: int) -> None:
+    with GatewayThread(_config(tmp_path, port)):
+        other = Paho(port, "ret-other", subscribe=[("ret/#", 1)])
+        pub = Paho(port, "ret-pub")
+        pub.publish("ret/a", b"kept", 1, retain=True)
+        wait_for(lambda: len(other.received()) == 1, "the live copy")
+        assert other.received()[0].retain is False  # [MQTT-3.3.1-9]: a live delivery is not marked retained
+        # amqtt sent a newly connected client the retained messages of every filter anyone subscribed to.
+        newcomer = Paho(port, "ret-new", clean=False)
+        newcomer.subscribe([("ret/a", 2)])
+        wait_for(lambda: len(newcomer.received()) >= 1, "the retained message")
+        newcomer.close()
+        assert [(m.payload, m.qos, m.retain) for m in newcomer.received()] == [(b"kept", 1, True)]
+        # A persistent session reconnecting made no new subscription: no retained message again.
+        back = Paho(port, "ret-new", clean=False)
+        pub.publish("ret/a", b"live", 1)
+        wait_for(lambda: len(back.received()) >= 1, "the live message")
+        assert [(m.payload, m.retain) for m in back.received()] == [(b"live", False)]
+        for client in (other, pub, back):
             client.close()
 
 

@@ -17,6 +17,8 @@ gateway/firewall.py for the details and the spec sections):
   [MQTT-3.1.2-24], [MQTT-3.1.2-8]);
 - retained messages go to a client only for the subscription it has just made [MQTT-3.3.1-6];
   amqtt also sends, on every connect, those matching any filter any client subscribed to;
+- subscribing again to a filter replaces its QoS [MQTT-3.8.4-3] (amqtt kept the old one);
+- a QoS 2 PUBCOMP to a publisher waits for durability like a QoS 1 PUBACK;
 - amqtt's session monitor discards a disconnected CleanSession 0 session after a second when its
   client authenticated anonymously; here only clean sessions end with their connection
   [MQTT-3.1.2-4].
@@ -241,6 +243,13 @@ class _TappedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         granted: int = await super().add_subscription(subscription, session)
+        if granted != 0x80:
+            # [MQTT-3.8.4-3]: a repeated filter replaces the subscription; amqtt keeps the old QoS
+            # (while its SUBACK grants the new one).
+            subscriptions = self._subscriptions.get(subscription[0], [])
+            for index, (subscriber, _) in enumerate(subscriptions):
+                if subscriber.client_id == session.client_id:
+                    subscriptions[index] = (subscriber, granted)
         if granted != 0x80 and not session.clean_session:
             self.mqtt_sessions.subscribed(session.client_id, subscription[0], granted)
         return granted

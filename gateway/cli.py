@@ -73,6 +73,10 @@ def _print_stats(stats: dict[str, Any], seconds: float) -> None:
         print(f"  driver {name:<14} frames={d['frames']} readings={d['readings']}{extra}", file=out)
     print(f"  broker tapped={stats['broker']['tapped']} queue_high_water={stats['queue']['high_water']}"
           f" producer_waits={stats['queue']['producer_waits']}", file=out)
+    sessions, offences = stats["broker"]["sessions"], stats["broker"]["offences"]
+    bad = " ".join(f"{k}={v}" for k, v in offences.items()) or "none"
+    print(f"  mqtt sessions={sessions['clients']} persistent={sessions['persistent']} queued={sessions['queued']}"
+          f" dropped={sum(sessions['dropped'].values())} closed for bad input: {bad}", file=out)
     for name, s in stats["stages"].items():
         rejected = " ".join(f"{k}={v}" for k, v in s["rejected"].items())
         print(f"  {name:<8} in={s['in']:<7} out={s['out']:<7} rejected: {rejected or 'none'}", file=out)

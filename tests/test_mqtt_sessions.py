@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from conftest import GatewayProcess
 from mqttwire import GatewayThread, Paho, RawClient, RawPacket, connect, packet, puback, subscribe, wait_for
 
 from gateway.config import BrokerSettings, GatewayConfig, StorageSettings
+from gateway.sessions import _SCHEMA, _apply, _Op
 
 
 def _config(tmp_path: Path, port: int, **broker: object) -> GatewayConfig:
@@ -193,10 +195,15 @@ def test_delivery_qos_is_minimum_of_publish_and_subscription(tmp_path: Path, por
             wait_for(lambda s=sub: len(s.received()) == 3, f"messages at subscription QoS {granted}")  # type: ignore[misc]
             on_wire = {int(m.payload): m.qos for m in sub.received()}
             assert on_wire == {p: min(p, granted) for p in (0, 1, 2)}, f"subscription QoS {granted}"
+        # Subscribing again to the same filter replaces the subscription's QoS [MQTT-3.8.4-3].
+        subs[0].subscribe([("qos/min", 2)])
+        pub.publish("qos/min", b"2", 2)
+        wait_for(lambda: len(subs[0].received()) == 4, "the message after resubscribing")
+        assert subs[0].received()[-1].qos == 2
         # Overlapping subscriptions of one client: one copy, at the highest granted QoS [MQTT-3.3.5-1].
         both = Paho(port, "sub-overlap", subscribe=[("qos/#", 0), ("qos/min", 1)])
         pub.publish("qos/min", b"2", 2)
-        wait_for(lambda: len(subs[2].received()) == 4, "the overlap message")
+        wait_for(lambda: len(subs[2].received()) == 5, "the overlap message")
         wait_for(lambda: len(both.received()) >= 1, "the overlap message")
         assert [(m.payload, m.qos) for m in both.received()] == [(b"2", 1)]
         for client in (*subs.values(), pub, both):
@@ -281,3 +288,17 @@ def test_persistent_sessions_survive_kill_9(tmp_path: Path, port: int, gateway_p
     sub.close()
     pub.close()
     gw.stop()
+
+
+def test_a_message_delivered_within_one_commit_costs_no_write() -> None:
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(_SCHEMA)
+    _apply(conn, [_Op("session", "c"), _Op("subscribe", "c", text="a/#", qos=1)])
+    before = conn.total_changes
+    _apply(conn, [_Op("message", "c", 1, "a/b", 1, b"x"), _Op("sent", "c", 1, packet_id=7), _Op("done", "c", 1),
+                  _Op("message", "c", 2, "a/b", 1, b"y"), _Op("sent", "c", 2, packet_id=8)])
+    assert conn.total_changes - before == 1  # only the message still in flight is written
+    assert conn.execute("SELECT seq, packet_id FROM message").fetchall() == [(2, 8)]
+    _apply(conn, [_Op("released", "c", 2), _Op("done", "c", 2), _Op("drop_session", "c")])
+    assert conn.execute("SELECT count(*) FROM message").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM subscription").fetchone() == (0,)

@@ -18,7 +18,8 @@ gateway/firewall.py for the details and the spec sections):
 - retained messages go to a client only for the subscription it has just made [MQTT-3.3.1-6];
   amqtt also sends, on every connect, those matching any filter any client subscribed to;
 - subscribing again to a filter replaces its QoS [MQTT-3.8.4-3] (amqtt kept the old one);
-- a QoS 2 PUBCOMP to a publisher waits for durability like a QoS 1 PUBACK;
+- a QoS 2 PUBCOMP to a publisher waits for durability like a QoS 1 PUBACK, and a PUBREL the
+  broker does not know (sent again after a restart) is still answered [MQTT-4.3.3-2];
 - amqtt's session monitor discards a disconnected CleanSession 0 session after a second when its
   client authenticated anonymously; here only clean sessions end with their connection
   [MQTT-3.1.2-4].
@@ -126,6 +127,14 @@ class _DurableHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
             _AWAITING_DURABILITY.pop(id(app_message), None)
             if self._pubcomp_gates.get(app_message.packet_id) is durable:
                 del self._pubcomp_gates[app_message.packet_id]
+
+    async def handle_pubrel(self, pubrel: Any) -> None:
+        """[MQTT-4.3.3-2]: a PUBREL is answered with PUBCOMP, known packet id or not. amqtt ignores
+        one it does not know (a QoS 2 flow from before a restart), and the client's flow never ends."""
+        if pubrel.packet_id in self._pubrel_waiters:
+            await super().handle_pubrel(pubrel)
+        else:
+            await self._send_packet(PubcompPacket.build(pubrel.packet_id))
 
     async def _send_packet(self, packet: Any) -> None:
         if isinstance(packet, PubcompPacket) and (gate := self._pubcomp_gates.get(packet.packet_id)) is not None:

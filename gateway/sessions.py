@@ -40,6 +40,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.mqtt.pubrel import PubrelPacket
 
 from gateway.config import BrokerSettings
+from gateway.errors import GatewayError
 from pipeline.db import GroupCommit, SqliteThread
 
 log = logging.getLogger(__name__)
@@ -313,18 +314,20 @@ class ClientQueue:
             await handler._send_packet(PublishPacket.build(d.topic, d.payload, None, False, 0, False))
             self._settled(d)
             return
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Any] = loop.create_future()
-        assert d.packet_id is not None
+        packet_id = d.packet_id
+        if packet_id is None:
+            raise GatewayError(f"a QoS {d.qos} message for {self.client_id} was sent without a packet id")
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # amqtt's reader resolves these waiters when the acknowledgements arrive.
         if d.released:
-            handler._pubcomp_waiters[d.packet_id] = waiter
+            handler._pubcomp_waiters[packet_id] = waiter
             waiter.add_done_callback(lambda f: self._on_ack(f, handler, d, "pubcomp"))
-            await handler._send_packet(PubrelPacket.build(d.packet_id))
+            await handler._send_packet(PubrelPacket.build(packet_id))
             return
         waiters = handler._puback_waiters if d.qos == 1 else handler._pubrec_waiters
-        waiters[d.packet_id] = waiter
+        waiters[packet_id] = waiter
         waiter.add_done_callback(lambda f: self._on_ack(f, handler, d, "puback" if d.qos == 1 else "pubrec"))
-        await handler._send_packet(PublishPacket.build(d.topic, d.payload, d.packet_id, dup, d.qos, False))
+        await handler._send_packet(PublishPacket.build(d.topic, d.payload, packet_id, dup, d.qos, False))
 
     def _on_ack(self, waiter: asyncio.Future[Any], handler: Any, d: Delivery, kind: str) -> None:
         for waiters in (handler._puback_waiters, handler._pubrec_waiters, handler._pubcomp_waiters):

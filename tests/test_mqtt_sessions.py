@@ -153,6 +153,17 @@ def test_qos2_in_flight_resumes_where_it_stopped(tmp_path: Path, port: int) -> N
         pub.close()
 
 
+def test_unknown_pubrel_is_answered_with_pubcomp(tmp_path: Path, port: int) -> None:
+    """A publisher's QoS 2 flow that began before a restart ends: its PUBREL gets a PUBCOMP."""
+    with GatewayThread(_config(tmp_path, port)):
+        raw = RawClient(port)
+        raw.send(connect("raw-pubrel", clean=False) + packet(0x62, b"\x00\x2a"))
+        assert raw.read() is not None  # CONNACK
+        pubcomp = raw.read()
+        assert pubcomp == RawPacket(0x70, b"\x00\x2a")
+        raw.close()
+
+
 def test_will_on_keepalive_expiry_and_on_dropped_connection_but_not_after_disconnect(
     tmp_path: Path, port: int
 ) -> None:

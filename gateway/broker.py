@@ -246,9 +246,11 @@ class _TappedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         await super()._cleanup_session(client_id)
 
     async def _delete_session(self, client_id: str) -> None:
-        # A CleanSession 1 CONNECT ends any previous session of that client id [MQTT-3.1.2-6].
-        self.mqtt_sessions.forget(client_id)
+        # A CleanSession 1 CONNECT ends any previous session of that client id [MQTT-3.1.2-6]; only
+        # once amqtt has really deleted it (an authentication hook may defer that until it accepts).
         await super()._delete_session(client_id)
+        if client_id not in self._sessions:
+            self.mqtt_sessions.forget(client_id)
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         granted: int = await super().add_subscription(subscription, session)
@@ -291,9 +293,10 @@ class _TappedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                     if known is None or granted > known[1]:
                         targets[session.client_id] = (session, granted)
         futures: list[asyncio.Future[None]] = []
-        filtering = targets and self.plugins_manager.is_topic_filtering_enabled()
         for client_id, (session, granted) in targets.items():
-            if filtering and not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
+            # Always asked (amqtt answers at once when no topic plugin is loaded): a security hook
+            # overriding _topic_filtering must see every delivery.
+            if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
                 continue
             effective = min(qos, granted)
             # Connected or not by our own record: amqtt marks a session disconnected when a

@@ -5,6 +5,24 @@ through :meth:`_TappedBroker._broadcast_message`. Messages whose topic matches t
 (the ``raw`` stage) are put on the pipeline's bounded queue there. When that queue is full the put
 waits, and every client's socket reader waits too, so a slow pipeline slows ingestion instead of
 growing memory.
+
+Patches carried for MQTT 3.1.1 (amqtt 0.12.1 falls short; see gateway/sessions.py and
+gateway/firewall.py for the details and the spec sections):
+
+- delivery goes through :class:`gateway.sessions.Sessions` instead of amqtt's broadcast queue:
+  min(publish, subscription) QoS [MQTT-3.8.4-6], offline queueing for CleanSession 0
+  [MQTT-3.1.2-5], redelivery on reconnect [MQTT-4.4.0-1], bounded per-client queues, persistence;
+- every socket is read through :class:`gateway.firewall.PacketFirewall` (malformed packets close
+  the connection and are counted; keep-alive expiry closes it, so the will is published
+  [MQTT-3.1.2-24], [MQTT-3.1.2-8]);
+- retained messages go to a client only for the subscription it has just made [MQTT-3.3.1-6];
+  amqtt also sends, on every connect, those matching any filter any client subscribed to;
+- subscribing again to a filter replaces its QoS [MQTT-3.8.4-3] (amqtt kept the old one);
+- a QoS 2 PUBCOMP to a publisher waits for durability like a QoS 1 PUBACK, and a PUBREL the
+  broker does not know (sent again after a restart) is still answered [MQTT-4.3.3-2];
+- amqtt's session monitor discards a disconnected CleanSession 0 session after a second when its
+  client authenticated anonymously; here only clean sessions end with their connection
+  [MQTT-3.1.2-4].
 """
 
 from __future__ import annotations
@@ -16,26 +34,29 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
 import amqtt.broker as amqtt_broker_module
 from amqtt.adapters import (
     ReaderAdapter,
-    StreamReaderAdapter,
     StreamWriterAdapter,
     WebSocketsReader,
     WebSocketsWriter,
 )
-from amqtt.broker import Broker
+from amqtt.broker import Action, Broker
 from amqtt.errors import BrokerError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.session import INCOMING, Session
 
 from gateway.auth import BrokerSecurity, SecureBrokerMixin, broker_plan
 from gateway.config import BrokerSettings
 from gateway.errors import GatewayError, PortInUseError
+from gateway.firewall import PacketFirewall
+from gateway.sessions import ClientQueue, Sessions
 
 log = logging.getLogger(__name__)
 _DRAIN_POLL_S = 0.02
@@ -78,6 +99,7 @@ class _PublishMeta:
 
 _PUBLISH_META: ContextVar[_PublishMeta | None] = ContextVar("iotgw_publish_meta", default=None)
 _DELIVERING: ContextVar[Any] = ContextVar("iotgw_delivering", default=None)
+_SUBSCRIBING: ContextVar[bool] = ContextVar("iotgw_subscribing", default=False)
 _AWAITING_DURABILITY: dict[int, asyncio.Future[None]] = {}  # id(incoming QoS 1 message) -> its PUBACK gate
 
 
@@ -88,6 +110,10 @@ class _DurableHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
     it although the device was told it arrived. Here the message carries a future that the broker
     resolves when what it was handed to (journal, outboxes) has committed.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pubcomp_gates: dict[int, asyncio.Future[None]] = {}
 
     async def _handle_qos1_message_flow(self, app_message: Any) -> None:
         if app_message.direction != INCOMING:
@@ -103,6 +129,35 @@ class _DurableHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
         puback = PubackPacket.build(app_message.packet_id)
         await self._send_packet(puback)
         app_message.puback_packet = puback
+
+    async def _handle_qos2_message_flow(self, app_message: Any) -> None:
+        """Likewise for QoS 2: the PUBCOMP waits until the message is durable (amqtt hands it over
+        at PUBREL; what is lost before that is a message the client still holds until PUBCOMP)."""
+        if app_message.direction != INCOMING:
+            await super()._handle_qos2_message_flow(app_message)
+            return
+        durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        _AWAITING_DURABILITY[id(app_message)] = durable
+        self._pubcomp_gates[app_message.packet_id] = durable
+        try:
+            await super()._handle_qos2_message_flow(app_message)
+        finally:
+            _AWAITING_DURABILITY.pop(id(app_message), None)
+            if self._pubcomp_gates.get(app_message.packet_id) is durable:
+                del self._pubcomp_gates[app_message.packet_id]
+
+    async def handle_pubrel(self, pubrel: Any) -> None:
+        """[MQTT-4.3.3-2]: a PUBREL is answered with PUBCOMP, known packet id or not. amqtt ignores
+        one it does not know (a QoS 2 flow from before a restart), and the client's flow never ends."""
+        if pubrel.packet_id in self._pubrel_waiters:
+            await super().handle_pubrel(pubrel)
+        else:
+            await self._send_packet(PubcompPacket.build(pubrel.packet_id))
+
+    async def _send_packet(self, packet: Any) -> None:
+        if isinstance(packet, PubcompPacket) and (gate := self._pubcomp_gates.get(packet.packet_id)) is not None:
+            await gate
+        await super()._send_packet(packet)
 
 
 amqtt_broker_module.BrokerProtocolHandler = _DurableHandler  # a patch carried by the project (see above)
@@ -146,15 +201,25 @@ class _GatedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
 
 class _TappedBroker(SecureBrokerMixin, Broker):  # type: ignore[misc]  # amqtt is untyped
     def __init__(
-        self, config: dict[str, Any], ingest: Ingest, room: Callable[[], Awaitable[None]], traffic: Traffic | None
+        self, config: dict[str, Any], ingest: Ingest, room: Callable[[], Awaitable[None]], *,
+        settings: BrokerSettings, sessions: Sessions, traffic: Traffic | None = None,
     ) -> None:
         super().__init__(config)
         self._ingest = ingest
         self._room = room
         self._traffic = traffic
+        self._settings = settings
+        self.mqtt_sessions = sessions
         self.in_tap = 0
         self.draining = asyncio.Event()
         self.tapped = 0
+        self.offences: dict[str, int] = {}
+        self._restored: dict[str, ClientQueue] = {}
+
+    def count_offence(self, reason: str) -> None:
+        if reason not in self.offences:
+            log.warning("MQTT connection closed: %s (further ones are counted in the stats)", reason)
+        self.offences[reason] = self.offences.get(reason, 0) + 1
 
     async def wait_read_allowed(self) -> None:
         if self.draining.is_set():
@@ -164,8 +229,121 @@ class _TappedBroker(SecureBrokerMixin, Broker):  # type: ignore[misc]  # amqtt i
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
-        await self._client_connected(listener_name, _GatedReader(StreamReaderAdapter(reader), self),
-                                     StreamWriterAdapter(writer))
+        firewall = PacketFirewall(
+            reader, writer, max_packet_bytes=self._settings.max_packet_bytes,
+            connect_timeout_s=self._settings.connect_timeout_s, gate=self.wait_read_allowed,
+            offence=self.count_offence,
+        )
+        await self._client_connected(listener_name, firewall, StreamWriterAdapter(writer))
+
+    # --- sessions (gateway/sessions.py) -------------------------------------------------------
+
+    def restore(self, queues: dict[str, ClientQueue]) -> None:
+        """Persistent sessions from the last run, put back once amqtt has cleared its tables."""
+        self._restored = queues
+
+    async def _start_listeners(self) -> None:
+        for client_id, queue in self._restored.items():
+            handler, session = self.create_offline_session(client_id)
+            session.clean_session = False
+            self._sessions[client_id] = (session, handler)
+            for topic_filter, qos in queue.subscriptions.items():
+                self._subscriptions.setdefault(topic_filter, []).append((session, qos))
+        await super()._start_listeners()
+
+    async def _session_monitor(self) -> None:
+        """[MQTT-3.1.2-4]: a disconnected CleanSession 0 session stays, anonymous or not."""
+        while True:
+            for client_id, (session, _) in list(self._sessions.items()):
+                if session.transitions.state == "disconnected" and session.clean_session:
+                    await self._cleanup_session(client_id)
+            await asyncio.sleep(1)
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        # Called by amqtt once a client's CONNACK is out and its handler runs: start sending.
+        queue = self.mqtt_sessions.queue(session.client_id, persistent=not session.clean_session)
+        queue.attach(self._get_handler(session))
+
+    async def _handle_disconnect(self, client_session: Session, handler: Any, disconnect_waiter: Any) -> None:
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+        queue = self.mqtt_sessions.queues.get(client_session.client_id)
+        if queue is not None:
+            queue.detach(handler)
+            if not queue.persistent and not queue.connected:
+                self.mqtt_sessions.forget(client_session.client_id)
+
+    async def _cleanup_session(self, client_id: str) -> None:
+        queue = self.mqtt_sessions.queues.get(client_id)
+        if queue is not None:
+            queue.detach(None)
+            if not queue.persistent:
+                self.mqtt_sessions.forget(client_id)
+        await super()._cleanup_session(client_id)
+
+    async def _delete_session(self, client_id: str) -> None:
+        # A CleanSession 1 CONNECT ends any previous session of that client id [MQTT-3.1.2-6]; only
+        # once amqtt has really deleted it (an authentication hook may defer that until it accepts).
+        await super()._delete_session(client_id)
+        if client_id not in self._sessions:
+            self.mqtt_sessions.forget(client_id)
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        granted: int = await super().add_subscription(subscription, session)
+        if granted != _SUBSCRIBE_REFUSED:
+            # [MQTT-3.8.4-3]: a repeated filter replaces the subscription; amqtt keeps the old QoS
+            # (while its SUBACK grants the new one).
+            subscriptions = self._subscriptions.get(subscription[0], [])
+            for index, (subscriber, _) in enumerate(subscriptions):
+                if subscriber.client_id == session.client_id:
+                    subscriptions[index] = (subscriber, granted)
+        if granted != _SUBSCRIBE_REFUSED and not session.clean_session:
+            self.mqtt_sessions.subscribed(session.client_id, subscription[0], granted)
+        if self._traffic is not None and granted != _SUBSCRIBE_REFUSED:  # the catalog learns its consumers
+            self._traffic.subscribed(f"mqtt:{session.client_id}", subscription[0])
+        return granted
+
+    async def _handle_unsubscription(self, client_session: Session, handler: Any, unsubscribe_waiter: Any) -> None:
+        await super()._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+        self.mqtt_sessions.unsubscribed(client_session.client_id, unsubscribe_waiter.result().topics)
+
+    async def _handle_subscription(self, client_session: Session, handler: Any, subscribe_waiter: Any) -> None:
+        token = _SUBSCRIBING.set(True)
+        try:
+            await super()._handle_subscription(client_session, handler, subscribe_waiter)
+        finally:
+            _SUBSCRIBING.reset(token)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        if _SUBSCRIBING.get():  # [MQTT-3.3.1-6]: for a new subscription only
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    async def _route(self, topic: str, data: bytes, qos: int) -> list[asyncio.Future[None]]:
+        """Queue a message for every client subscribed to its topic, once each, at
+        min(publish QoS, the highest granted QoS among its matching subscriptions)."""
+        targets: dict[str, tuple[Session, int]] = {}
+        for topic_filter, subscriptions in self._subscriptions.items():
+            if subscriptions and self._matches(topic, topic_filter):
+                for session, granted in subscriptions:
+                    known = targets.get(session.client_id)
+                    if known is None or granted > known[1]:
+                        targets[session.client_id] = (session, granted)
+        futures: list[asyncio.Future[None]] = []
+        for client_id, (session, granted) in targets.items():
+            # Always asked (amqtt answers at once when no topic plugin is loaded): a security hook
+            # overriding _topic_filtering must see every delivery.
+            if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
+                continue
+            effective = min(qos, granted)
+            # Connected or not by our own record: amqtt marks a session disconnected when a
+            # connection it took over ends, though the new one is up.
+            queue = self.mqtt_sessions.queues.get(client_id)
+            if queue is None or (not queue.connected and (not queue.persistent or effective == 0)):
+                continue  # [MQTT-3.1.2-5]: only QoS 1 and 2 wait for a disconnected persistent session
+            if (future := queue.enqueue(topic, data, effective)) is not None:
+                futures.append(future)
+        return futures
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
         await self._client_connected(listener_name, _GatedReader(WebSocketsReader(websocket), self),
@@ -190,7 +368,6 @@ class _TappedBroker(SecureBrokerMixin, Broker):  # type: ignore[misc]  # amqtt i
         data: bytes | bytearray | None,
         force_qos: int | None = None,
     ) -> None:
-        await super()._broadcast_message(session, topic, data, force_qos)
         if topic is None or data is None:
             return
         meta = _PUBLISH_META.get()
@@ -198,12 +375,15 @@ class _TappedBroker(SecureBrokerMixin, Broker):  # type: ignore[misc]  # amqtt i
         if self._traffic is not None:
             self._traffic.published(topic, origin)
         message = _DELIVERING.get() if session is not None else None
+        qos = force_qos if force_qos is not None else (message.qos if message is not None else 0)
+        routed = await self._route(topic, bytes(data), qos or 0)
         resend = None
         if message is not None and message.packet_id is not None and message.publish_packet is not None:
             resend = Resend(message.packet_id, bool(message.publish_packet.dup_flag))
         self.in_tap += 1
         try:
-            futures = await self._ingest(topic, bytes(data), origin, meta.event_id if meta else None, resend)
+            futures = [*await self._ingest(topic, bytes(data), origin, meta.event_id if meta else None, resend),
+                       *routed]
             self.tapped += 1
         except BaseException as exc:
             # Not taken: the device must not be told otherwise (no PUBACK; it will send again).
@@ -216,12 +396,6 @@ class _TappedBroker(SecureBrokerMixin, Broker):  # type: ignore[misc]  # amqtt i
         durable = _AWAITING_DURABILITY.pop(id(message), None) if message is not None else None
         if durable is not None:
             _settle(durable, futures)
-
-    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        code: int = await super().add_subscription(subscription, session)
-        if self._traffic is not None and code != _SUBSCRIBE_REFUSED:
-            self._traffic.subscribed(f"mqtt:{session.client_id}", subscription[0])
-        return code
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
         deleted: int = super()._del_subscription(a_filter, session)
@@ -255,34 +429,55 @@ class _HideStartupTraceback(logging.Filter):
         return "startup failed" not in record.getMessage()
 
 
+class _QuietConnectionEnds(logging.Filter):
+    """amqtt logs an ERROR for every connection that ends before its CONNECT (the firewall's
+    refusals included); the firewall counts those by reason, and logs the first of each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(("No data from ", "Failed to initialize client session"))
+
+
 class EmbeddedBroker:
     """``async with EmbeddedBroker(...) as broker``: listening on exit of ``__aenter__``."""
 
     def __init__(
         self, settings: BrokerSettings, ingest: Ingest, room: Callable[[], Awaitable[None]], *, port_option: str,
         traffic: Traffic | None = None,
+        data_dir: Path | None = None,
     ) -> None:
+        """``data_dir`` holds the persistent MQTT sessions (None: in memory, for this process only)."""
         self._settings = settings
         self._traffic = traffic
         self._port_option = port_option
         self._ingest = ingest
         self._room = room
         self._broker: _TappedBroker | None = None
+        self.sessions = Sessions(settings, data_dir)
+        self._quiet = _QuietConnectionEnds()
         self.port = settings.port
         self.security: BrokerSecurity | None = None
 
     async def __aenter__(self) -> Self:
         self.security = BrokerSecurity(self._settings)  # a ConfigError when [broker] is unusable
         plan = broker_plan(self._settings, self.security)
-        self._broker = _TappedBroker(plan.config, self._ingest, self._room, self._traffic)
+        restored = await self.sessions.open()
+        self._broker = _TappedBroker(
+            plan.config, self._ingest, self._room, settings=self._settings, sessions=self.sessions,
+            traffic=self._traffic,
+        )
         self._broker.listener_ssl = plan.ssl_contexts
         self._broker.security = self.security
+        self._broker.restore(restored)
+        logging.getLogger("amqtt.broker").addFilter(self._quiet)
         quiet = _HideStartupTraceback()
         amqtt_log = logging.getLogger("amqtt.broker")
         amqtt_log.addFilter(quiet)
         try:
             await self._broker.start()
         except BrokerError as exc:
+            logging.getLogger("amqtt.broker").removeFilter(self._quiet)
+            await self.sessions.close()
             if _is_addr_in_use(exc):
                 raise PortInUseError(self._settings.host, self._settings.port, self._port_option) from None
             raise GatewayError(f"the MQTT broker did not start: {exc}") from exc
@@ -298,7 +493,16 @@ class EmbeddedBroker:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._running.shutdown()
+        try:
+            await self._running.shutdown()
+        finally:
+            logging.getLogger("amqtt.broker").removeFilter(self._quiet)
+            await self.sessions.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Sessions (queued, dropped per client) and connections closed for bad input, by reason."""
+        broker = self._broker
+        return {"sessions": self.sessions.stats(), "offences": dict(broker.offences) if broker else {}}
 
     @property
     def _running(self) -> _TappedBroker:

@@ -100,6 +100,10 @@ def _print_stats(stats: dict[str, Any], seconds: float) -> None:
         denied = " ".join(f"{k}={v}" for k, v in security["denied"].items())
         print(f"  broker logins_accepted={security['logins_accepted']} logins_refused={security['logins_refused']}"
               f" denied: {denied}", file=out)
+    sessions, offences = stats["broker"]["sessions"], stats["broker"]["offences"]
+    bad = " ".join(f"{k}={v}" for k, v in offences.items()) or "none"
+    print(f"  mqtt sessions={sessions['clients']} persistent={sessions['persistent']} queued={sessions['queued']}"
+          f" dropped={sum(sessions['dropped'].values())} closed for bad input: {bad}", file=out)
     for name, s in stats["stages"].items():
         rejected = " ".join(f"{k}={v}" for k, v in s["rejected"].items())
         print(f"  {name:<8} in={s['in']:<7} out={s['out']:<7} rejected: {rejected or 'none'}", file=out)

@@ -144,6 +144,15 @@ class BrokerListener(_Model):
 class BrokerSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=0, le=65535)
+    # MQTT 3.1.1 sessions (gateway/sessions.py): messages a client's session may hold, queued and
+    # in flight together; what happens to a message that finds it full; PUBLISHes sent unacknowledged.
+    max_queued_messages: int = Field(default=1000, ge=1, le=1_000_000)
+    queue_full: Literal["drop_oldest", "drop_new"] = "drop_oldest"
+    max_inflight: int = Field(default=20, ge=1, le=65535)
+    # The largest MQTT packet a client may send (whole packet, header included); bigger ones close
+    # the connection (gateway/firewall.py).
+    max_packet_bytes: int = Field(default=262_144, ge=64, le=268_435_455)
+    connect_timeout_s: float = Field(default=10.0, gt=0)  # a connection must send CONNECT within this
     allow_anonymous: bool | Literal["loopback"] = Field(
         default=False, description='clients without a username; "loopback": only from this machine'
     )

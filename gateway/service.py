@@ -151,7 +151,7 @@ class Gateway:
         self.traffic = TrafficLearner(self.catalog, config.storage.data_dir, gateway_id=self.gateway_id,
                                       flush_interval_s=config.catalog.flush_interval_s)
         self.broker = EmbeddedBroker(config.broker, self._ingest, self.queue.wait_for_room, port_option=port_option,
-                                     traffic=self.traffic)
+                                     traffic=self.traffic, data_dir=config.storage.data_dir)
         self.forwarder: Forwarder | None = None
         if config.forward:
             self.forwarder = self._new_forwarder([self._route(f) for f in config.forward])
@@ -553,7 +553,8 @@ class Gateway:
         return {
             "time": datetime.now(UTC).isoformat(),
             "broker": {"port": self.broker.port, "tapped": self.broker.tapped,
-                       "security": self.broker.security.snapshot() if self.broker.security else {}},
+                       "security": self.broker.security.snapshot() if self.broker.security else {},
+                       **self.broker.stats()},
             "queue": {"depth": len(self.queue), "max": self.queue.maxsize, "high_water": self.queue.high_water,
                       "producer_waits": self.queue.put_waits},
             "drivers": {d.name: d.stats.as_dict() for d in self.drivers},

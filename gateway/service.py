@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 10.0
 ALERT_INTERVAL_S = 10.0
+PIPELINE_HANDOFF = 2  # batches between define and store
 WINDOW_TICK_S = 1.0
 FRAME_METRIC = "_frame"  # the metric level under which undecodable frames are rejected
 
@@ -182,7 +183,8 @@ class Gateway:
         self.drivers: list[Driver] = self._build_drivers(config)
         self._driver_tasks: dict[str, asyncio.Task[None]] = {}
         self.published: dict[str, int] = {"events": 0, "rejects": 0}
-        self._batch_started: float | None = None  # monotonic time the batch in the stages began
+        self._busy: dict[str, float] = {}  # pipeline task -> monotonic time its batch entered its stages
+        self._split = len(self.pipeline.stages) - 2  # collect, clean, define | store, analyze
         self.batches = 0
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
@@ -420,14 +422,34 @@ class Gateway:
         return futures
 
     async def _pipeline_loop(self) -> None:
+        """The stages as two tasks joined by a bounded queue: collect, clean and define (CPU) on one
+        batch while store and analyze (SQLite, on its own thread) finish the one before; batches stay
+        in order. A batch leaves the journal only once stored and its events are in the outboxes."""
+        handoff: asyncio.Queue[tuple[list[RawMessage], Emitter, list[Any]] | None] = asyncio.Queue(
+            PIPELINE_HANDOFF)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._front(handoff), name="pipeline: collect, clean, define")
+            group.create_task(self._back(handoff), name="pipeline: store, analyze, publish")
+
+    async def _front(self, handoff: asyncio.Queue[tuple[list[RawMessage], Emitter, list[Any]] | None]) -> None:
         settings = self.config.pipeline
         while batch := await self.queue.get_batch(settings.batch_size, settings.max_latency_s):
             # Process only what is journaled: otherwise a crash could leave an event in an outbox whose
             # message the journal never recorded, and the device's resend would get a second event id.
             await _until_done(self.journal.flush, "journal")
-            self._batch_started = time.monotonic()
-            emit = await self.pipeline.run(batch)  # never raises: a failing stage rejects its batch
-            self._batch_started = None
+            emit = Emitter()
+            self._busy["front"] = time.monotonic()
+            items = await self.pipeline.run_range(batch, emit, 0, self._split)  # never raises
+            del self._busy["front"]
+            await handoff.put((batch, emit, items))  # waits while the back is two batches behind
+        await handoff.put(None)  # the queue closed (shutdown): the back finishes what it has, then ends
+
+    async def _back(self, handoff: asyncio.Queue[tuple[list[RawMessage], Emitter, list[Any]] | None]) -> None:
+        while (job := await handoff.get()) is not None:
+            batch, emit, items = job
+            self._busy["back"] = time.monotonic()
+            await self.pipeline.run_range(items, emit, self._split)  # never raises
+            del self._busy["back"]
             self.batches += 1
             await self._publish(emit)
             if self.forwarder is not None:  # the batch's events are durable in the outboxes ...
@@ -528,9 +550,9 @@ class Gateway:
         task = self._pipeline_task
         if task is None or task.done():
             problems.append("the pipeline task is not running")
-        started = self._batch_started
-        if started is not None and (busy := time.monotonic() - started) > self.config.pipeline.stall_s:
-            problems.append(f"the pipeline has been inside one batch for {busy:.0f} s")
+        for started in list(self._busy.values()):
+            if (busy := time.monotonic() - started) > self.config.pipeline.stall_s:
+                problems.append(f"the pipeline has been inside one batch for {busy:.0f} s")
         if not self.broker.listening:
             problems.append("the broker is not listening")
         up = sum(d.stats.connected for d in self.drivers)

@@ -38,8 +38,14 @@ class Pipeline:
 
     async def run(self, batch: list[RawMessage]) -> Emitter:
         emit = Emitter()
-        items: list[Any] = batch
-        for stage in self.stages:
+        await self.run_range(batch, emit)
+        return emit
+
+    async def run_range(self, items: list[Any], emit: Emitter, start: int = 0, stop: int | None = None) -> list[Any]:
+        """Stages ``start`` to ``stop`` (exclusive) over ``items``: the gateway runs the stages as two
+        tasks joined by a bounded queue (see gateway/service.py), each calling this for its part.
+        Never raises for a failing stage: it rejects what it was given and the chain stops there."""
+        for stage in self.stages[start:stop]:
             if not items:
                 break
             try:
@@ -52,8 +58,8 @@ class Pipeline:
                 stage.stats.rejected["internal_error"] += len(items)
                 for item in items:
                     emit.reject(stage.name, "internal_error", repr(exc)[:300], *_origin(item))
-                break
-        return emit
+                return []
+        return items
 
     def reject_event(self, reject: Reject) -> tuple[str, dict[str, Any]]:
         """Where a reject is published (the ``rejected`` stage) and its CloudEvent."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from drivers.reading import FrameError, Measurement
-from drivers.serial.framing import MAX_GARBAGE_RUN, BytesLike, count_garbage, end_garbage
+from drivers.serial.framing import MAX_GARBAGE_RUN, BytesLike, HeaderFrameStream
 from drivers.serial.framing import as_bytes as _as_bytes
 from drivers.serial.framing import bad_input as _bad_input
 
@@ -164,7 +164,7 @@ def _is_header_at(buf: bytes, k: int) -> bool:
     return buf[k] == _START and k + 1 < len(buf) and buf[k + 1] == _START2
 
 
-class Pms5003Stream:
+class Pms5003Stream(HeaderFrameStream[Pms5003Frame]):
     """Incremental, resynchronising decoder of a PMS5003 byte stream.
 
     :meth:`feed` accepts reads of any size, split at any byte boundary, and
@@ -187,100 +187,24 @@ class Pms5003Stream:
     stream.  Never raises.
     """
 
-    __slots__ = ("_buf", "_garbage", "_quiet", "replies")
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self._buf = b""
-        self._garbage = 0
-        # Bytes at the start of ``_buf`` that belong to a rejected candidate.
-        self._quiet = 0
-        self.replies = 0
-        """Valid command-reply frames seen so far."""
+    HEADER_BYTE = bytes([_START])
+    LENGTH_AT = 4  # the header and the length field
 
-    @property
-    def buffered(self) -> int:
-        """Bytes held back as the start of an incomplete frame (0..31)."""
-        return len(self._buf)
+    def _second_ok(self, byte: int) -> bool:
+        return byte == _START2
 
-    @property
-    def pending_garbage(self) -> int:
-        """Skipped bytes of the current garbage run, not reported yet."""
-        return self._garbage
+    def _total(self, buf: bytes, i: int) -> int | FrameError:
+        frame_length = _u16(buf, i + 2)
+        return _total_len(frame_length) or _bad_frame_length(frame_length)
 
-    def feed(self, data: BytesLike) -> list[Pms5003Frame | FrameError]:
-        """Decode one read; see the class docstring for what comes out."""
-        chunk = _as_bytes(data)
-        if chunk is None:
-            return [_bad_input(data)]
-        out: list[Pms5003Frame | FrameError] = []
-        buf = self._buf + chunk if self._buf else chunk
-        n = len(buf)
-        quiet_end = self._quiet
-        i = 0
-        while i < n:
-            j = buf.find(_START, i)
-            if j < 0:
-                self._skip(i, n, quiet_end, out)
-                i = n
-                break
-            if j > i:
-                self._skip(i, j, quiet_end, out)
-                i = j
-            if i + 1 >= n:
-                break  # a lone 42: wait for the next byte
-            if buf[i + 1] != _START2:
-                self._skip(i, i + 1, quiet_end, out)
-                i += 1
-                continue
-            if n - i < 4:
-                break  # wait for the length field
-            frame_length = _u16(buf, i + 2)
-            total = _total_len(frame_length)
-            if total is None:
-                self._end_run(out)
-                out.append(_bad_frame_length(frame_length))
-                quiet_end = max(quiet_end, i + 4)
-                i += 1
-                continue
-            if n - i < total:
-                break  # wait for the rest of the candidate
-            self._end_run(out)
-            result = _decode_at(buf, i, total)
-            if isinstance(result, Pms5003Frame):
-                out.append(result)
-                i += total
-            elif result.reason == "reply":
-                self.replies += 1
-                i += total
-            else:
-                out.append(_classify_reject(buf, i, total, result))
-                quiet_end = max(quiet_end, i + total)
-                i += 1
-        self._buf = buf[i:]
-        self._quiet = max(0, quiet_end - i)
-        return out
+    def _decode(self, buf: bytes, i: int, total: int) -> Pms5003Frame | FrameError:
+        return _decode_at(buf, i, total)
 
-    def flush(self) -> list[FrameError]:
-        """End of stream: report the pending garbage run and any incomplete
-        frame (as ``truncated``), then reset (the :attr:`replies` count is kept)."""
-        out: list[Pms5003Frame | FrameError] = []
-        self._end_run(out)
-        errors = [e for e in out if isinstance(e, FrameError)]
-        if self._buf:
-            errors.append(FrameError("truncated", f"{len(self._buf)} bytes at end of stream"))
-        self._buf = b""
-        self._quiet = 0
-        return errors
+    def _reject(self, buf: bytes, i: int, total: int, error: FrameError) -> FrameError:
+        return _classify_reject(buf, i, total, error)
 
-    def _skip(self, start: int, stop: int, quiet_end: int, out: list[Pms5003Frame | FrameError]) -> None:
-        """Account for skipping ``buf[start:stop]``."""
-        counted = stop - max(start, quiet_end)
-        if counted <= 0:
-            return
-        self._garbage = count_garbage(self._garbage + counted, out)
-
-    def _end_run(self, out: list[Pms5003Frame | FrameError]) -> None:
-        self._garbage = end_garbage(self._garbage, out)
 
 
 def _classify_reject(buf: bytes, i: int, total: int, error: FrameError) -> FrameError:

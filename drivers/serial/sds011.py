@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from drivers.errors import DecodeError
 from drivers.reading import FrameError, Measurement
-from drivers.serial.framing import MAX_GARBAGE_RUN, BytesLike, count_garbage, end_garbage
+from drivers.serial.framing import MAX_GARBAGE_RUN, BytesLike, HeaderFrameStream
 from drivers.serial.framing import as_bytes as _as_bytes
 from drivers.serial.framing import bad_input as _bad_input
 
@@ -132,7 +132,7 @@ def _is_header_at(buf: bytes, k: int) -> bool:
     return buf[k] == HEADER and k + 1 < len(buf) and buf[k + 1] in (CMD_DATA, CMD_REPLY)
 
 
-class Sds011Stream:
+class Sds011Stream(HeaderFrameStream[Sds011Frame]):
     """Incremental, resynchronising decoder of an SDS011 byte stream.
 
     :meth:`feed` accepts reads of any size, split at any byte boundary, and
@@ -157,99 +157,22 @@ class Sds011Stream:
     stream.  Never raises.
     """
 
-    __slots__ = ("_buf", "_garbage", "_quiet", "replies")
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self._buf = b""
-        # Skipped bytes of the current garbage run, not yet reported.
-        self._garbage = 0
-        # How many bytes at the start of ``_buf`` belong to a rejected
-        # candidate and so are not counted as garbage when skipped.
-        self._quiet = 0
-        self.replies = 0
-        """Valid command-reply frames (``AA C5``) seen so far."""
+    HEADER_BYTE = _HEADER_BYTE
 
-    @property
-    def buffered(self) -> int:
-        """Bytes held back as the start of an incomplete frame (0..9)."""
-        return len(self._buf)
+    def _second_ok(self, byte: int) -> bool:
+        return byte in (CMD_DATA, CMD_REPLY)
 
-    @property
-    def pending_garbage(self) -> int:
-        """Skipped bytes of the current garbage run, not reported yet."""
-        return self._garbage
+    def _total(self, buf: bytes, i: int) -> int:
+        return FRAME_LEN
 
-    def feed(self, data: BytesLike) -> list[Sds011Frame | FrameError]:
-        """Decode one read; see the class docstring for what comes out."""
-        chunk = _as_bytes(data)
-        if chunk is None:
-            return [_bad_input(data)]
-        out: list[Sds011Frame | FrameError] = []
-        buf = self._buf + chunk if self._buf else chunk
-        n = len(buf)
-        quiet_end = self._quiet
-        i = 0
-        while i < n:
-            j = buf.find(_HEADER_BYTE, i)
-            if j < 0:
-                self._skip(i, n, quiet_end, out)
-                i = n
-                break
-            if j > i:
-                self._skip(i, j, quiet_end, out)
-                i = j
-            if i + 1 >= n:
-                break  # a lone AA: wait for the command byte
-            if buf[i + 1] not in (CMD_DATA, CMD_REPLY):
-                self._skip(i, i + 1, quiet_end, out)
-                i += 1
-                continue
-            if n - i < FRAME_LEN:
-                break  # wait for the rest of the candidate
-            self._end_run(out)
-            result = _decode_at(buf, i)
-            if isinstance(result, Sds011Frame):
-                out.append(result)
-                i += FRAME_LEN
-            elif result.reason == "reply":
-                self.replies += 1
-                i += FRAME_LEN
-            else:
-                out.append(_classify_reject(buf, i, result))
-                quiet_end = i + FRAME_LEN
-                i += 1
-        self._buf = buf[i:]
-        self._quiet = max(0, quiet_end - i)
-        return out
+    def _decode(self, buf: bytes, i: int, total: int) -> Sds011Frame | FrameError:
+        return _decode_at(buf, i)
 
-    def flush(self) -> list[FrameError]:
-        """End of stream: report the pending garbage run and any incomplete
-        frame (as ``truncated``), then reset to the initial state (the
-        :attr:`replies` count is kept)."""
-        out: list[Sds011Frame | FrameError] = []
-        self._end_run(out)
-        errors = [e for e in out if isinstance(e, FrameError)]
-        if self._buf:
-            errors.append(FrameError("truncated", f"{len(self._buf)} bytes at end of stream"))
-        self._buf = b""
-        self._quiet = 0
-        return errors
+    def _reject(self, buf: bytes, i: int, total: int, error: FrameError) -> FrameError:
+        return _classify_reject(buf, i, error)
 
-    def _skip(
-        self,
-        start: int,
-        stop: int,
-        quiet_end: int,
-        out: list[Sds011Frame | FrameError],
-    ) -> None:
-        """Account for skipping ``buf[start:stop]``."""
-        counted = stop - max(start, quiet_end)
-        if counted <= 0:
-            return
-        self._garbage = count_garbage(self._garbage + counted, out)
-
-    def _end_run(self, out: list[Sds011Frame | FrameError]) -> None:
-        self._garbage = end_garbage(self._garbage, out)
 
 
 def _classify_reject(buf: bytes, i: int, error: FrameError) -> FrameError:

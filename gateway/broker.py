@@ -531,21 +531,16 @@ class EmbeddedBroker:
 
     @property
     def serving(self) -> bool:
-        """Started and taking clients (not yet draining for a stop): what ``/readyz`` reports."""
+        """Started and taking clients on every listener (false before start, while draining for a stop,
+        or if a listener closed): what ``/readyz`` and the systemd watchdog check."""
         broker = self._broker
-        return broker is not None and broker.transitions.state == "started" and not broker.draining.is_set()
+        if broker is None or broker.transitions.state != "started" or broker.draining.is_set():
+            return False
+        return all(s.instance is not None and s.instance.is_serving() for s in broker._servers.values())
 
     @property
     def tapped(self) -> int:
         return self._broker.tapped if self._broker else 0
-
-    @property
-    def listening(self) -> bool:
-        """Every listener accepts connections (false before start, after a drain, or if one closed)."""
-        broker = self._broker
-        if broker is None or broker.draining.is_set():
-            return False
-        return all(s.instance is not None and s.instance.is_serving() for s in broker._servers.values())
 
     @property
     def clients(self) -> int:

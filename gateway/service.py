@@ -547,14 +547,13 @@ class Gateway:
         (a store write retrying on a failing disk, a stage that hangs), and the broker listens. Waiting
         for room (backpressure from a refusing outbox) is not a fault."""
         problems = []
-        task = self._pipeline_task
-        if task is None or task.done():
+        if not self.pipeline_running():
             problems.append("the pipeline task is not running")
         for started in list(self._busy.values()):
             if (busy := time.monotonic() - started) > self.config.pipeline.stall_s:
                 problems.append(f"the pipeline has been inside one batch for {busy:.0f} s")
-        if not self.broker.listening:
-            problems.append("the broker is not listening")
+        if not self.broker.serving:
+            problems.append("the broker is not serving")
         up = sum(d.stats.connected for d in self.drivers)
         status = (
             f"in={self.pipeline.stats()['collect']['in']} stored={self.store.rows_written}"

@@ -77,11 +77,14 @@ def test_journald_priorities_and_json_lines(
 
 
 def test_run_never_logs_a_configured_secret(tmp_path: Path) -> None:
-    """A real `iotgw run` whose backbone refuses: the password appears nowhere in its output."""
+    """A real `iotgw run` whose backbone refuses: the password appears nowhere in its output. To prove the
+    redaction is wired in (and not merely that nothing happened to log the password), the same text is
+    also part of a serial port path, which the driver does log when it cannot open the port."""
     config = tmp_path / "gw.toml"
     config.write_text(
         f'site = "s"\n[broker]\nport = 0\nallow_anonymous = true\n'
         f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[logging]\nformat = "json"\n'
+        f'[[devices]]\nid = "pm-1"\ntransport = "serial"\nprotocol = "sds011"\nport = "/nonexistent/{SECRET}"\n'
         f'[[forward]]\nname = "central"\ntype = "mqtt"\nurl = "mqtt://127.0.0.1:1"\ntopics = ["#"]\n'
         f'username = "gw"\npassword = "{SECRET}"\n'
     )
@@ -90,3 +93,4 @@ def test_run_never_logs_a_configured_secret(tmp_path: Path) -> None:
     assert SECRET not in result.stdout + result.stderr
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     assert lines, result.stderr  # JSON lines from [logging] format
+    assert any("/nonexistent/***" in line["message"] for line in lines), result.stderr  # logged, redacted

@@ -71,7 +71,7 @@ kind = "kv"
 id = "kv-1"
 [device.faults]
 stuck_every = 6
-unplug_every = 25
+unplug_every = 200  # 10 s of frames between outages: a reopen's jittered backoff (up to a few s) loses under half
 unplug_for_s = 0.5
 
 [[device]]

@@ -19,7 +19,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import Session
 
-from gateway.auth import (
+from gateway.broker.auth import (
     DEFAULT_ITERATIONS,
     BrokerSecurity,
     SecureBrokerMixin,

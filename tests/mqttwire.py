@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from gateway.app import Gateway
 from gateway.config import GatewayConfig
-from gateway.service import Gateway
 
 
 def varint(n: int) -> bytes:

@@ -20,11 +20,11 @@ from http_helpers import DemoWithHttp, get
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from gateway.api_auth import authorized, is_loopback, read_token
+from gateway.app import Gateway
 from gateway.config import parse_config
 from gateway.errors import ConfigError, GatewayError
-from gateway.service import Gateway
-from gateway.views import AlertLog, StaticCatalog
+from gateway.http.auth import authorized, is_loopback, read_token
+from gateway.http.views import AlertLog, StaticCatalog
 from pipeline.model import AGGREGATE_TYPE, ALERT_TYPE, COMMAND_ACK_TYPE, READING_TYPE
 from pipeline.store import StoreReader
 from pipeline.topics import DEFAULT_TEMPLATE, TopicTemplate

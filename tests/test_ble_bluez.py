@@ -17,7 +17,7 @@ from drivers.ble.driver import BleDriver
 from drivers.ble.sources import BleakSource
 from firmware_sim.ble_sensor import AtcSim, BleSensorSim, BTHomeSensorSim, RuuviSim
 from firmware_sim.bluez import MockBlueZ
-from gateway.service import Gateway
+from gateway.app import Gateway
 from pipeline.store import StoreReader
 
 BTHOME, RUUVI, ATC, STRANGER = "A4:C1:38:00:00:01", "CB:B8:33:4C:88:4F", "A4:C1:38:0D:7E:41", "A4:C1:38:00:00:99"

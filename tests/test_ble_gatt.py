@@ -20,7 +20,7 @@ from drivers.ble.gatt import GattDriver, GattValueDecoder
 from drivers.reading import FrameError, Measurement
 from firmware_sim.bluez import MockBlueZ
 from firmware_sim.gatt_sensor import TEMPERATURE_CHARACTERISTIC, GattSensorSim
-from gateway.service import Gateway
+from gateway.app import Gateway
 
 ADDRESS = "C0:FF:EE:00:00:01"
 

@@ -15,7 +15,7 @@ import paho.mqtt.client as mqtt
 from conftest import Watcher, iotgw
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.broker import EmbeddedBroker, Ingest, Resend
+from gateway.broker.embedded import EmbeddedBroker, Ingest, Resend
 from gateway.config import BrokerSettings
 from pipeline.queue import BatchQueue
 from pipeline.stage import RawMessage

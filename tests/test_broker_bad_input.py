@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mqttwire import GatewayThread, Paho, RawClient, connect, packet, publish, string, wait_for
 
+from gateway.broker.firewall import check_packet
 from gateway.config import BrokerSettings, GatewayConfig, StorageSettings
-from gateway.firewall import check_packet
 
 MAX_PACKET = 2048
 CONNECT = connect("bad-client")

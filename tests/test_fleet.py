@@ -20,8 +20,8 @@ from firmware_sim.energy_meter import REGISTERS, EnergyMeterSim
 from firmware_sim.fleet import Fleet, FleetError, parse_fleet
 from firmware_sim.mqtt_sensor import MqttSensorSim
 from firmware_sim.serial_sensor import SerialSim
+from gateway.app import Gateway
 from gateway.config import DEFAULT_METRIC_RULES, parse_config
-from gateway.service import Gateway
 from pipeline.store import StoreReader
 
 FLEET = """

@@ -29,8 +29,8 @@ from peers import (
 )
 
 from firmware_sim.serial_sensor import Sds011Sim
+from gateway.app import Gateway
 from gateway.config import GatewayConfig, parse_config
-from gateway.service import Gateway
 
 RAW = "telemetry/raw/1.0/s1/meter/{device}/power"
 

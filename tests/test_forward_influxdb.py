@@ -30,6 +30,7 @@ from peers import (
 )
 from test_forward import _until
 
+from gateway.app import Gateway
 from gateway.config import GatewayConfig, InfluxForward, parse_config
 from gateway.errors import ConfigError
 from gateway.forward.base import DestinationUnavailableError, OutboundEvent, UnsendableEventError
@@ -46,7 +47,6 @@ from gateway.forward.influxdb import (
     reading_point,
 )
 from gateway.forward.registry import build_destination
-from gateway.service import Gateway
 from pipeline.model import ALERT_TYPE, Reading, new_event_id
 from pipeline.topics import DEFAULT_TEMPLATE, TopicTemplate
 

@@ -12,9 +12,9 @@ from typing import Any
 from amqtt.broker import Broker
 from peers import Mosquitto, MqttCollector, free_port, mqtt_publish
 
+from gateway.app import Gateway
 from gateway.config import parse_config
 from gateway.forward.mqtt import MqttDestination
-from gateway.service import Gateway
 
 RAW = "telemetry/raw/1.0/s1/meter/t-1/power"
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import iotgw
 
 from gateway.config import parse_config
-from gateway.logs import REDACTED, _redactor, redact, secret_values, setup_logging
+from gateway.ops.logs import REDACTED, _redactor, redact, secret_values, setup_logging
 
 SECRET = "s3cr3t-backbone-pass"  # noqa: S105 (a test value)
 

@@ -17,9 +17,9 @@ from drivers.reading import FrameError, Measurement
 from drivers.serial.modbus import Block, RegisterSpec, classify_reply, crc16, decode_block, plan_blocks
 from drivers.serial.modbus_driver import ModbusDriver
 from firmware_sim.energy_meter import REGISTERS, EnergyMeterSim
+from gateway.app import Gateway
 from gateway.config import DEFAULT_METRIC_RULES, parse_config
 from gateway.errors import ConfigError
-from gateway.service import Gateway
 from pipeline.store import StoreReader
 
 MODBUS = {"id": "em-1", "transport": "serial", "port": "/dev/ttyUSB0", "protocol": "modbus"}

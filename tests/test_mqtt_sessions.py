@@ -15,8 +15,8 @@ import pytest
 from conftest import GatewayProcess
 from mqttwire import GatewayThread, Paho, RawClient, RawPacket, connect, packet, puback, subscribe, wait_for
 
+from gateway.broker.sessions import _SCHEMA, _apply, _Op
 from gateway.config import BrokerSettings, GatewayConfig, StorageSettings
-from gateway.sessions import _SCHEMA, _apply, _Op
 
 
 def _config(tmp_path: Path, port: int, **broker: object) -> GatewayConfig:
@@ -247,7 +247,7 @@ def test_retained_messages_go_to_a_new_subscription_only(tmp_path: Path, port: i
 def test_offline_queue_is_bounded_and_drops_are_counted(
     tmp_path: Path, port: int, policy: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="gateway.sessions")
+    caplog.set_level(logging.INFO, logger="gateway.broker.sessions")
     with GatewayThread(_config(tmp_path, port, max_queued_messages=5, queue_full=policy)) as gw:
         sub = Paho(port, "sub-bounded", clean=False, subscribe=[("bound/x", 1)])
         sub.close()

@@ -17,9 +17,9 @@ from conftest import GatewayProcess, free_port
 from paho.mqtt.enums import CallbackAPIVersion
 from peers import Mosquitto, MqttCollector, mosquitto_fixture  # noqa: F401 (the fixture)
 
+from gateway.app import Gateway
 from gateway.config import parse_config
-from gateway.reload import plan_reload
-from gateway.service import Gateway
+from gateway.config.reload import plan_reload
 
 BASE: dict[str, Any] = {"site": "s", "storage": {"data_dir": "/tmp/x"}}
 

@@ -25,11 +25,11 @@ from conftest import ROOT, free_port, iotgw
 from paho.mqtt.enums import CallbackAPIVersion
 from peers import Mosquitto
 
-from gateway.auth import Acl, filter_covers, hash_password, read_password_file, topic_matches, verify_password
-from gateway.broker import EmbeddedBroker, Resend
+from gateway.app import Gateway
+from gateway.broker.auth import Acl, filter_covers, hash_password, read_password_file, topic_matches, verify_password
+from gateway.broker.embedded import EmbeddedBroker, Resend
 from gateway.config import AclRule, BrokerSettings, parse_config
 from gateway.errors import ConfigError
-from gateway.service import Gateway
 
 NOT_AUTHORIZED = 135  # paho reports the 3.1.1 CONNACK code 5 as the MQTT 5 reason "Not authorized"
 FAST = 1000  # iterations for test users: the hash's cost is not what these tests measure
@@ -205,7 +205,7 @@ def test_iotgw_passwd_prompts_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPa
                                     capsys: pytest.CaptureFixture[str]) -> None:
     import getpass
 
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     path = tmp_path / "passwd"
     answers = iter(["one", "two", "same", "same"])

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, GatewayProcess, free_port, iotgw
 
+from gateway.app import Gateway
 from gateway.config import parse_config
-from gateway.service import Gateway
-from gateway.systemd import DEFAULT_EXECUTABLE, Health, Notifier, notifying, render_unit
+from gateway.ops.systemd import DEFAULT_EXECUTABLE, Health, Notifier, notifying, render_unit
 from pipeline.stage import Emitter, StageStats
 
 

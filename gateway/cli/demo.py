@@ -21,8 +21,8 @@ from typing import Any
 from drivers.ble.sources import SimulatedRadio
 from firmware_sim.ble_sensor import BTHomeSensorSim
 from firmware_sim.fleet import Fleet, FleetEnv, FleetSpec, parse_fleet
+from gateway.app import Gateway
 from gateway.config import GatewayConfig, parse_config
-from gateway.service import Gateway
 
 BLE_ADDRESS = "A4:C1:38:00:00:01"
 DEMO_FLEET = """

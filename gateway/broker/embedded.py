@@ -52,11 +52,11 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.session import INCOMING, Session
 
-from gateway.auth import BrokerSecurity, SecureBrokerMixin, broker_plan
+from gateway.broker.auth import BrokerSecurity, SecureBrokerMixin, broker_plan
+from gateway.broker.firewall import PacketFirewall
+from gateway.broker.sessions import ClientQueue, Sessions
 from gateway.config import BrokerSettings
 from gateway.errors import GatewayError, PortInUseError
-from gateway.firewall import PacketFirewall
-from gateway.sessions import ClientQueue, Sessions
 
 log = logging.getLogger(__name__)
 _DRAIN_POLL_S = 0.02

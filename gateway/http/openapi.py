@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from gateway import api_models as m
-from gateway.api import API
+from gateway.http import models as m
+from gateway.http.api import API
 from gateway.query import AGGREGATES
 
 _PROBLEM = "application/problem+json"

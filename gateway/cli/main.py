@@ -16,10 +16,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.auth import BrokerSecurity
+from gateway.app import Gateway
+from gateway.broker.auth import BrokerSecurity
 from gateway.config import GatewayConfig, HttpSettings, StorageSettings, load_config
 from gateway.errors import ConfigError, GatewayError
-from gateway.logs import redact, secret_values, setup_logging
+from gateway.ops.logs import redact, secret_values, setup_logging
+from gateway.ops.systemd import Notifier, notifying
 from gateway.query import (
     QueryError,
     iso_ms,
@@ -27,8 +29,6 @@ from gateway.query import (
     query_series,
     render_points,
 )
-from gateway.service import Gateway
-from gateway.systemd import Notifier, notifying
 from pipeline.errors import PipelineError
 from pipeline.store import StoreReader
 
@@ -131,7 +131,7 @@ def _run_gateway(make: Callable[[], AbstractAsyncContextManager[Gateway]], secon
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import (  # the simulators load only for the demo
+    from gateway.cli.demo import (  # the simulators load only for the demo
         demo_config,
         demo_gateway,
     )
@@ -248,7 +248,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_passwd(args: argparse.Namespace) -> int:
     import getpass
 
-    from gateway.auth import AuthError, hash_password, update_password_file
+    from gateway.broker.auth import AuthError, hash_password, update_password_file
 
     try:
         if args.delete:
@@ -303,7 +303,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_service_install(args: argparse.Namespace) -> int:
     from importlib.resources import files
 
-    from gateway.systemd import default_executable, install
+    from gateway.ops.systemd import default_executable, install
 
     example = files("gateway").joinpath("sample-config.toml").read_text(encoding="utf-8")
     try:
@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_check_config)
 
-    from gateway.auth import DEFAULT_ITERATIONS
+    from gateway.broker.auth import DEFAULT_ITERATIONS
 
     p = sub.add_parser("passwd", help="set (or with -D delete) a broker user's password in a password file")
     p.add_argument("file", type=Path, help="the [broker] password_file (created if missing, mode 0600)")

@@ -31,16 +31,16 @@ from drivers.serial.driver import SerialDriver
 from drivers.serial.modbus import RegisterSpec
 from drivers.serial.modbus_driver import ModbusDriver
 from drivers.serial.protocols import COMMANDS
-from gateway.broker import EmbeddedBroker, Resend
+from gateway.broker.embedded import EmbeddedBroker, Resend
 from gateway.config import BleDevice, ForwardSettings, GatewayConfig, SerialDevice, forward_topics
+from gateway.config.reload import FIXED_FIELDS, ReloadPlan, plan_reload
 from gateway.forward.base import InboundMessage
 from gateway.forward.forwarder import ORIGIN_PREFIX, Forwarder, Route
 from gateway.forward.outbox import Limits
 from gateway.forward.registry import build_destination
+from gateway.http.views import AlertLog, AlertView, CatalogView, DriverSignal, LearnedCatalog, SignalView, StoredAlerts
 from gateway.journal import Journal
-from gateway.reload import FIXED_FIELDS, ReloadPlan, plan_reload
-from gateway.systemd import Health
-from gateway.views import AlertLog, AlertView, CatalogView, DriverSignal, LearnedCatalog, SignalView, StoredAlerts
+from gateway.ops.systemd import Health
 from pipeline.analyze import AnalyzeStage
 from pipeline.catalog import Catalog
 from pipeline.clean import CleanStage, ClockPolicy
@@ -57,7 +57,7 @@ from pipeline.traffic import TrafficLearner
 
 if TYPE_CHECKING:
     from drivers.ble.sources import AdvertisementSource
-    from gateway.api import HttpApi
+    from gateway.http.api import HttpApi
 
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 10.0
@@ -284,7 +284,7 @@ class Gateway:
                     await self.queue.put(message)
             await self._stack.enter_async_context(self.broker)
             if self.config.http.enabled:
-                from gateway.api import HttpApi  # aiohttp and prometheus-client load only when serving HTTP
+                from gateway.http.api import HttpApi  # aiohttp and prometheus-client load only when serving HTTP
 
                 self.http = await self._stack.enter_async_context(HttpApi(
                     self, self.config.http, catalog=self.catalog_view, alerts=self.alerts, signal=self.signal,

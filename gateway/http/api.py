@@ -31,16 +31,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, SecretStr
 
-from gateway import api_models as m
-from gateway.api_auth import OPEN_PATHS, authorized
 from gateway.config import HttpSettings
 from gateway.errors import GatewayError
+from gateway.http import models as m
+from gateway.http.auth import OPEN_PATHS, authorized
+from gateway.http.views import Alert, AlertView, CatalogView, NoSignal, SignalView
 from gateway.query import AGGREGATES, QueryError, iso_ms, parse_duration, parse_time, query_series
-from gateway.views import Alert, AlertView, CatalogView, NoSignal, SignalView
 from pipeline.store import StoreReader
 
 if TYPE_CHECKING:
-    from gateway.service import Gateway
+    from gateway.app import Gateway
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -273,7 +273,7 @@ class HttpApi:
         app = web.Application(middlewares=[self._errors, self._auth])
         get = app.router.add_get
         get("/", self._index)
-        app.router.add_static("/static/", Path(str(resources.files("gateway") / _DASHBOARD)), name="static")
+        app.router.add_static("/static/", Path(str(resources.files("gateway.http") / _DASHBOARD)), name="static")
         get("/healthz", self._healthz)
         get("/readyz", self._readyz)
         get("/metrics", self._metrics)
@@ -323,7 +323,7 @@ class HttpApi:
     # -- handlers -----------------------------------------------------------------------------------
 
     async def _index(self, request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(Path(str(resources.files("gateway") / _DASHBOARD / "index.html")))
+        return web.FileResponse(Path(str(resources.files("gateway.http") / _DASHBOARD / "index.html")))
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return _json(m.Health(status="ok"))
@@ -349,7 +349,7 @@ class HttpApi:
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def _openapi(self, request: web.Request) -> web.Response:
-        from gateway.api_openapi import openapi_document
+        from gateway.http.openapi import openapi_document
 
         return web.json_response(openapi_document(secured=self._token is not None))
 

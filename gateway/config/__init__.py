@@ -633,13 +633,13 @@ class HttpSettings(_Model):
 
     @property
     def needs_token(self) -> bool:
-        from gateway.api_auth import is_loopback
+        from gateway.http.auth import is_loopback
 
         return self.require_token or not is_loopback(self.host)
 
     def resolve_token(self) -> SecretStr | None:
         """The configured token: ``token``, else ``token_file``'s first line, else ``$token_env``."""
-        from gateway.api_auth import read_token
+        from gateway.http.auth import read_token
 
         return read_token(self.token, self.token_file, self.token_env)
 

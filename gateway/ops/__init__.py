@@ -1,0 +1,1 @@
+"""Operations: systemd (notify, watchdog, unit install) and logging (journald priorities, JSON, redaction)."""

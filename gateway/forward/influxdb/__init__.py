@@ -13,7 +13,7 @@ __all__ = ["INFLUX_DEFAULT_TAGS", "INFLUX_NAME_FIELDS", "InfluxForward", "Influx
 def build(cfg: InfluxForward, gateway_id: str, template: TopicTemplate) -> Destination:
     """The destination ``cfg`` describes (no I/O: it connects once started). Reads the token from
     where the settings say (:class:`~gateway.errors.ConfigError` when its file or variable is absent)."""
-    from gateway.forward.influxdb.destination import (  # influxdb-client loads only when used
+    from gateway.forward.influxdb.destination import (  # noqa: PLC0415  influxdb-client loads only when used
         InfluxDestination,
         InfluxMapping,
         InfluxSettings,

@@ -16,7 +16,10 @@ def build(cfg: KafkaForward, gateway_id: str, template: TopicTemplate) -> Destin
     Raises :class:`~gateway.forward.kafka.destination.KafkaSettingsError` for a ``kafka_topic``
     template that is not valid.
     """
-    from gateway.forward.kafka.destination import KafkaDestination, KafkaSettings  # aiokafka loads only when used
+    from gateway.forward.kafka.destination import (  # noqa: PLC0415  aiokafka loads only when used
+        KafkaDestination,
+        KafkaSettings,
+    )
 
     return KafkaDestination(cfg.name, KafkaSettings(
         bootstrap_servers=cfg.url.removeprefix("kafka://"), topic=cfg.kafka_topic,

@@ -12,7 +12,10 @@ __all__ = ["MqttForward", "RewriteRule", "TlsSettings", "build"]
 
 def build(cfg: MqttForward, gateway_id: str, template: TopicTemplate) -> Destination:
     """The destination ``cfg`` describes (no I/O: it connects once started)."""
-    from gateway.forward.mqtt.destination import MqttDestination, MqttSettings  # paho loads only when used
+    from gateway.forward.mqtt.destination import (  # noqa: PLC0415  paho loads only when used
+        MqttDestination,
+        MqttSettings,
+    )
 
     tls = cfg.tls
     return MqttDestination(cfg.name, MqttSettings(

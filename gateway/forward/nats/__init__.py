@@ -12,7 +12,10 @@ __all__ = ["NatsForward", "build"]
 
 def build(cfg: NatsForward, gateway_id: str, template: TopicTemplate) -> Destination:
     """The destination ``cfg`` describes (no I/O: it connects once started)."""
-    from gateway.forward.nats.destination import NatsDestination, NatsSettings  # nats-py loads only when used
+    from gateway.forward.nats.destination import (  # noqa: PLC0415  nats-py loads only when used
+        NatsDestination,
+        NatsSettings,
+    )
 
     return NatsDestination(cfg.name, NatsSettings(
         url=cfg.url, gateway_id=gateway_id, stream=cfg.stream, create_stream=cfg.create_stream,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import multiprocessing as mp
 import signal
 import socket
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from amqtt.broker import Broker
 from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,10 +57,6 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
 
 def bare_broker(port: int) -> None:
     """The baseline: amqtt with only anonymous auth, as the gateway embeds it, relaying."""
-    import logging
-
-    from amqtt.broker import Broker
-
     logging.disable(logging.ERROR)  # the readiness probe's empty connection is not news
 
     async def main() -> None:

@@ -30,8 +30,8 @@ from peers import Mosquitto, NatsServer
 
 from gateway.forward.base import InboundMessage
 from gateway.forward.forwarder import Forwarder, Route
-from gateway.forward.mqtt import MqttDestination, MqttSettings
-from gateway.forward.nats import NatsDestination, NatsSettings
+from gateway.forward.mqtt.destination import MqttDestination, MqttSettings
+from gateway.forward.nats.destination import NatsDestination, NatsSettings
 from gateway.forward.outbox import Limits, Outbox
 from pipeline.model import new_event_id
 from pipeline.topics import compile_filter, topic_to_subject

@@ -31,7 +31,7 @@ from peers import VictoriaMetrics
 
 from gateway.forward.base import InboundMessage
 from gateway.forward.forwarder import Forwarder, Route
-from gateway.forward.influxdb import (
+from gateway.forward.influxdb.destination import (
     InfluxDestination,
     InfluxMapping,
     InfluxSettings,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sqlite3
 import statistics
 import tempfile
 import time
@@ -38,8 +39,6 @@ async def _create(data_dir: Path) -> None:
 
 
 def fill(data_dir: Path, points: int) -> None:
-    import sqlite3
-
     asyncio.run(_create(data_dir))
     db = sqlite3.connect(db_path(data_dir), isolation_level=None)
     db.execute("PRAGMA synchronous=OFF")

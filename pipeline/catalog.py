@@ -70,7 +70,7 @@ class CatalogError(PipelineError):
 
 
 # --------------------------------------------------------------------------
-# Declarations (what config and catalog files provide; see gateway/config.py)
+# Declarations (what config and catalog files provide; see gateway/config/catalog.py)
 # --------------------------------------------------------------------------
 
 

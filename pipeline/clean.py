@@ -41,7 +41,7 @@ _ZERO = timedelta(0)
 
 
 class MetricRule(Protocol):
-    """What clean reads from a metric's rules (gateway/config.py's ``MetricRules``)."""
+    """What clean reads from a metric's rules (gateway/config/pipeline.py's ``MetricRules``)."""
 
     @property
     def min(self) -> float | None: ...

@@ -31,8 +31,10 @@ from types import TracebackType
 from typing import IO, Any, NamedTuple, Self
 from urllib.parse import urlsplit
 
+import nats
 import paho.mqtt.client as mqtt
 import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -541,9 +543,6 @@ async def jetstream_messages(
 ) -> list[StoredMessage]:
     """Everything ``stream`` holds (matching ``subject_filter``), oldest first, through an ephemeral pull
     consumer that acknowledges nothing (the stream is left exactly as it was)."""
-    import nats
-    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
     nc = await nats.connect(url, connect_timeout=timeout, allow_reconnect=False)
     try:
         js = nc.jetstream(timeout=timeout)

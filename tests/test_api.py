@@ -15,10 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import schemathesis
 from conftest import iotgw
 from http_helpers import DemoWithHttp, get
+from hypothesis import HealthCheck, given, settings
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
+from schemathesis.checks import not_a_server_error
+from schemathesis.core.result import Ok
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from gateway.app import Gateway
 from gateway.config import parse_config
@@ -211,19 +220,8 @@ def test_metrics_parse_as_prometheus_text(demo: DemoWithHttp) -> None:
 
 def test_schemathesis_finds_no_server_errors_and_conforming_responses(demo: DemoWithHttp) -> None:
     """Fuzz every operation of /openapi.json against the running gateway (limited examples: ~60 s)."""
-    import schemathesis
-    from hypothesis import HealthCheck, given, settings
-    from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (
-        content_type_conformance,
-        response_schema_conformance,
-        status_code_conformance,
-    )
-
     schema = schemathesis.openapi.from_url(demo.base + "/openapi.json")
     checks = [not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]
-    from schemathesis.core.result import Ok
-
     results = list(schema.get_all_operations())
     operations = [result.ok() for result in results if isinstance(result, Ok)]
     assert len(operations) == len(results)  # the description itself is valid

@@ -12,12 +12,17 @@ from hypothesis import strategies as st
 from drivers.ble.advert import Advertisement, BleReading, uuid16
 from drivers.ble.atc import ATC_UUID, AtcDecoder
 from drivers.ble.bthome import BTHOME_UUID
+from drivers.ble.driver import BleDeviceSpec, BleDriver
 from drivers.ble.protocols import PROTOCOLS, or_patterns
 from drivers.ble.ruuvi import RUUVI_COMPANY_ID, RuuviDecoder
+from drivers.ble.sources import SimulatedRadio
 from drivers.reading import FrameError, Measurement
 from firmware_sim.atc import ATC_UUID as SIM_ATC_UUID
 from firmware_sim.atc import encode_atc
+from firmware_sim.ble_sensor import BLE_SIMULATORS
 from firmware_sim.ruuvi import encode_df5
+from gateway.config import BleDevice, parse_config
+from gateway.errors import ConfigError
 
 RUUVI_MAC = "CB:B8:33:4C:88:4F"
 ATC_MAC = "A4:C1:38:0D:7E:41"
@@ -197,9 +202,6 @@ def test_ruuvi_any_df5_body_is_a_reading_or_a_length_error(body: bytes) -> None:
 
 
 def test_config_bindkey_only_with_bthome_and_ble_defaults() -> None:
-    from gateway.config import BleDevice, parse_config
-    from gateway.errors import ConfigError
-
     device = {"id": "r-1", "transport": "ble", "address": RUUVI_MAC, "protocol": "ruuvi", "bindkey": "00" * 16}
     with pytest.raises(ConfigError) as caught:
         parse_config({"devices": [device]})
@@ -211,10 +213,6 @@ def test_config_bindkey_only_with_bthome_and_ble_defaults() -> None:
 
 
 async def test_simulators_have_one_shape_and_count_each_injected_fault() -> None:
-    from drivers.ble.driver import BleDeviceSpec, BleDriver
-    from drivers.ble.sources import SimulatedRadio
-    from firmware_sim.ble_sensor import BLE_SIMULATORS
-
     radio = SimulatedRadio(maxsize=10_000)
     addresses = {"bthome": "A4:C1:38:00:00:01", "ruuvi": RUUVI_MAC, "atc": ATC_MAC}
     sims = [BLE_SIMULATORS[kind](address=address, radio=radio, seed=7, duplicate_every=2, garble_every=3,

@@ -5,6 +5,7 @@ cache: never committed)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import json
@@ -27,7 +28,7 @@ from pipeline.asyncapi import asyncapi_document
 from pipeline.catalog import ALERT_CLEARED_TYPE, Catalog, CatalogError, EventType, TopicPattern
 from pipeline.collect import CollectStage
 from pipeline.define import DefineStage
-from pipeline.model import AGGREGATE_TYPE, ALERT_TYPE, COMMAND_ACK_TYPE, READING_TYPE, REJECT_TYPE, Reading
+from pipeline.model import AGGREGATE_TYPE, ALERT_TYPE, COMMAND_ACK_TYPE, READING_TYPE, REJECT_TYPE, Reading, cloudevent
 from pipeline.runner import Pipeline
 from pipeline.stage import Draft, Emitter, RawMessage
 from pipeline.topics import TopicFilter, TopicTemplate, compile_filter
@@ -415,8 +416,6 @@ async def test_declared_types_fill_the_unit_read_extra_fields_and_name_the_event
 
 async def test_valid_event_is_what_cloudevent_builds() -> None:
     """The define stage writes the envelope itself for speed: it must equal the shared helper's."""
-    from pipeline.model import cloudevent
-
     [reading], emit, _ = await define(Catalog(TEMPLATE), draft(20.0))
     [(topic, event)] = emit.events
     assert event == cloudevent(event_id=reading.id, source="/iotgw/site1/dev-1", type_=READING_TYPE, subject=topic,
@@ -513,8 +512,6 @@ async def test_traffic_learner_writes_in_the_background(tmp_path: Path) -> None:
 
 
 async def asyncio_sleep(seconds: float) -> None:
-    import asyncio
-
     await asyncio.sleep(seconds)
 
 

@@ -6,6 +6,7 @@ stage) and be counted by reason; nothing disappears.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import UTC, datetime, timedelta
 
@@ -198,8 +199,6 @@ async def test_out_of_order_readings_skip_the_temporal_rules() -> None:
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.one_of(st.floats(allow_nan=True), st.integers(), st.none(), st.text(max_size=3)), max_size=40))
 def test_every_draft_comes_out_kept_or_rejected(values: list[object]) -> None:
-    import asyncio
-
     stage = CleanStage(
         {"temperature": MetricRules(min=-50, max=50, max_rate_per_s=1, stuck_after_s=5, deadband=0.5)},
         units={"environment": {"temperature": "°C"}},

@@ -34,7 +34,7 @@ from gateway.app import Gateway
 from gateway.config import GatewayConfig, InfluxForward, parse_config
 from gateway.errors import ConfigError
 from gateway.forward.base import DestinationUnavailableError, OutboundEvent, UnsendableEventError
-from gateway.forward.influxdb import (
+from gateway.forward.influxdb.destination import (
     InfluxDestination,
     InfluxMapping,
     InfluxMappingError,

@@ -34,7 +34,7 @@ from conftest import free_port
 
 from gateway.errors import ConfigError, GatewayError
 from gateway.forward.base import Destination, DestinationUnavailableError, OutboundEvent
-from gateway.forward.kafka import (
+from gateway.forward.kafka.destination import (
     MAX_KAFKA_TOPIC_CHARS,
     KafkaDestination,
     KafkaRefusedError,

@@ -14,7 +14,7 @@ from peers import Mosquitto, MqttCollector, free_port, mqtt_publish
 
 from gateway.app import Gateway
 from gateway.config import parse_config
-from gateway.forward.mqtt import MqttDestination
+from gateway.forward.mqtt.destination import MqttDestination
 
 RAW = "telemetry/raw/1.0/s1/meter/t-1/power"
 

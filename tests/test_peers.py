@@ -6,9 +6,12 @@ from __future__ import annotations
 import time
 
 import nats
+import paho.mqtt.client as mqtt
 import pytest
 from nats.js.api import StreamConfig
-from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from peers import (
     Mosquitto,
     MqttCollector,
@@ -33,11 +36,6 @@ def test_mosquitto_relays_qos1(mosquitto: Mosquitto) -> None:
 
 
 def test_mosquitto_mqtt5_user_properties(mosquitto: Mosquitto) -> None:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
     with MqttCollector(mosquitto.url, ["gw/#"], client_id="v5", protocol=MQTTProtocolVersion.MQTTv5) as collector:
         pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
         pub.connect(mosquitto.host, mosquitto.port)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 import logging
 import socket
@@ -28,6 +29,7 @@ from peers import Mosquitto
 from gateway.app import Gateway
 from gateway.broker.auth import Acl, filter_covers, hash_password, read_password_file, topic_matches, verify_password
 from gateway.broker.embedded import EmbeddedBroker, Resend
+from gateway.cli.main import main
 from gateway.config import AclRule, BrokerSettings, parse_config
 from gateway.errors import ConfigError
 
@@ -203,10 +205,6 @@ def test_iotgw_passwd_writes_a_file_mosquitto_accepts(tmp_path: Path) -> None:
 
 def test_iotgw_passwd_prompts_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    import getpass
-
-    from gateway.cli.main import main
-
     path = tmp_path / "passwd"
     answers = iter(["one", "two", "same", "same"])
     monkeypatch.setattr(getpass, "getpass", lambda prompt="": next(answers))

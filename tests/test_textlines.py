@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 from hypothesis import given, settings
@@ -269,8 +270,6 @@ def test_stream_split_invariant(cls: type[Stream], chars: list[str], cuts: list[
     )
 )
 def test_json_round_trip(values: dict[str, float]) -> None:
-    import json
-
     out = JsonLinesStream().feed(json.dumps(values).encode() + b"\n")
     if not values:
         assert reasons(out) == ["empty"]

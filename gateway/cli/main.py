@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import json
 import logging
 import os
@@ -13,15 +14,16 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from gateway.app import Gateway
-from gateway.broker.auth import BrokerSecurity
-from gateway.config import GatewayConfig, HttpSettings, StorageSettings, load_config
+from gateway.broker.auth import DEFAULT_ITERATIONS, AuthError, BrokerSecurity, hash_password, update_password_file
+from gateway.config import DEFAULT_METRIC_RULES, GatewayConfig, HttpSettings, StorageSettings, load_config
 from gateway.errors import ConfigError, GatewayError
 from gateway.ops.logs import redact, secret_values, setup_logging
-from gateway.ops.systemd import Notifier, notifying
+from gateway.ops.systemd import Notifier, default_executable, install, notifying
 from gateway.query import (
     QueryError,
     iso_ms,
@@ -29,8 +31,12 @@ from gateway.query import (
     query_series,
     render_points,
 )
+from pipeline.asyncapi import asyncapi_document, consumers_json, producers_json, traffic_by_type
+from pipeline.catalog import Catalog
 from pipeline.errors import PipelineError
 from pipeline.store import StoreReader
+from pipeline.topics import TopicTemplate
+from pipeline.traffic import read_traffic
 
 log = logging.getLogger("iotgw")
 EXIT_USAGE = 2
@@ -131,7 +137,7 @@ def _run_gateway(make: Callable[[], AbstractAsyncContextManager[Gateway]], secon
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.cli.demo import (  # the simulators load only for the demo
+    from gateway.cli.demo import (  # noqa: PLC0415  the simulators load only for the demo
         demo_config,
         demo_gateway,
     )
@@ -187,13 +193,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from firmware_sim.fleet import (  # the simulators load only for this command
+    from firmware_sim.fleet import (  # noqa: PLC0415  the simulators load only for this command
         Fleet,
         FleetError,
         gateway_fragment,
         load_fleet,
     )
-    from gateway.config import DEFAULT_METRIC_RULES
 
     try:
         spec = load_fleet(args.fleet)
@@ -246,10 +251,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
-    import getpass
-
-    from gateway.broker.auth import AuthError, hash_password, update_password_file
-
     try:
         if args.delete:
             update_password_file(args.file, args.user, None)
@@ -301,10 +302,6 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_service_install(args: argparse.Namespace) -> int:
-    from importlib.resources import files
-
-    from gateway.ops.systemd import default_executable, install
-
     example = files("gateway").joinpath("sample-config.toml").read_text(encoding="utf-8")
     try:
         done = install(unit_dir=args.unit_dir, config_dir=args.config_dir,
@@ -326,11 +323,6 @@ def _field_text(f: dict[str, Any]) -> str:
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
-    from pipeline.asyncapi import asyncapi_document, consumers_json, producers_json, traffic_by_type
-    from pipeline.catalog import Catalog
-    from pipeline.topics import TopicTemplate
-    from pipeline.traffic import read_traffic
-
     try:
         config = load_config(args.config) if args.config else GatewayConfig()
     except ConfigError as exc:
@@ -433,8 +425,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file: exit 0, or 2 with one line per problem")
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_check_config)
-
-    from gateway.broker.auth import DEFAULT_ITERATIONS
 
     p = sub.add_parser("passwd", help="set (or with -D delete) a broker user's password in a password file")
     p.add_argument("file", type=Path, help="the [broker] password_file (created if missing, mode 0600)")

@@ -1,2 +1,2 @@
 """Forwarding to the central event backbone: a durable outbox per destination, and destinations
-(MQTT, NATS JetStream, Kafka) registered by type name."""
+(MQTT, NATS JetStream, Kafka, InfluxDB), one package each with its settings, registered by type name."""

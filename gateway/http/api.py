@@ -35,6 +35,8 @@ from gateway.config import HttpSettings
 from gateway.errors import GatewayError
 from gateway.http import models as m
 from gateway.http.auth import OPEN_PATHS, authorized
+from gateway.http.models import API
+from gateway.http.openapi import openapi_document
 from gateway.http.views import Alert, AlertView, CatalogView, NoSignal, SignalView
 from gateway.query import AGGREGATES, QueryError, iso_ms, parse_duration, parse_time, query_series
 from pipeline.store import StoreReader
@@ -44,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-API = "/api/v1"
 AUTO_POINTS = 500
 MAX_RAW_POINTS = 100_000
 # "auto" picks the smallest of these at least (range / points) long
@@ -349,8 +350,6 @@ class HttpApi:
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def _openapi(self, request: web.Request) -> web.Response:
-        from gateway.http.openapi import openapi_document
-
         return web.json_response(openapi_document(secured=self._token is not None))
 
     async def _devices(self, request: web.Request) -> web.Response:

@@ -1,10 +1,13 @@
-"""What the HTTP API answers, as pydantic models: the OpenAPI description's schemas come from these."""
+"""What the HTTP API answers, as pydantic models: the OpenAPI description's schemas come from these.
+Also where it answers: :data:`API`, the path prefix of its JSON resources."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+API = "/api/v1"
 
 
 class _Out(BaseModel):

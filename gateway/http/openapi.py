@@ -8,7 +8,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from gateway.http import models as m
-from gateway.http.api import API
+from gateway.http.models import API
 from gateway.query import AGGREGATES
 
 _PROBLEM = "application/problem+json"

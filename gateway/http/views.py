@@ -23,8 +23,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.model import AGGREGATE_TYPE, ALERT_TYPE, COMMAND_ACK_TYPE, READING_TYPE, REJECT_TYPE, Reading
+from pipeline.asyncapi import asyncapi_document as catalog_asyncapi
+from pipeline.asyncapi import traffic_by_type
+from pipeline.model import (
+    AGGREGATE_TYPE,
+    ALERT_TYPE,
+    COMMAND_ACK_TYPE,
+    READING_TYPE,
+    REJECT_TYPE,
+    Reading,
+    utc_from_ms,
+)
+from pipeline.store import StoreError, StoreReader
 from pipeline.topics import TopicFields, TopicTemplate, compile_filter
+from pipeline.traffic import read_traffic
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,13 +215,9 @@ class LearnedCatalog:
         self._gw = gateway
 
     def _traffic(self) -> tuple[list[Any], list[Any]]:
-        from pipeline.traffic import read_traffic
-
         return read_traffic(self._gw.config.storage.data_dir)
 
     def types(self) -> list[EventType]:
-        from pipeline.asyncapi import traffic_by_type
-
         catalog = self._gw.catalog
         producers, consumers = self._traffic()
         traffic = traffic_by_type(catalog, producers, consumers)
@@ -224,12 +232,10 @@ class LearnedCatalog:
         ]
 
     def asyncapi(self) -> dict[str, Any]:
-        from pipeline.asyncapi import asyncapi_document as document
-
         producers, consumers = self._traffic()
         config = self._gw.config
-        return document(self._gw.catalog, host=config.broker.host, port=self._gw.broker.port, site=config.site,
-                        producers=producers, consumers=consumers)
+        return catalog_asyncapi(self._gw.catalog, host=config.broker.host, port=self._gw.broker.port,
+                                site=config.site, producers=producers, consumers=consumers)
 
 
 class StoredAlerts:
@@ -240,9 +246,6 @@ class StoredAlerts:
         self._own = own
 
     def _rows(self, *, active: bool | None, limit: int) -> list[Alert]:
-        from pipeline.model import utc_from_ms
-        from pipeline.store import StoreError, StoreReader
-
         try:
             with StoreReader(self._data_dir) as store:
                 rows = store.alerts(active=active, limit=limit)

@@ -52,7 +52,7 @@ __all__ = [
     "ProducerLike",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # "gateway.forward.<type>", the name operators filter on
 
 MAX_KAFKA_TOPIC_CHARS: Final = 249
 """Longest Kafka topic name."""

@@ -33,21 +33,22 @@ import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
+
+from influxdb_client.client.influxdb_client import InfluxDBClient
+from influxdb_client.client.write.point import Point
+from influxdb_client.client.write_api import SYNCHRONOUS, WriteApi
+from influxdb_client.rest import ApiException
+from urllib3.exceptions import HTTPError
 
 from drivers.base import StateLog, backoff_delay
-from gateway.config import INFLUX_DEFAULT_TAGS
 from gateway.errors import GatewayError
 from gateway.forward.base import DestinationUnavailableError, InboundMessage, OutboundEvent, UnsendableEventError
+from gateway.forward.influxdb.settings import INFLUX_DEFAULT_TAGS
 from pipeline.model import AGGREGATE_TYPE, READING_TYPE
 from pipeline.topics import TopicTemplate
 
-if TYPE_CHECKING:
-    from influxdb_client.client.influxdb_client import InfluxDBClient
-    from influxdb_client.client.write.point import Point
-    from influxdb_client.client.write_api import WriteApi
-
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # "gateway.forward.<type>", the name operators filter on
 
 Precision = Literal["s", "ms", "us", "ns"]
 NS_PER: Mapping[str, int] = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
@@ -271,8 +272,6 @@ def line_protocol(spec: PointSpec, precision: Precision) -> str:
 def client_point(spec: PointSpec, precision: Precision = "ms") -> Point:
     """The same point as influxdb-client's ``Point``: for code that writes with the client itself, and
     the reference :func:`line_protocol` is tested against."""
-    from influxdb_client.client.write.point import Point
-
     point = Point(spec.measurement)  # type: ignore[no-untyped-call]
     for key, value in spec.tags:
         point.tag(key, value)  # type: ignore[no-untyped-call]
@@ -327,9 +326,6 @@ class InfluxDestination:
 
     async def start(self) -> None:
         """Build the client (no I/O) and look for the server in the background."""
-        from influxdb_client.client.influxdb_client import InfluxDBClient
-        from influxdb_client.client.write_api import SYNCHRONOUS
-
         s = self.settings
         # retries=False: the outbox and the forwarder retry (with backoff), urllib3 must not hide an outage.
         self._client = InfluxDBClient(url=s.url, token=s.token or "", org=s.org or "-", timeout=int(s.timeout_s * 1000),
@@ -412,9 +408,6 @@ class InfluxDestination:
         return False
 
     async def _write(self, lines: Sequence[str]) -> None:
-        from influxdb_client.rest import ApiException
-        from urllib3.exceptions import HTTPError
-
         api = self._write_api
         if api is None or self._closed:
             raise DestinationUnavailableError(f"{self.name}: not started")

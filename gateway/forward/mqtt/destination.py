@@ -32,21 +32,14 @@ from gateway.forward.base import (
     UnsendableEventError,
     acknowledged_prefix,
 )
+from gateway.forward.mqtt.settings import RewriteRule
 from pipeline.queue import DropOldestQueue
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # "gateway.forward.<type>", the name operators filter on
 EVENT_ID = "event-id"
 GATEWAY = "iotgw-gateway"
 MAX_BATCH = 10_000  # the largest batch_size a [[forward]] may set
 CONNACK_TIMEOUT_S = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class Rewrite:
-    """Replace a leading topic prefix: ``from_ = "telemetry/"``, ``to = "plant-7/telemetry/"``."""
-
-    from_: str
-    to: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +57,7 @@ class MqttSettings:
     cert_file: str | None = None
     key_file: str | None = None
     topic_prefix: str = ""
-    rewrite: tuple[Rewrite, ...] = ()
+    rewrite: tuple[RewriteRule, ...] = ()
     subscribe: tuple[str, ...] = ()
     ack_timeout_s: float = 10.0
     inbound_queue: int = 1000

@@ -33,7 +33,7 @@ from pipeline.errors import TopicError
 from pipeline.queue import DropOldestQueue
 from pipeline.topics import compile_filter, filter_to_subjects, subject_to_topic, topic_to_subject
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # "gateway.forward.<type>", the name operators filter on
 GATEWAY_HEADER = "Iotgw-Gateway"
 TOPIC_HEADER = "Iotgw-Topic"
 

@@ -1,0 +1,82 @@
+"""``[broker]``: the embedded MQTT broker's listeners, TLS, sessions, packet limits and access rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from gateway.settings import Model
+
+Access = Literal["read", "write", "readwrite", "deny"]
+
+
+class AclRule(Model):
+    """One ``[[broker.acl]]`` rule; see gateway/broker/auth.py for how rules are matched."""
+
+    topic: str = Field(min_length=1, description="a topic filter (+ #); %c is the client id, %u the username")
+    access: Access = "readwrite"
+    user: str | None = Field(default=None, description="this username only; absent: every client")
+
+    @field_validator("topic")
+    @classmethod
+    def _filter(cls, value: str) -> str:
+        levels = value.split("/")
+        for i, level in enumerate(levels):
+            if ("#" in level and (level != "#" or i != len(levels) - 1)) or ("+" in level and level != "+"):
+                raise ValueError("'+' must be a whole level and '#' the whole last level")
+        return value
+
+
+class BrokerTls(Model):
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = Field(default=None, description="CA that signs client certificates")
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _ca(self) -> BrokerTls:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA that signs client certificates)")
+        return self
+
+
+class BrokerListener(Model):
+    """A listener beside the plain TCP one on [broker] host/port."""
+
+    type: Literal["tcp", "tls", "ws", "wss"]
+    host: str | None = Field(default=None, description="default: [broker] host")
+    port: int = Field(ge=0, le=65535)
+    tls: BrokerTls | None = Field(default=None, description="default: [broker.tls]")
+
+
+class BrokerSettings(Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=0, le=65535)
+    # MQTT 3.1.1 sessions (gateway/broker/sessions.py): messages a client's session may hold, queued and
+    # in flight together; what happens to a message that finds it full; PUBLISHes sent unacknowledged.
+    max_queued_messages: int = Field(default=1000, ge=1, le=1_000_000)
+    queue_full: Literal["drop_oldest", "drop_new"] = "drop_oldest"
+    max_inflight: int = Field(default=20, ge=1, le=65535)
+    # The largest MQTT packet a client may send (whole packet, header included); bigger ones close
+    # the connection (gateway/broker/firewall.py).
+    max_packet_bytes: int = Field(default=262_144, ge=64, le=268_435_455)
+    connect_timeout_s: float = Field(default=10.0, gt=0)  # a connection must send CONNECT within this
+    allow_anonymous: bool | Literal["loopback"] = Field(
+        default=False, description='clients without a username; "loopback": only from this machine'
+    )
+    password_file: Path | None = Field(default=None, description="user:hash lines, managed by `iotgw passwd`")
+    acl: list[AclRule] = Field(default_factory=list, description="first matching rule decides")
+    acl_default: Access | None = Field(
+        default=None, description="when no rule matches: readwrite without [[broker.acl]] rules, deny with them"
+    )
+    tls: BrokerTls | None = None
+    listeners: list[BrokerListener] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _listener_tls(self) -> BrokerSettings:
+        for i, listener in enumerate(self.listeners):
+            if listener.type in ("tls", "wss") and listener.tls is None and self.tls is None:
+                raise ValueError(f"listeners[{i}]: type {listener.type} needs [broker.tls] or its own tls")
+        return self

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from drivers.base import StateLog, backoff_delay
 from gateway.config import INFLUX_DEFAULT_TAGS
 from gateway.errors import GatewayError
 from gateway.forward.base import DestinationUnavailableError, InboundMessage, OutboundEvent, UnsendableEventError
 from pipeline.model import AGGREGATE_TYPE, READING_TYPE
+from pipeline.retry import StateLog, backoff_delay
 from pipeline.topics import TopicTemplate
 
 if TYPE_CHECKING:
@@ -438,7 +438,7 @@ class InfluxDestination:
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
 
     def _lost(self, reason: str) -> None:
-        self._state.down(datetime.now(UTC), reason)
+        self._state.down(reason)
         self._up = False
         self._watch()
 
@@ -452,11 +452,11 @@ class InfluxDestination:
         attempt = 0
         while not self._closed and self._client is not None:
             if await asyncio.to_thread(self._client.ping):
-                self._state.up(datetime.now(UTC))
+                self._state.up()
                 self._up = True
                 return
             if attempt == 0:
-                self._state.down(datetime.now(UTC), "no answer to ping")
+                self._state.down("no answer to ping")
             attempt += 1
             await asyncio.sleep(backoff_delay(attempt, cap_s=_PROBE_CAP_S))
 

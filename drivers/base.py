@@ -6,8 +6,6 @@ reading, and each frame it could not decode, to a :class:`Sink` that the gateway
 
 from __future__ import annotations
 
-import logging
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -57,27 +55,3 @@ class Driver(Protocol):
     async def run(self, sink: Sink) -> None:
         """Read until cancelled; recover from device faults by itself."""
         ...
-
-
-def backoff_delay(attempt: int, *, cap_s: float = 30.0) -> float:
-    """Random, exponential, capped: ``uniform(0, min(cap, 1.5 ** attempt))`` seconds."""
-    return random.uniform(0, min(cap_s, 1.5 ** min(attempt, 20)))
-
-
-class StateLog:
-    """Logs a source going down once, and its recovery once: state changes, not every failure."""
-
-    def __init__(self, logger: logging.Logger, name: str) -> None:
-        self._log = logger
-        self._name = name
-        self._down_since: datetime | None = None
-
-    def down(self, now: datetime, reason: str) -> None:
-        if self._down_since is None:
-            self._down_since = now
-            self._log.warning("%s: unavailable (%s); retrying with backoff", self._name, reason)
-
-    def up(self, now: datetime) -> None:
-        if self._down_since is not None:
-            self._log.warning("%s: recovered after %.1f s", self._name, (now - self._down_since).total_seconds())
-            self._down_since = None

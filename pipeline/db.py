@@ -1,9 +1,11 @@
 """SQLite for an asyncio process: one connection on one dedicated thread, and group commit.
 
-Everything durable in the gateway (the store, the ingest journal, the outboxes) is SQLite in WAL
-mode. Writes are gathered for a few milliseconds and committed in one transaction, so a Raspberry
-Pi's SD card sees a few fsyncs a second however many messages arrive, and callers that need to
-know (an MQTT PUBACK) wait for the commit that covers their write.
+Everything durable in the gateway (the store, the ingest journal, the outboxes, the MQTT sessions,
+the catalog's traffic) is SQLite in WAL mode, each database on a :class:`SqliteThread` of its own;
+the HTTP API reads the store through a read-only one. Writes are gathered for a few milliseconds
+and committed in one transaction (:class:`GroupCommit`), so a Raspberry Pi's SD card sees a few
+fsyncs a second however many messages arrive, and callers that need to know (an MQTT PUBACK) wait
+for the commit that covers their write.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 from pipeline.errors import PipelineError
+from pipeline.retry import until_done
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,28 +33,58 @@ class DatabaseError(PipelineError):
 
 
 class SqliteThread:
-    """``await db.run(fn, *args)`` calls ``fn(connection, *args)`` on the database's own thread."""
+    """``await db.run(fn, *args)`` calls ``fn(connection, *args)`` on the database's own thread.
 
-    def __init__(self, path: Path, *, synchronous: Synchronous = "FULL") -> None:
+    One connection, made, used and closed on one dedicated thread: SQLite connections stay on the
+    thread that made them, and a disk that stalls stalls that thread, never the event loop.
+
+    Args:
+        synchronous: how hard a commit waits for the disk (read-write only).
+        pragmas: run first, before WAL mode and the schema (``auto_vacuum`` must come before anything
+            is written), as ``"name=value"``.
+        readonly: open an existing file read-only (no WAL switch, no schema); :class:`DatabaseError`
+            if there is none.
+    """
+
+    def __init__(
+        self, path: Path, *, synchronous: Synchronous = "FULL", pragmas: Sequence[str] = (), readonly: bool = False,
+    ) -> None:
         self.path = path
         self._synchronous = synchronous
+        self._pragmas = tuple(pragmas)
+        self._readonly = readonly
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{path.stem}")
         self._conn: sqlite3.Connection | None = None
 
-    async def open(self, schema: str) -> None:
-        def _open() -> None:
-            try:
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None
+
+    async def open(self, schema: str = "") -> None:
+        """Connect (on the database's thread) and run ``schema``; nothing happens if already open."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open, schema)
+
+    def _open(self, schema: str) -> None:
+        if self._conn is not None:
+            return
+        try:
+            if self._readonly:
+                if not self.path.is_file():
+                    raise DatabaseError(f"no database at {self.path}")
+                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+            else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            for pragma in self._pragmas:
+                conn.execute(f"PRAGMA {pragma}")
+            if not self._readonly:
                 conn.execute("PRAGMA journal_mode=WAL")
                 # FULL: a commit survives power loss, not just a crash; group commit keeps it cheap.
                 conn.execute(f"PRAGMA synchronous={self._synchronous}")
                 conn.executescript(schema)
-            except (OSError, sqlite3.Error) as exc:
-                raise DatabaseError(f"cannot open {self.path}: {exc}") from exc
-            self._conn = conn
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, _open)
+        except (OSError, sqlite3.Error) as exc:
+            raise DatabaseError(f"cannot open {self.path}: {exc}") from exc
+        self._conn = conn
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         def call() -> T:
@@ -135,23 +168,12 @@ class GroupCommit(Generic[Op]):
                     future.set_result(None)
 
     async def _loop(self) -> None:
-        failures = 0
         while True:
             await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(self._window)
-            try:
-                await self.flush()
-            except Exception as exc:
-                failures += 1
-                if failures == 1:
-                    log.error("commit to %s failed, retrying until it succeeds: %s", self._db.path, exc)
-                self._wake.set()
-                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
-                continue
-            if failures:
-                log.warning("commit to %s recovered after %d failed attempt(s)", self._db.path, failures)
-                failures = 0
+            # What is submitted meanwhile joins the retried commit: flush takes everything pending.
+            await until_done(self.flush, what=f"commit to {self._db.path}", log=log)
 
     async def stop(self) -> None:
         """Commit what is pending and stop the background committer."""

@@ -34,21 +34,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, Self
 
+from pipeline.db import DatabaseError, SqliteThread, in_transaction
 from pipeline.errors import PipelineError
 from pipeline.model import Reading, to_ms, utc_from_ms
+from pipeline.retry import backoff_delay, until_done
 from pipeline.rules import AlertChange
 from pipeline.stage import Emitter, StageStats
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 DB_NAME = "iotgw.sqlite3"
 SCHEMA_VERSION = 2
 DAY_MS = 86_400_000
@@ -221,14 +221,30 @@ def _page_use(db: sqlite3.Connection) -> tuple[int, int, int]:
     return int(size), int(count), int(free)
 
 
+def _delete_old_alerts(db: sqlite3.Connection, before: int) -> int:
+    return db.execute("DELETE FROM alerts WHERE cleared_at < ?", (before,)).rowcount
+
+
+def _time_span(db: sqlite3.Connection, table: str, column: str) -> tuple[int, int] | None:
+    row = db.execute(
+        f"SELECT min(lo), max(hi) FROM (SELECT (SELECT min({column}) FROM {table} t "  # noqa: S608
+        f"WHERE t.series_id = s.series_id) AS lo, (SELECT max({column}) FROM {table} t "
+        "WHERE t.series_id = s.series_id) AS hi FROM series s)"
+    ).fetchone()
+    return None if row[0] is None else (int(row[0]), int(row[1]))
+
+
 class SqliteStore:
     """The writer. Use as ``async with SqliteStore(dir) as store: await store.write(batch)``."""
 
     def __init__(self, data_dir: Path, limits: StoreLimits | None = None) -> None:
         self.path = db_path(data_dir)
         self.limits = limits or StoreLimits()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotgw-sqlite")
-        self._db: sqlite3.Connection | None = None
+        # FULL, like the journal: the journal lets a batch go once it is here, so here must survive a
+        # power cut too. One fsync per batch (batches linger up to max_latency_s under light load).
+        # auto_vacuum takes effect only in a new file (before any table).
+        self._db = SqliteThread(self.path, synchronous="FULL", pragmas=(
+            "auto_vacuum=INCREMENTAL", f"journal_size_limit={WAL_LIMIT_BYTES}"))
         self._series: dict[tuple[str, str], int] = {}
         self.rows_written = 0
         self.transactions = 0
@@ -237,41 +253,29 @@ class SqliteStore:
         self._maintaining = asyncio.Lock()
 
     async def __aenter__(self) -> Self:
-        await self._run(self._open)
+        try:
+            await self._db.open(_SCHEMA)  # CREATE ... IF NOT EXISTS leaves user_version as it was
+            await self._db.run(self._upgrade)
+        except (DatabaseError, sqlite3.Error) as exc:
+            await self._db.close()
+            cause = exc.__cause__ if isinstance(exc, DatabaseError) and exc.__cause__ else exc
+            raise StoreError(f"cannot open the store at {self.path}: {cause}") from exc
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._run(self._close)
-        self._executor.shutdown(wait=True)
+        await self._db.close()
 
     async def write(self, readings: list[Reading]) -> None:
         if readings:
-            await self._run(self._write, readings)
+            await self._db.run(self._write, readings)
 
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
-
-    def _open(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect only in a new file (before any table)
-            db.execute("PRAGMA journal_mode=WAL")
-            # FULL, like the journal: the journal lets a batch go once it is here, so here must survive a
-            # power cut too. One fsync per batch (batches linger up to max_latency_s under light load).
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            db.executescript(_SCHEMA)
-            if 0 < version < SCHEMA_VERSION:
-                self._backfill_rollups(db)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open the store at {self.path}: {exc}") from exc
-        self._db = db
+    def _upgrade(self, db: sqlite3.Connection) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if 0 < version < SCHEMA_VERSION:
+            self._backfill_rollups(db)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         for series_id, device_id, metric in db.execute("SELECT series_id, device_id, metric FROM series"):
             self._series[(device_id, metric)] = series_id
 
@@ -279,23 +283,15 @@ class SqliteStore:
     def _backfill_rollups(db: sqlite3.Connection) -> None:
         """A store from before rollups: roll up what it holds, once, at the upgrade."""
         log.warning("upgrading the store: computing 1-minute and 1-hour rollups of the stored readings")
-        db.execute("BEGIN IMMEDIATE")
-        for width, ms in ROLLUPS.items():
-            db.execute(
-                f"INSERT OR REPLACE INTO rollup_{width} SELECT series_id, ts - ts % {ms}, count(*), avg(value), "  # noqa: S608
-                "min(value), max(value) FROM readings GROUP BY series_id, ts - ts % " + str(ms)
-            )
-        db.execute("COMMIT")
 
-    def _close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        def backfill(db: sqlite3.Connection) -> None:
+            for width, ms in ROLLUPS.items():
+                db.execute(
+                    f"INSERT OR REPLACE INTO rollup_{width} SELECT series_id, ts - ts % {ms}, count(*), avg(value), "  # noqa: S608
+                    "min(value), max(value) FROM readings GROUP BY series_id, ts - ts % " + str(ms)
+                )
 
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise StoreError("the store is not open")
-        return self._db
+        in_transaction(db, backfill)
 
     def _new_series(self, db: sqlite3.Connection, reading: Reading, new: dict[tuple[str, str], int]) -> int:
         key = (reading.device_id, reading.metric)
@@ -326,8 +322,7 @@ class SqliteStore:
         db.execute("RELEASE readings")
         return rows
 
-    def _write(self, readings: list[Reading]) -> None:
-        db = self._conn()
+    def _write(self, db: sqlite3.Connection, readings: list[Reading]) -> None:
         known = self._series
         new_series: dict[tuple[str, str], int] = {}  # cached only once committed
         seen: dict[str, list[Any]] = {}  # device id -> [transport, class, site, first, last] (receive ms)
@@ -379,36 +374,30 @@ class SqliteStore:
     async def record_alerts(self, changes: list[AlertChange]) -> None:
         """A raise opens a row (unless one is open for the same rule and series); a clear closes it."""
         if changes:
-            await self._run(self._record_alerts, changes)
+            await self._db.run(in_transaction, lambda db: self._record_alerts(db, changes))
 
-    def _record_alerts(self, changes: list[AlertChange]) -> None:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for c in changes:
-                key = (c.rule, c.device_id, c.metric)
-                if c.raised:
-                    db.execute(
-                        "INSERT INTO alerts (rule, kind, severity, site, device_class, device_id, metric, value, "
-                        "message, raised_at, event_id) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS "
-                        "(SELECT 1 FROM alerts WHERE cleared_at IS NULL AND rule = ? AND device_id = ? AND metric = ?)",
-                        (c.rule, c.kind, c.severity, c.site, c.device_class, c.device_id, c.metric, c.value,
-                         c.message, to_ms(c.raised_at), c.event_id, *key),
-                    )
-                else:
-                    db.execute(
-                        "UPDATE alerts SET cleared_at = ?, clear_value = ?, clear_message = ? "
-                        "WHERE cleared_at IS NULL AND rule = ? AND device_id = ? AND metric = ?",
-                        (to_ms(c.at), c.value, c.message, *key),
-                    )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+    @staticmethod
+    def _record_alerts(db: sqlite3.Connection, changes: list[AlertChange]) -> None:
+        for c in changes:
+            key = (c.rule, c.device_id, c.metric)
+            if c.raised:
+                db.execute(
+                    "INSERT INTO alerts (rule, kind, severity, site, device_class, device_id, metric, value, "
+                    "message, raised_at, event_id) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS "
+                    "(SELECT 1 FROM alerts WHERE cleared_at IS NULL AND rule = ? AND device_id = ? AND metric = ?)",
+                    (c.rule, c.kind, c.severity, c.site, c.device_class, c.device_id, c.metric, c.value,
+                     c.message, to_ms(c.raised_at), c.event_id, *key),
+                )
+            else:
+                db.execute(
+                    "UPDATE alerts SET cleared_at = ?, clear_value = ?, clear_message = ? "
+                    "WHERE cleared_at IS NULL AND rule = ? AND device_id = ? AND metric = ?",
+                    (to_ms(c.at), c.value, c.message, *key),
+                )
 
     async def active_alerts(self) -> list[tuple[str, str, str, datetime]]:
         """``(rule, device_id, metric, raised_at)`` of every alert not cleared: seeds the rules at start."""
-        rows = await self._run(lambda: self._conn().execute(
+        rows = await self._db.run(lambda db: db.execute(
             "SELECT rule, device_id, metric, raised_at FROM alerts WHERE cleared_at IS NULL").fetchall())
         return [(rule, device_id, metric, utc_from_ms(raised)) for rule, device_id, metric, raised in rows]
 
@@ -416,13 +405,13 @@ class SqliteStore:
         """At start: alerts of rules no longer configured can never clear; close them (no event)."""
         names = sorted(set(rules))
 
-        def close() -> int:
+        def close(db: sqlite3.Connection) -> int:
             marks = ", ".join("?" * len(names))
-            return self._conn().execute(
+            return db.execute(
                 "UPDATE alerts SET cleared_at = ?, clear_message = 'rule no longer configured' "  # noqa: S608
                 f"WHERE cleared_at IS NULL AND rule NOT IN ({marks})", (at_ms, *names)).rowcount
 
-        return await self._run(close)
+        return await self._db.run(close)
 
     # -- retention and the disk budget -------------------------------------------------------------
 
@@ -430,14 +419,14 @@ class SqliteStore:
         """One retention and budget pass (see the module docstring); many short transactions."""
         async with self._maintaining:
             limits, hk = self.limits, self.housekeeping
-            series = await self._run(lambda: [sid for (sid,) in self._conn().execute("SELECT series_id FROM series")])
+            series = await self._db.run(lambda db: [sid for (sid,) in db.execute("SELECT series_id FROM series")])
             for table, column, days in (("readings", "ts", limits.raw_retention_days),
                                         ("rollup_1m", "bucket", limits.rollup_1m_retention_days),
                                         ("rollup_1h", "bucket", limits.rollup_1h_retention_days)):
                 cutoff = now_ms - int(days * DAY_MS)
                 hk.retention_deleted[table] += await self._delete_before(table, column, series, cutoff)
-            hk.retention_deleted["alerts"] += await self._run(
-                self._delete_old_alerts, now_ms - int(limits.rollup_1m_retention_days * DAY_MS))
+            hk.retention_deleted["alerts"] += await self._db.run(
+                _delete_old_alerts, now_ms - int(limits.rollup_1m_retention_days * DAY_MS))
             await self._enforce_budget(series)
             hk.passes += 1
             return hk
@@ -446,21 +435,16 @@ class SqliteStore:
         deleted = 0
         for series_id in series:
             while True:
-                count = await self._run(
-                    _delete_chunk, self._conn(), table, column, series_id, cutoff, self.limits.chunk_rows)
+                count = await self._db.run(_delete_chunk, table, column, series_id, cutoff, self.limits.chunk_rows)
                 deleted += count
                 if count < self.limits.chunk_rows:
                     break
         return deleted
 
-    def _delete_old_alerts(self, before: int) -> int:
-        db = self._conn()
-        return db.execute("DELETE FROM alerts WHERE cleared_at < ?", (before,)).rowcount
-
     async def _enforce_budget(self, series: list[int]) -> None:
         limits, hk = self.limits, self.housekeeping
         target = int(limits.max_bytes * 0.9)
-        used = await self._run(self._used_bytes)
+        used = await self._db.run(self._used_bytes)
         if used > limits.max_bytes:
             if not hk.over_budget:
                 log.warning("store over its disk budget (%d of %d bytes in use): deleting the oldest raw readings,"
@@ -468,37 +452,28 @@ class SqliteStore:
             hk.over_budget = True
             for table, column in (("readings", "ts"), ("rollup_1m", "bucket")):
                 while used > target:
-                    span = await self._run(self._time_span, table, column)
+                    span = await self._db.run(_time_span, table, column)
                     if span is None:
                         break
                     oldest, newest = span
                     cutoff = oldest + max(1, (newest - oldest) // 20)
                     hk.budget_deleted[table] += await self._delete_before(table, column, series, cutoff)
-                    used = await self._run(self._used_bytes)
+                    used = await self._db.run(self._used_bytes)
             if used > target:
                 log.error("store still over its disk budget with only 1-hour rollups and alerts left (%d bytes)", used)
         elif hk.over_budget:  # a pass that had nothing to delete
             hk.over_budget = False
             log.warning("store back within its disk budget (%d of %d bytes in use)", used, limits.max_bytes)
-        hk.pages_released += await self._run(self._release_pages)
-        hk.used_bytes = await self._run(self._used_bytes)
+        hk.pages_released += await self._db.run(self._release_pages)
+        hk.used_bytes = await self._db.run(self._used_bytes)
 
-    def _used_bytes(self) -> int:
-        size, count, free = _page_use(self._conn())
+    def _used_bytes(self, db: sqlite3.Connection) -> int:
+        size, count, free = _page_use(db)
         self.housekeeping.file_bytes = size * count
         return size * (count - free)
 
-    def _time_span(self, table: str, column: str) -> tuple[int, int] | None:
-        row = self._conn().execute(
-            f"SELECT min(lo), max(hi) FROM (SELECT (SELECT min({column}) FROM {table} t "  # noqa: S608
-            f"WHERE t.series_id = s.series_id) AS lo, (SELECT max({column}) FROM {table} t "
-            "WHERE t.series_id = s.series_id) AS hi FROM series s)"
-        ).fetchone()
-        return None if row[0] is None else (int(row[0]), int(row[1]))
-
-    def _release_pages(self) -> int:
+    def _release_pages(self, db: sqlite3.Connection) -> int:
         """Give back the free pages that keep the file over the budget (incremental vacuum)."""
-        db = self._conn()
         if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
             return 0
         released = 0
@@ -521,6 +496,14 @@ class SqliteStore:
         }
 
 
+_WRITE_ERRORS = (StoreError, DatabaseError, sqlite3.Error, OSError)
+
+
+def _write_retry_delay(attempt: int) -> float:
+    """Between attempts at a store write: 1, 2, 4, ... seconds, at most 30, not randomised (a disk)."""
+    return backoff_delay(attempt, base_s=0.5, factor=2.0, cap_s=30.0, jitter=False)
+
+
 class StoreStage:
     name = "store"
 
@@ -530,19 +513,15 @@ class StoreStage:
         self.write_failures = 0
 
     async def process(self, batch: list[Reading], emit: Emitter) -> list[Reading]:
-        attempt = 0
-        while True:  # a full or failing disk holds the batch (and, behind it, ingestion): it is never dropped
+        async def write() -> None:
             try:
                 await self._store.write(batch)
-                break
-            except (StoreError, sqlite3.Error, OSError) as exc:
-                attempt += 1
-                if attempt == 1:
-                    log.error("store write failed, retrying until it succeeds: %s", exc)
+            except _WRITE_ERRORS:
                 self.write_failures += 1
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(attempt, 6)))
-        if attempt:
-            log.warning("store write recovered after %d failed attempt(s)", attempt)
+                raise
+
+        # A full or failing disk holds the batch (and, behind it, ingestion): it is never dropped.
+        await until_done(write, what="store write", log=log, retry_on=_WRITE_ERRORS, delay=_write_retry_delay)
         self.stats.received += len(batch)
         self.stats.passed += len(batch)
         return batch
@@ -591,21 +570,32 @@ class AlertRow:
         return self.cleared_at_ms is None
 
 
-class StoreReader:
-    """Read-only queries for the CLI and, later, the HTTP API."""
+READER_PRAGMAS = ("mmap_size=1073741824",)  # long scans read mapped pages, not copies (bench/query.py)
 
-    def __init__(self, data_dir: Path) -> None:
-        path = db_path(data_dir)
+
+class StoreReader:
+    """Read-only queries: ``with StoreReader(data_dir) as store`` (the CLI) opens the store read-only
+    and closes it at the end; ``StoreReader(connection)`` (the HTTP API, on the connection its
+    :class:`~pipeline.db.SqliteThread` owns) reads through a connection it leaves open."""
+
+    def __init__(self, source: Path | sqlite3.Connection) -> None:
+        self._owned = not isinstance(source, sqlite3.Connection)
+        if isinstance(source, sqlite3.Connection):
+            self._db = source
+            return
+        path = db_path(source)
         if not path.exists():
             raise StoreError(f"no store at {path} (is --data-dir right?)")
         self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        self._db.execute("PRAGMA mmap_size=1073741824")  # long scans read mapped pages, not copies (bench/query.py)
+        for pragma in READER_PRAGMAS:
+            self._db.execute(f"PRAGMA {pragma}")
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._db.close()
+        if self._owned:
+            self._db.close()
 
     def devices(self) -> list[DeviceRow]:
         metrics: dict[str, list[str]] = {}

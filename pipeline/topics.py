@@ -35,6 +35,7 @@ characters percent-escaped) and filters onto NATS subject filters; see
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,8 +54,11 @@ __all__ = [
     "TopicFilter",
     "TopicTemplate",
     "compile_filter",
+    "filter_covers",
     "filter_to_subjects",
+    "mqtt_filter",
     "subject_to_topic",
+    "topic_matches",
     "topic_to_subject",
     "validate_topic",
 ]
@@ -75,6 +79,7 @@ _STAGE_SET: Final = frozenset(STAGES)
 _NO_TAIL: Final = 0
 _HASH_TAIL: Final = 1  # MQTT ``#``: zero or more levels
 _GT_TAIL: Final = 2  # smf ``>``: one or more levels
+_MQTT_CACHE_SIZE: Final = 4096  # compiled MQTT filters kept (subscriptions, ACL rules per client)
 
 
 def _fail(message: str) -> NoReturn:
@@ -247,6 +252,87 @@ class TopicFilter:
             if not level or not level.startswith(prefix):
                 return False
         return True
+
+    def covers(self, other: TopicFilter) -> bool:
+        """Return True if this filter matches every topic ``other`` matches.
+
+        For an ACL rule and a requested subscription: the rule decides the subscription only when
+        it covers all of it. Filters of either syntax compare with each other.
+        """
+        if self._dollar_guard and other._tokens[:1] and _may_start_with_dollar(other._level(0)):
+            return False
+        mine, theirs = len(self._tokens), len(other._tokens)
+        for i in range(theirs):
+            if i == mine:  # the rest of other's topics (one level or more) falls to my tail
+                return self._tail != _NO_TAIL
+            if not _level_covers(self._level(i), other._level(i)):
+                return False
+        rest = [self._level(i) for i in range(theirs, mine)]  # my levels past other's fixed ones
+        if other._tail == _NO_TAIL:
+            return not rest and self._tail != _GT_TAIL
+        # other's tail takes any number of levels of any content, from ``fewest`` up
+        fewest = max(1 if other._tail == _GT_TAIL else 0, 1 - theirs)  # a topic has one level at least
+        needed = len(rest) + (1 if self._tail == _GT_TAIL else 0)
+        return self._tail != _NO_TAIL and all(level == _ANY_LEVEL for level in rest) and needed <= fewest
+
+    def _level(self, i: int) -> _Level:
+        """Level ``i`` of the filter's fixed part: a literal, or (prefix, must be non-empty)."""
+        token = self._tokens[i]
+        if token is None:
+            return ("", self.syntax == "smf")
+        if self.syntax == "smf" and token.endswith("*"):
+            return (token[:-1], True)
+        return token
+
+
+# A filter level: literal text, or a single-level wildcard as (prefix, whether the level must be non-empty).
+_Level: TypeAlias = str | tuple[str, bool]
+_ANY_LEVEL: Final[_Level] = ("", False)  # MQTT ``+``: any level, even an empty one
+
+
+def _level_covers(mine: _Level, theirs: _Level) -> bool:
+    """Every level ``theirs`` accepts, ``mine`` accepts too."""
+    if isinstance(mine, str):
+        return mine == theirs
+    prefix, non_empty = mine
+    if isinstance(theirs, str):
+        return theirs.startswith(prefix) and (bool(theirs) or not non_empty)
+    their_prefix, their_non_empty = theirs
+    return their_prefix.startswith(prefix) and (their_non_empty or bool(their_prefix) or not non_empty)
+
+
+def _may_start_with_dollar(level: _Level) -> bool:
+    """Whether a filter whose first level is ``level`` can match a ``$`` topic (a whole-level
+    wildcard there cannot: MQTT-4.7.2-1)."""
+    return (level if isinstance(level, str) else level[0]).startswith("$")
+
+
+@functools.lru_cache(maxsize=_MQTT_CACHE_SIZE)
+def mqtt_filter(pattern: str) -> TopicFilter:
+    """``TopicFilter(pattern, "mqtt")``, compiled once for filters met again and again (the
+    broker's subscriptions, ACL rules).
+
+    Raises:
+        TopicError: if the pattern is not a valid MQTT filter.
+    """
+    return TopicFilter(pattern, "mqtt")
+
+
+def topic_matches(topic: str, topic_filter: str) -> bool:
+    """MQTT matching of a topic name against an MQTT filter; an invalid filter matches nothing."""
+    try:
+        return mqtt_filter(topic_filter).matches(topic)
+    except TopicError:
+        return False
+
+
+def filter_covers(rule: str, requested: str) -> bool:
+    """True when every topic the MQTT filter ``requested`` can match is matched by ``rule`` too
+    (see :meth:`TopicFilter.covers`); False when either is not a valid MQTT filter."""
+    try:
+        return mqtt_filter(rule).covers(mqtt_filter(requested))
+    except TopicError:
+        return False
 
 
 def compile_filter(pattern: str, syntax: Literal["auto", "mqtt", "smf"] = "auto") -> TopicFilter:

@@ -31,6 +31,7 @@ from typing import Final, Self
 from pipeline.catalog import Catalog, EventType
 from pipeline.db import SqliteThread, in_transaction
 from pipeline.errors import TopicError
+from pipeline.retry import StateLog
 from pipeline.topics import compile_filter
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,10 @@ class TrafficLearner:
         self._subs: dict[tuple[str, str], tuple[int, tuple[str, ...]]] = {}  # (client, filter) -> (first, types)
         self._ended: list[tuple[str, str, int, tuple[str, ...]]] = []  # (client, filter, first, types)
         self._task: asyncio.Task[None] | None = None
-        self._failing = False
+        self._writing = StateLog(
+            log, str(self._db.path), down="catalog traffic: cannot write %(name)s, will retry: %(reason)s",
+            up="catalog traffic: writing %(name)s again", up_level=logging.INFO,
+        )
         self.flushes = 0
 
     def set_catalog(self, catalog: Catalog) -> None:
@@ -206,13 +210,9 @@ class TrafficLearner:
                 seen = self._pending.setdefault((key, client), [first, last, 0])
                 seen[0], seen[1], seen[2] = min(seen[0], first), max(seen[1], last), seen[2] + count
             self._ended[:0] = ended
-            if not self._failing:
-                log.warning("catalog traffic: cannot write %s, will retry: %s", self._db.path, exc)
-            self._failing = True
+            self._writing.down(exc)
             return
-        if self._failing:
-            log.info("catalog traffic: writing %s again", self._db.path)
-        self._failing = False
+        self._writing.up()
         self.flushes += 1
 
 

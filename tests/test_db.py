@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.db import GroupCommit, SqliteThread
+from pipeline.db import DatabaseError, GroupCommit, SqliteThread
 
 
 async def test_failed_commit_keeps_the_operations_and_their_waiters(tmp_path: Path) -> None:
@@ -57,3 +57,30 @@ async def test_background_committer_retries_until_the_disk_recovers(tmp_path: Pa
     assert commit.failures == 3
     await commit.stop()
     await db.close()
+
+
+async def test_pragmas_come_before_wal_mode_and_the_schema(tmp_path: Path) -> None:
+    db = SqliteThread(tmp_path / "t.sqlite3", pragmas=("auto_vacuum=INCREMENTAL",))
+    await db.open("CREATE TABLE t (v INTEGER);")
+    await db.open("CREATE TABLE never (v INTEGER);")  # already open: nothing happens
+    assert await db.run(lambda c: c.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2  # only set in a new file
+    assert await db.run(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
+    assert await db.run(lambda c: [n for (n,) in c.execute("SELECT name FROM sqlite_master")]) == ["t"]
+    await db.close()
+
+
+async def test_a_readonly_thread_reads_an_existing_file_and_cannot_write(tmp_path: Path) -> None:
+    path = tmp_path / "t.sqlite3"
+    missing = SqliteThread(path, readonly=True)
+    with pytest.raises(DatabaseError, match="no database"):
+        await missing.open()
+    assert not missing.is_open
+    writer = SqliteThread(path)
+    await writer.open("CREATE TABLE t (v INTEGER); INSERT INTO t VALUES (1);")
+    await missing.open()  # the file exists now: a later open succeeds
+    assert missing.is_open
+    assert await missing.run(lambda c, n: c.execute("SELECT v + ? FROM t", (n,)).fetchone()[0], 1) == 2
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        await missing.run(lambda c: c.execute("INSERT INTO t VALUES (2)"))
+    await missing.close()
+    await writer.close()

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from conftest import free_port, until
 
-from drivers.base import backoff_delay
 from drivers.serial.driver import SerialDriver
 from firmware_sim.pty import SocatPair
 from firmware_sim.serial_sensor import Sds011Sim
 from gateway.app import Gateway
 from gateway.config import parse_config
+from pipeline.retry import backoff_delay
 
 
 async def test_socat_pair_links_vanish_on_unplug_and_come_back_on_replug(tmp_path: Path) -> None:

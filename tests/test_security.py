@@ -27,11 +27,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from peers import Mosquitto
 
 from gateway.app import Gateway
-from gateway.broker.auth import Acl, filter_covers, hash_password, read_password_file, topic_matches, verify_password
+from gateway.broker.auth import Acl, hash_password, read_password_file, verify_password
 from gateway.broker.embedded import EmbeddedBroker, Resend
 from gateway.cli.main import main
 from gateway.config import AclRule, BrokerSettings, parse_config
 from gateway.errors import ConfigError
+from pipeline.topics import filter_covers, topic_matches
 
 NOT_AUTHORIZED = 135  # paho reports the 3.1.1 CONNACK code 5 as the MQTT 5 reason "Not authorized"
 FAST = 1000  # iterations for test users: the hash's cost is not what these tests measure

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from gateway.query import QueryError, parse_time, query_series
 from pipeline.model import Reading, new_event_id
-from pipeline.store import SqliteStore, StoreReader
+from pipeline.store import SqliteStore, StoreReader, db_path
 
 BASE = 1_700_000_040_000  # a whole minute
 SECONDS = [0, 5, 30, 59, 61, 200, 201]  # value = seconds; buckets of 60 s: [0,60) [60,120) [180,240)
@@ -88,3 +89,11 @@ def test_parse_time(text: str, expected: datetime) -> None:
 def test_parse_time_invalid(text: str) -> None:
     with pytest.raises(ValueError, match="not a"):
         parse_time(text, NOW)
+
+
+def test_a_reader_over_an_open_connection_leaves_it_open(reader: StoreReader, tmp_path: Path) -> None:
+    connection = sqlite3.connect(db_path(tmp_path))
+    with StoreReader(connection) as borrowed:
+        assert borrowed.count() == reader.count() == len(SECONDS)
+    assert connection.execute("SELECT count(*) FROM series").fetchone()[0] == 1  # still usable: its owner closes it
+    connection.close()

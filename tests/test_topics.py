@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from typing import Literal
 
 import pytest
@@ -19,8 +20,11 @@ from pipeline.topics import (
     TopicFilter,
     TopicTemplate,
     compile_filter,
+    filter_covers,
     filter_to_subjects,
+    mqtt_filter,
     subject_to_topic,
+    topic_matches,
     topic_to_subject,
     validate_topic,
 )
@@ -419,6 +423,72 @@ def test_wildcarded_topic_matches_its_topic(levels: list[str], data: st.DataObje
     assert not gt_filter.matches(topic)
     assert gt_filter.matches(topic + "/child")
     assert gt_filter.matches(topic + "/c/d")
+
+
+# ---------------------------------------------------------------------------
+# Covering (ACL rules over subscriptions) and the cached MQTT helpers
+# ---------------------------------------------------------------------------
+
+# Every topic of one to four levels over these values: enough to tell apart the filters below
+# (a level no literal or prefix starts, "c"; an empty one; "$" ones for the first-level rule).
+COVER_LEVELS = ("", "a", "ab", "b", "$", "$c", "c")
+COVER_TOPICS = ["/".join(levels) for n in range(1, 5) for levels in itertools.product(COVER_LEVELS, repeat=n)]
+
+
+def _cover_filters() -> list[tuple[str, Syntax]]:
+    fixed: dict[Syntax, tuple[str, ...]] = {"mqtt": ("", "a", "ab", "$", "+"), "smf": ("a", "ab", "$", "*", "a*", "$*")}
+    out: list[tuple[str, Syntax]] = []
+    for syntax, levels in fixed.items():
+        for n in range(3):
+            for head in itertools.product(levels, repeat=n):
+                for tail in ((), ("#",) if syntax == "mqtt" else (">",)):
+                    pattern = "/".join((*head, *tail))
+                    if pattern:
+                        out.append((pattern, syntax))
+    return out
+
+
+def test_covers_is_exactly_every_topic_of_one_matched_by_the_other() -> None:
+    filters = [TopicFilter(pattern, syntax) for pattern, syntax in _cover_filters()]
+    matched = {f: {t for t in COVER_TOPICS if f.matches(t)} for f in filters}
+    wrong = [
+        (rule.pattern, rule.syntax, requested.pattern, requested.syntax)
+        for rule in filters for requested in filters
+        if rule.covers(requested) != (matched[requested] <= matched[rule])
+    ]
+    assert not wrong, wrong[:10]
+    assert len(filters) > 100
+
+
+@pytest.mark.parametrize(("rule", "requested", "covered"), [
+    ("+/#", "#", True),  # both match every topic that does not start with '$'
+    ("+/+/#", "#", False),  # not a one-level topic
+    ("#", "$SYS/#", False),
+    ("$SYS/#", "$SYS/+", True),
+    ("a/+/#", "a/#", False),  # not "a" itself
+    ("a/#", "a", True),
+])
+def test_mqtt_filter_covers(rule: str, requested: str, covered: bool) -> None:
+    assert filter_covers(rule, requested) is covered
+
+
+def test_smf_and_mqtt_filters_cover_each_other() -> None:
+    plus, star = compile_filter("a/+"), compile_filter("a/*")
+    assert plus.covers(star)  # '*' takes non-empty levels only
+    assert not star.covers(plus)  # '+' also takes "a/"
+    assert compile_filter("a/>").covers(compile_filter("a/+/#"))
+    assert not compile_filter("a/>").covers(compile_filter("a/#"))  # "a" itself
+    assert compile_filter("ab*", "smf").covers(compile_filter("abc*", "smf"))
+    assert not compile_filter("abc*", "smf").covers(compile_filter("ab*", "smf"))
+
+
+def test_the_string_helpers_compile_once_and_refuse_what_is_no_filter() -> None:
+    assert mqtt_filter("a/+") is mqtt_filter("a/+")
+    assert topic_matches("a/b", "a/+")
+    assert not topic_matches("$SYS/x", "#")
+    assert not topic_matches("a+", "a+")  # not a filter: matches nothing, not even itself
+    assert not filter_covers("#", "a/#/b")
+    assert not filter_covers("", "a")
 
 
 # ---------------------------------------------------------------------------

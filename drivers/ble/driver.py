@@ -13,14 +13,14 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
-from drivers.base import DriverReading, DriverStats, Sink, StateLog, backoff_delay
+from drivers.base import DriverReading, DriverStats, Sink
 from drivers.ble.advert import Advertisement, AdvertisementDecoder
 from drivers.ble.protocols import PROTOCOLS
 from drivers.ble.sources import AdvertisementSource
 from drivers.reading import FrameError
+from pipeline.retry import StateLog, backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class BleDriver:
                     got_any = await self._scan(sink)
                 except Exception as exc:  # BlueZ gone, adapter missing, D-Bus down: retry
                     self.stats.connected = False
-                    self._state.down(datetime.now(UTC), f"{type(exc).__name__}: {exc}")
+                    self._state.down(f"{type(exc).__name__}: {exc}")
                     attempt += 1
                     await asyncio.sleep(backoff_delay(attempt))
                     continue
@@ -104,7 +104,7 @@ class BleDriver:
                     raise
                 if not got_any:
                     got_any = self.stats.connected = True
-                    self._state.up(datetime.now(UTC))
+                    self._state.up()
                 await self._handle(adv, sink)
         finally:
             await advertisements.aclose()

@@ -17,13 +17,13 @@ import logging
 import math
 import struct
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
-from drivers.base import DriverReading, DriverStats, Sink, StateLog, backoff_delay
+from drivers.base import DriverReading, DriverStats, Sink
 from drivers.ble.advert import BleReading
 from drivers.reading import FrameError, Measurement
 from pipeline.queue import DropOldestQueue
+from pipeline.retry import StateLog, backoff_delay
 
 if TYPE_CHECKING:
     from bleak import BleakClient
@@ -88,7 +88,7 @@ class GattDriver:
                 except Exception as exc:  # BleakError, D-Bus errors, timeouts: all mean "retry later"
                     reason = f"{type(exc).__name__}: {exc}"
                 self.stats.connected = False
-                self._state.down(datetime.now(UTC), reason)
+                self._state.down(reason)
                 attempt += 1
                 await asyncio.sleep(backoff_delay(attempt, cap_s=self.spec.backoff_cap_s))
         finally:
@@ -107,7 +107,7 @@ class GattDriver:
         async with client:
             self.connects += 1
             self.stats.connected = True
-            self._state.up(datetime.now(UTC))
+            self._state.up()
             try:
                 if spec.mode == "notify":
                     await self._notified(client, lost, sink)

@@ -10,12 +10,13 @@ from datetime import UTC, datetime, timedelta
 import serial
 import serial_asyncio_fast
 
-from drivers.base import DriverReading, DriverStats, Sink, StateLog, backoff_delay
+from drivers.base import DriverReading, DriverStats, Sink
 from drivers.errors import DriverError
 from drivers.reading import FrameError
 from drivers.serial.nmea import GgaFix, RmcFix
 from drivers.serial.protocols import PROTOCOLS, Frame
 from drivers.serial.textlines import TextFrame
+from pipeline.retry import StateLog, backoff_delay
 
 log = logging.getLogger(__name__)
 READ_SIZE = 256
@@ -66,11 +67,11 @@ class SerialDriver:
                     url=self.port, baudrate=self.baudrate
                 )
             except (serial.SerialException, OSError) as exc:
-                self._state.down(datetime.now(UTC), str(exc))
+                self._state.down(str(exc))
                 attempt += 1
                 await asyncio.sleep(backoff_delay(attempt))
                 continue
-            self._state.up(datetime.now(UTC))
+            self._state.up()
             self.stats.connected = True
             self._writer = writer
             attempt = 0
@@ -78,7 +79,7 @@ class SerialDriver:
                 await self._read(reader, sink)
             except (serial.SerialException, OSError) as exc:
                 self.stats.disconnects += 1
-                self._state.down(datetime.now(UTC), str(exc))
+                self._state.down(str(exc))
             finally:
                 self.stats.connected = False
                 self._writer = None

@@ -13,16 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ModbusPDU
 
-from drivers.base import DriverReading, DriverStats, Sink, StateLog, backoff_delay
+from drivers.base import DriverReading, DriverStats, Sink
 from drivers.errors import DriverError
 from drivers.reading import FrameError
 from drivers.serial.modbus import FUNCTION, Block, RegisterSpec, classify_reply, decode_block, plan_blocks
+from pipeline.retry import StateLog, backoff_delay
 
 log = logging.getLogger(__name__)
 logging.getLogger("pymodbus.logging").setLevel(logging.CRITICAL)  # it logs every timeout; we count them
@@ -76,18 +76,18 @@ class ModbusDriver:
                 reason = "cannot open the port"
             if not connected:
                 client.close()
-                self._state.down(datetime.now(UTC), reason)
+                self._state.down(reason)
                 attempt += 1
                 await asyncio.sleep(backoff_delay(attempt))
                 continue
-            self._state.up(datetime.now(UTC))
+            self._state.up()
             self.stats.connected = True
             attempt = 0
             try:
                 await self._poll_forever(client, sink)
             except PortLost as exc:
                 self.stats.disconnects += 1
-                self._state.down(datetime.now(UTC), str(exc))
+                self._state.down(str(exc))
             finally:
                 self.stats.connected = False
                 client.close()

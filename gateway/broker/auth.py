@@ -29,7 +29,8 @@ ACLs (``[[broker.acl]]``)
     first one whose filter matches decides. ``deny`` applies to both. When none matches,
     ``acl_default`` decides: readwrite without rules, deny with rules (as Mosquitto does). A rule
     whose %c/%u would bring in ``/``, ``+`` or ``#`` (or %u for an anonymous client) does not grant;
-    a deny rule then matches as if the value were ``+`` (fails closed).
+    a deny rule then matches as if the value were ``+`` (fails closed). Matching and covering are
+    :mod:`pipeline.topics`' (``TopicFilter.matches``, ``TopicFilter.covers``), as for routing.
 
     - PUBLISH: the topic is checked for write. A denied message is dropped (not delivered, not
       ingested) and counted; MQTT 3.1.1 has no negative PUBACK, so a QoS 1/2 message is still
@@ -68,6 +69,8 @@ from amqtt.session import Session
 
 from gateway.config import AclRule, BrokerSettings, BrokerTls
 from gateway.errors import ConfigError, GatewayError
+from pipeline.errors import TopicError
+from pipeline.topics import mqtt_filter, topic_matches
 
 log = logging.getLogger(__name__)
 
@@ -210,40 +213,6 @@ _WRITES = ("write", "readwrite", "deny")
 _UNSAFE = frozenset("/+#")
 
 
-def topic_matches(topic: str, topic_filter: str) -> bool:
-    """MQTT matching of a topic name against a filter (a ``$`` topic needs an explicit first level)."""
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False
-    levels = topic.split("/")
-    parts = topic_filter.split("/")
-    for i, part in enumerate(parts):
-        if part == "#":
-            return True
-        if i >= len(levels) or (part != "+" and part != levels[i]):
-            return False
-    return len(parts) == len(levels)
-
-
-def filter_covers(rule: str, requested: str) -> bool:
-    """True when every topic ``requested`` can match is matched by ``rule`` too."""
-    if requested.startswith("$") and rule[:1] in ("+", "#"):
-        return False
-    want = requested.split("/")
-    have = rule.split("/")
-    for i, part in enumerate(have):
-        if part == "#":
-            return True
-        if i >= len(want):
-            return False
-        if want[i] == "#":
-            return False
-        if part == "+":
-            continue
-        if part != want[i]:
-            return False
-    return len(have) == len(want)
-
-
 @dataclass(frozen=True, slots=True)
 class _Rule:
     topic: str
@@ -280,14 +249,23 @@ class Acl:
     def allows(self, action: Literal["read", "write", "subscribe"], topic: str, client_id: str | None,
                username: str | None) -> bool:
         relevant = _WRITES if action == "write" else _READS
+        try:
+            requested = mqtt_filter(topic) if action == "subscribe" else None
+        except TopicError:
+            return False  # not a filter (amqtt refuses it before asking)
         for rule in self.rules:
             if rule.access not in relevant or (rule.user is not None and rule.user != username):
                 continue
             pattern = rule.substituted(client_id, username)
             if pattern is None:
                 continue
-            hit = filter_covers(pattern, topic) if action == "subscribe" else topic_matches(topic, pattern)
-            if hit:
+            try:
+                rule_filter = mqtt_filter(pattern)
+            except TopicError:  # no filter once %c/%u are in (too long): fail closed, like an unsafe value
+                if rule.access == "deny":
+                    return False
+                continue
+            if rule_filter.covers(requested) if requested is not None else rule_filter.matches(topic):
                 return rule.access != "deny"
         return self.default in (_WRITES if action == "write" else _READS) and self.default != "deny"
 
@@ -627,7 +605,7 @@ class SecureBrokerMixin:
             return
         tasks = []
         for topic, retained in list(broker._retained_messages.items()):
-            if not broker._matches(topic, topic_filter):
+            if not topic_matches(topic, topic_filter):
                 continue
             if not await broker._topic_filtering(session, topic=topic, action=Action.RECEIVE):
                 continue

@@ -57,6 +57,7 @@ from gateway.broker.firewall import PacketFirewall
 from gateway.broker.sessions import ClientQueue, Sessions
 from gateway.config import BrokerSettings
 from gateway.errors import GatewayError, PortInUseError
+from pipeline.topics import topic_matches
 
 log = logging.getLogger(__name__)
 _DRAIN_POLL_S = 0.02
@@ -324,7 +325,7 @@ class _TappedBroker(SecureBrokerMixin, Broker):  # type: ignore[misc]  # amqtt i
         min(publish QoS, the highest granted QoS among its matching subscriptions)."""
         targets: dict[str, tuple[Session, int]] = {}
         for topic_filter, subscriptions in self._subscriptions.items():
-            if subscriptions and self._matches(topic, topic_filter):
+            if subscriptions and topic_matches(topic, topic_filter):
                 for session, granted in subscriptions:
                     known = targets.get(session.client_id)
                     if known is None or granted > known[1]:
@@ -523,7 +524,7 @@ class EmbeddedBroker:
 
     def has_subscriber(self, topic: str) -> bool:
         broker = self._running
-        return any(broker._matches(topic, f) and subs for f, subs in broker._subscriptions.items())
+        return any(topic_matches(topic, f) and subs for f, subs in broker._subscriptions.items())
 
     def pending_deliveries(self) -> int:
         """Messages the broker has read from clients that are not on the pipeline's queue yet."""

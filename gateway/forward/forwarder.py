@@ -28,6 +28,7 @@ from gateway.forward.base import (
     UnsendableEventError,
 )
 from gateway.forward.outbox import Limits, Outbox
+from pipeline.retry import StateLog, backoff_delay
 from pipeline.topics import TopicFilter
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,8 @@ class Forwarder:
         dest = route.destination
         name = dest.name
         lanes = _Lanes()
-        failures = 0
+        sending = StateLog(log, f"forward {name}", down="%(name)s: sending paused: %(reason)s",
+                           up="%(name)s: sending resumed after %(failures)d failed attempt(s)")
         while True:
             if not dest.connected:
                 lanes.down = True
@@ -190,15 +192,10 @@ class Forwarder:
                 continue
             except Exception as exc:  # unavailable, or a bug: pause and retry, never die
                 self.send_failures[name] += 1
-                failures += 1
-                if failures == 1:
-                    log.warning("forward %s: sending paused: %s", name, exc,
-                                exc_info=not isinstance(exc, DestinationUnavailableError))
-                await asyncio.sleep(min(5.0, 0.2 * 2 ** min(failures, 5)))
+                sending.down(exc, exc_info=not isinstance(exc, DestinationUnavailableError))
+                await asyncio.sleep(backoff_delay(sending.failures, base_s=0.2, factor=2.0, cap_s=5.0, jitter=False))
                 continue
-            if failures:
-                log.warning("forward %s: sending resumed after %d failed attempt(s)", name, failures)
-                failures = 0
+            sending.up()
             if acked:
                 lanes.advance(lane, batch[acked - 1].seq)
                 self.outbox.ack(name, batch[:acked])  # committed in the background; the cursor moves on now

@@ -18,7 +18,6 @@ import io
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
@@ -39,7 +38,8 @@ from gateway.http.models import API
 from gateway.http.openapi import openapi_document
 from gateway.http.views import Alert, AlertView, CatalogView, NoSignal, SignalView
 from gateway.query import AGGREGATES, QueryError, iso_ms, parse_duration, parse_time, query_series
-from pipeline.store import StoreReader
+from pipeline.db import SqliteThread
+from pipeline.store import READER_PRAGMAS, StoreReader, db_path
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -97,29 +97,19 @@ def _format(request: web.Request) -> str:
 
 
 class _Store:
-    """A read-only store connection on its own thread (SQLite connections stay on the thread that made them)."""
+    """The store, read-only, on a thread of its own; opened at first use, and again after a failure
+    (the API may answer before the store has a file)."""
 
     def __init__(self, data_dir: Path) -> None:
-        self._data_dir = data_dir
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotgw-api-store")
-        self._reader: StoreReader | None = None
-
-    def _open(self) -> StoreReader:
-        if self._reader is None:
-            self._reader = StoreReader(self._data_dir)
-        return self._reader
+        self._db = SqliteThread(db_path(data_dir), readonly=True, pragmas=READER_PRAGMAS)
 
     async def run(self, fn: Callable[[StoreReader], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(self._open()))
-
-    def _close(self) -> None:
-        if self._reader is not None:
-            self._reader.__exit__()
-            self._reader = None
+        if not self._db.is_open:
+            await self._db.open()
+        return await self._db.run(lambda conn: fn(StoreReader(conn)))
 
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
-        self._executor.shutdown(wait=True)
+        await self._db.close()
 
 
 def _nice_bucket(span_ms: int, points: int) -> int:

@@ -41,11 +41,11 @@ from influxdb_client.client.write_api import SYNCHRONOUS, WriteApi
 from influxdb_client.rest import ApiException
 from urllib3.exceptions import HTTPError
 
-from drivers.base import StateLog, backoff_delay
 from gateway.errors import GatewayError
 from gateway.forward.base import DestinationUnavailableError, InboundMessage, OutboundEvent, UnsendableEventError
 from gateway.forward.influxdb.settings import INFLUX_DEFAULT_TAGS
 from pipeline.model import AGGREGATE_TYPE, READING_TYPE
+from pipeline.retry import StateLog, backoff_delay
 from pipeline.topics import TopicTemplate
 
 log = logging.getLogger(__package__)  # "gateway.forward.<type>", the name operators filter on
@@ -431,7 +431,7 @@ class InfluxDestination:
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
 
     def _lost(self, reason: str) -> None:
-        self._state.down(datetime.now(UTC), reason)
+        self._state.down(reason)
         self._up = False
         self._watch()
 
@@ -445,11 +445,11 @@ class InfluxDestination:
         attempt = 0
         while not self._closed and self._client is not None:
             if await asyncio.to_thread(self._client.ping):
-                self._state.up(datetime.now(UTC))
+                self._state.up()
                 self._up = True
                 return
             if attempt == 0:
-                self._state.down(datetime.now(UTC), "no answer to ping")
+                self._state.down("no answer to ping")
             attempt += 1
             await asyncio.sleep(backoff_delay(attempt, cap_s=_PROBE_CAP_S))
 

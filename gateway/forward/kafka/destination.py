@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import re
 import ssl
 import string
@@ -40,6 +39,7 @@ from aiokafka.errors import (  # type: ignore[import-untyped, unused-ignore]
 
 from gateway.errors import ConfigError
 from gateway.forward.base import DestinationUnavailableError, InboundMessage, OutboundEvent
+from pipeline.retry import StateLog, backoff_delay
 from pipeline.topics import STAGES
 
 __all__ = [
@@ -67,7 +67,7 @@ _ABSENT: Final = "_"  # what an absent or empty placeholder value renders as
 _TAXONOMY_ROOT: Final = "telemetry"
 _STAGE_SET: Final = frozenset(STAGES)
 _TOPIC_CACHE_SIZE: Final = 4096
-_MAX_RETRY_EXPONENT: Final = 10  # 1.5 ** 10: start retries wait at most ~58 s
+_MAX_RETRY_S: Final = 1.5**10  # start retries wait at most ~58 s
 _MIN_RETRY_S: Final = 0.1
 
 
@@ -305,7 +305,7 @@ def aiokafka_producer_factory(settings: KafkaSettings, client_id: str) -> Callab
 
 def _retry_delay(attempt: int) -> float:
     """Capped, jittered exponential backoff (seconds) before start attempt ``attempt + 1``."""
-    return max(_MIN_RETRY_S, random.uniform(0, 1.5 ** min(_MAX_RETRY_EXPONENT, attempt)))
+    return backoff_delay(attempt, cap_s=_MAX_RETRY_S, floor_s=_MIN_RETRY_S)
 
 
 # Errors that say "not reachable now" rather than "this record is refused".
@@ -408,7 +408,10 @@ class KafkaDestination:
         self._started = False  # the current producer's start() succeeded
         self._healthy = False  # no availability failure since the last success
         self._closed = False
-        self._logged_up: bool | None = None  # the state last logged
+        self._state = StateLog(  # the state last logged; unknown at first, so the first report is logged
+            log, f"Kafka destination {name}", down="%(name)s: unavailable (%(reason)s); retrying",
+            up="%(name)s: %(reason)s", up_level=logging.INFO, initially_up=None,
+        )
         self._last_refused: str | None = None  # event id last logged as refused
         self.sent = 0
         self.acked = 0
@@ -452,7 +455,7 @@ class KafkaDestination:
                 await producer.start()
             except Exception as err:  # any failure to start is retried: log the first, not each
                 attempt += 1
-                self._set_state(up=False, reason=f"cannot connect to {self.settings.bootstrap_servers}: {err}")
+                self._state.down(f"cannot connect to {self.settings.bootstrap_servers}: {err}")
                 if producer is not None:
                     self._producer = None
                     await self._stop_producer(producer)
@@ -460,7 +463,7 @@ class KafkaDestination:
                 continue
             self._started = True
             self._healthy = True
-            self._set_state(up=True, reason=f"connected to {self.settings.bootstrap_servers}")
+            self._state.up(f"connected to {self.settings.bootstrap_servers}")
             return
 
     async def close(self) -> None:
@@ -485,16 +488,6 @@ class KafkaDestination:
                 await producer.stop()
         except Exception as err:  # a producer that cannot stop cleanly is dropped anyway
             log.debug("Kafka destination %s: producer stop failed: %r", self.name, err)
-
-    def _set_state(self, *, up: bool, reason: str) -> None:
-        """Log state changes only: the first failure, then the recovery."""
-        if self._logged_up is up:
-            return
-        self._logged_up = up
-        if up:
-            log.info("Kafka destination %s: %s", self.name, reason)
-        else:
-            log.warning("Kafka destination %s: unavailable (%s); retrying", self.name, reason)
 
     async def send(self, batch: Sequence[OutboundEvent]) -> int:
         """Produce ``batch`` in order; return how many from its start Kafka acknowledged.
@@ -545,14 +538,14 @@ class KafkaDestination:
         self.acked += acked
         if error is None:
             self._healthy = True
-            self._set_state(up=True, reason="sends succeed again")
+            self._state.up("sends succeed again")
             return acked
         self.failed_batches += 1
         failed = batch[acked]
         unavailable = _is_availability_error(error)
         if unavailable:
             self._healthy = False
-            self._set_state(up=False, reason=f"send failed: {error}")
+            self._state.down(f"send failed: {error}")
         elif failed.event_id != self._last_refused:
             self._last_refused = failed.event_id
             log.warning(

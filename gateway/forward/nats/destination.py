@@ -31,11 +31,17 @@ from gateway.forward.base import (
 )
 from pipeline.errors import TopicError
 from pipeline.queue import DropOldestQueue
+from pipeline.retry import backoff_delay, until_done
 from pipeline.topics import compile_filter, filter_to_subjects, subject_to_topic, topic_to_subject
 
 log = logging.getLogger(__package__)  # "gateway.forward.<type>", the name operators filter on
 GATEWAY_HEADER = "Iotgw-Gateway"
 TOPIC_HEADER = "Iotgw-Topic"
+
+
+def _retry_delay(attempt: int) -> float:
+    """Before the next attempt to connect or to prepare the streams: jittered, at most 10 s."""
+    return backoff_delay(attempt, base_s=0.5, cap_s=10.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,30 +76,23 @@ class NatsDestination:
         self._task = asyncio.create_task(self._connect_forever(), name=f"forward {self.name} connect")
 
     async def _connect_forever(self) -> None:
-        attempt = 0
-        while self._nc is None:
-            try:
-                nc = await nats.connect(
-                    self._settings.url, name=f"iotgw-{self._settings.gateway_id}", max_reconnect_attempts=-1,
-                    reconnect_time_wait=1, connect_timeout=2, allow_reconnect=True,
-                    disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
-                )
-            except (OSError, nats.errors.Error, TimeoutError) as exc:
-                if attempt == 0:
-                    log.warning("forward %s: cannot reach %s (%s); retrying", self.name, self._settings.url, exc)
-                attempt += 1
-                await asyncio.sleep(min(10.0, 0.5 * attempt))
-                continue
-            self._nc, self._js = nc, nc.jetstream(publish_async_max_pending=4000)
-        while not self._ready:  # streams and subscriptions: retried until they are in place
-            try:
-                await self._prepare()
-            except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as exc:
-                attempt += 1
-                if attempt == 1:
-                    log.warning("forward %s: cannot prepare %s (%s); retrying", self.name, self._settings.url, exc)
-                await asyncio.sleep(min(10.0, 0.5 * attempt))
-        log.warning("forward %s: connected to %s", self.name, self._settings.url)
+        url = self._settings.url
+        nc = await until_done(self._connect, what=f"forward {self.name}: connecting to {url}", log=log,
+                              retry_on=(OSError, nats.errors.Error, TimeoutError), delay=_retry_delay,
+                              level=logging.WARNING)
+        self._nc, self._js = nc, nc.jetstream(publish_async_max_pending=4000)
+        # streams and subscriptions: retried until they are in place
+        await until_done(self._prepare, what=f"forward {self.name}: preparing {url}", log=log,
+                         retry_on=(nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError),
+                         delay=_retry_delay, level=logging.WARNING)
+        log.warning("forward %s: connected to %s", self.name, url)
+
+    async def _connect(self) -> NatsClient:
+        return await nats.connect(
+            self._settings.url, name=f"iotgw-{self._settings.gateway_id}", max_reconnect_attempts=-1,
+            reconnect_time_wait=1, connect_timeout=2, allow_reconnect=True,
+            disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
+        )
 
     async def _prepare(self) -> None:
         nc, js = self._nc, self._js

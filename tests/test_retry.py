@@ -1,0 +1,176 @@
+"""pipeline.retry: the one backoff formula, the state-change log and the retry-until-done loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+
+import pytest
+
+from pipeline.retry import StateLog, backoff_delay, commit_delay, until_done
+
+LOGGER = "test.retry"
+
+
+# -- backoff_delay ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("attempt", "expected"), [
+    (0, 0.1), (1, 0.2), (2, 0.4), (5, 3.2), (6, 5.0), (7, 5.0), (10_000, 5.0),
+])
+def test_commit_delay_doubles_from_a_tenth_up_to_five_seconds(attempt: int, expected: float) -> None:
+    assert commit_delay(attempt) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("kwargs", "attempt", "expected"), [
+    ({"base_s": 0.5, "factor": 2.0, "cap_s": 30.0}, 3, 4.0),
+    ({"base_s": 0.5, "factor": 2.0, "cap_s": 30.0}, 6, 30.0),
+    ({"base_s": 0.2, "factor": 2.0, "cap_s": 5.0}, 4, 3.2),
+    ({"base_s": 1.0, "factor": 1.5, "cap_s": 1e9}, 2_000, 1e9),  # 1.5 ** 2000 overflows a float
+    ({"base_s": 0.01, "factor": 2.0, "cap_s": 5.0, "floor_s": 0.1}, 1, 0.1),
+], ids=["store-3", "store-capped", "forwarder-4", "overflow", "floor"])
+def test_without_jitter_the_delay_is_the_bound(kwargs: dict[str, float], attempt: int, expected: float) -> None:
+    assert backoff_delay(attempt, jitter=False, **kwargs) == pytest.approx(expected)
+
+
+def test_with_jitter_the_delay_is_spread_below_the_bound() -> None:
+    for attempt in range(1, 12):
+        bound = min(30.0, 1.5**attempt)
+        samples = [backoff_delay(attempt) for _ in range(400)]
+        assert all(0 <= s <= bound for s in samples), attempt
+        assert statistics.pstdev(samples) > 0.1 * bound, attempt
+    assert max(backoff_delay(10_000) for _ in range(1000)) <= 30.0
+
+
+def test_the_floor_holds_under_jitter() -> None:
+    samples = [backoff_delay(1, cap_s=1.5**10, floor_s=0.1) for _ in range(500)]
+    assert min(samples) >= 0.1
+    assert max(samples) <= 1.5
+
+
+# -- StateLog --------------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def logged(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == LOGGER]
+
+
+def test_an_outage_is_logged_when_it_starts_and_when_it_ends(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    clock = Clock()
+    state = StateLog(logging.getLogger(LOGGER), "serial device pm-1", clock=clock)
+    state.up()  # up already: nothing to say
+    for n in range(3):
+        state.down(f"no such port ({n})")
+    assert state.is_down
+    assert state.failures == 3
+    clock.now += 12.5
+    state.up()
+    state.up()
+    assert not state.is_down
+    assert state.failures == 0
+    assert logged(caplog) == [
+        ("WARNING", "serial device pm-1: unavailable (no such port (0)); retrying with backoff"),
+        ("WARNING", "serial device pm-1: recovered after 12.5 s"),
+    ]
+
+
+def test_templates_levels_and_an_unknown_first_state(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    state = StateLog(
+        logging.getLogger(LOGGER), "Kafka destination k", down="%(name)s: unavailable (%(reason)s); retrying",
+        up="%(name)s: %(reason)s after %(failures)d failure(s)", up_level=logging.INFO, initially_up=None,
+    )
+    state.up("connected")  # the state was unknown: the first report is logged even when it is "up"
+    state.down("timeout")
+    state.down("timeout")
+    state.up("sends succeed again")
+    assert logged(caplog) == [
+        ("INFO", "Kafka destination k: connected after 0 failure(s)"),
+        ("WARNING", "Kafka destination k: unavailable (timeout); retrying"),
+        ("INFO", "Kafka destination k: sends succeed again after 2 failure(s)"),
+    ]
+
+
+def test_an_unknown_first_state_that_is_down_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    state = StateLog(logging.getLogger(LOGGER), "x", initially_up=None)
+    state.down("refused", exc_info=True)
+    assert logged(caplog) == [("WARNING", "x: unavailable (refused); retrying with backoff")]
+
+
+# -- until_done ------------------------------------------------------------------------------------
+
+
+class Flaky:
+    """Fails ``failures`` times with ``error``, then returns how many calls it took."""
+
+    def __init__(self, failures: int, error: Exception) -> None:
+        self.left = failures
+        self.error = error
+        self.calls = 0
+
+    async def __call__(self) -> int:
+        self.calls += 1
+        if self.left:
+            self.left -= 1
+            raise self.error
+        return self.calls
+
+
+async def test_until_done_retries_and_logs_the_first_failure_and_the_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    delays: list[int] = []
+
+    def no_wait(attempt: int) -> float:
+        delays.append(attempt)
+        return 0.0
+
+    op = Flaky(3, OSError("disk full"))
+    assert await until_done(op, what="journal commit", log=logging.getLogger(LOGGER), delay=no_wait) == 4
+    assert delays == [1, 2, 3]
+    assert logged(caplog) == [
+        ("ERROR", "journal commit failed, retrying until it succeeds: disk full"),
+        ("WARNING", "journal commit recovered after 3 failed attempt(s)"),
+    ]
+
+
+async def test_until_done_says_nothing_when_the_first_attempt_succeeds(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    assert await until_done(Flaky(0, OSError()), what="w", log=logging.getLogger(LOGGER)) == 1
+    assert logged(caplog) == []
+
+
+async def test_until_done_lets_other_errors_through_at_once() -> None:
+    op = Flaky(5, ValueError("a bug"))
+    with pytest.raises(ValueError, match="a bug"):
+        await until_done(op, what="w", log=logging.getLogger(LOGGER), retry_on=(OSError,))
+    assert op.calls == 1
+
+
+async def test_until_done_logs_at_the_level_asked(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    await until_done(Flaky(1, TimeoutError("no answer")), what="forward n: connecting to nats://x",
+                     log=logging.getLogger(LOGGER), delay=lambda _: 0.0, level=logging.WARNING)
+    assert [level for level, _ in logged(caplog)] == ["WARNING", "WARNING"]
+
+
+async def test_cancelling_until_done_ends_its_wait() -> None:
+    op = Flaky(1_000_000, OSError("down"))
+    task = asyncio.create_task(until_done(op, what="w", log=logging.getLogger(LOGGER), delay=lambda _: 3600.0))
+    while op.calls == 0:
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 1.0)
+    assert op.calls == 1

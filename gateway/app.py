@@ -167,24 +167,13 @@ class Gateway:
         self.collect = CollectStage(self.template, {d.id: d.transport for d in config.devices})
         self.clean = CleanStage({})
         self._configure_clean(config)
-        self.pipeline = Pipeline(
-            [
-                self.collect,
-                self.clean,
-                self.define,
-                StoreStage(self.store),
-                self.analyze,
-            ],
-            self.template,
-            site=config.site,
-            version=config.topics.version,
-        )
+        self.pipeline = Pipeline([self.collect, self.clean, self.define], self.template, site=config.site,
+                                 version=config.topics.version, back=[StoreStage(self.store), self.analyze])
         self._ble_source = ble_source
         self.drivers: list[Driver] = self._build_drivers(config)
         self._driver_tasks: dict[str, asyncio.Task[None]] = {}
         self.published: dict[str, int] = {"events": 0, "rejects": 0}
         self._busy: dict[str, float] = {}  # pipeline task -> monotonic time its batch entered its stages
-        self._split = len(self.pipeline.stages) - 2  # collect, clean, define | store, analyze
         self.batches = 0
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
@@ -439,7 +428,7 @@ class Gateway:
             await _until_done(self.journal.flush, "journal")
             emit = Emitter()
             self._busy["front"] = time.monotonic()
-            items = await self.pipeline.run_range(batch, emit, 0, self._split)  # never raises
+            items = await self.pipeline.run_front(batch, emit)  # never raises
             del self._busy["front"]
             await handoff.put((batch, emit, items))  # waits while the back is two batches behind
         await handoff.put(None)  # the queue closed (shutdown): the back finishes what it has, then ends
@@ -448,7 +437,7 @@ class Gateway:
         while (job := await handoff.get()) is not None:
             batch, emit, items = job
             self._busy["back"] = time.monotonic()
-            await self.pipeline.run_range(items, emit, self._split)  # never raises
+            await self.pipeline.run_back(items, emit)  # never raises
             del self._busy["back"]
             self.batches += 1
             await self._publish(emit)

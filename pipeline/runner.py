@@ -2,6 +2,11 @@
 
 The gateway builds the stages from config and hands them here; :meth:`Pipeline.run` turns one
 batch of raw messages into stored readings plus the events (valid, agg, rejected) to publish.
+
+A pipeline has two halves: the ``front`` stages (CPU work on the event loop: collect, clean, define)
+and the ``back`` stages (the store and what follows it, waiting on SQLite's thread). A caller that
+wants one batch in each half at once runs :meth:`Pipeline.run_front` and :meth:`Pipeline.run_back`
+in two tasks (gateway/flow.py does); batches stay in order when each half takes them in order.
 """
 
 from __future__ import annotations
@@ -30,22 +35,35 @@ def _origin(item: object) -> tuple[str, bytes]:
 
 
 class Pipeline:
-    def __init__(self, stages: Sequence[Stage[Any, Any]], template: TopicTemplate, *, site: str, version: str) -> None:
-        self.stages = tuple(stages)
+    def __init__(
+        self, front: Sequence[Stage[Any, Any]], template: TopicTemplate, *, site: str, version: str,
+        back: Sequence[Stage[Any, Any]] = (),
+    ) -> None:
+        """``front`` then ``back``: see the module docstring for where one half ends."""
+        self.stages = (*front, *back)
+        self._split = len(front)
         self._template = template
         self._site = site
         self._version = version
 
     async def run(self, batch: list[RawMessage]) -> Emitter:
+        """One batch through every stage."""
         emit = Emitter()
-        await self.run_range(batch, emit)
+        await self._run(self.stages, batch, emit)
         return emit
 
-    async def run_range(self, items: list[Any], emit: Emitter, start: int = 0, stop: int | None = None) -> list[Any]:
-        """Stages ``start`` to ``stop`` (exclusive) over ``items``: the gateway runs the stages as two
-        tasks joined by a bounded queue (see gateway/service.py), each calling this for its part.
-        Never raises for a failing stage: it rejects what it was given and the chain stops there."""
-        for stage in self.stages[start:stop]:
+    async def run_front(self, batch: list[RawMessage], emit: Emitter) -> list[Any]:
+        """The front half over ``batch``: what it returns goes to :meth:`run_back` with the same ``emit``."""
+        return await self._run(self.stages[:self._split], batch, emit)
+
+    async def run_back(self, items: list[Any], emit: Emitter) -> list[Any]:
+        """The back half over what :meth:`run_front` returned."""
+        return await self._run(self.stages[self._split:], items, emit)
+
+    @staticmethod
+    async def _run(stages: Sequence[Stage[Any, Any]], items: list[Any], emit: Emitter) -> list[Any]:
+        """Never raises for a failing stage: it rejects what it was given and the chain stops there."""
+        for stage in stages:
             if not items:
                 break
             try:

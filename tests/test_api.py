@@ -29,14 +29,18 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from gateway.alerts import AlertLog
 from gateway.app import Gateway
 from gateway.config import parse_config
+from gateway.destinations import forward_filters
 from gateway.errors import ConfigError, GatewayError
 from gateway.http.auth import authorized, is_loopback, read_token
-from gateway.http.views import AlertLog, StaticCatalog
+from gateway.http.views import LearnedCatalog
+from pipeline.catalog import Catalog
 from pipeline.model import AGGREGATE_TYPE, ALERT_TYPE, COMMAND_ACK_TYPE, READING_TYPE
 from pipeline.store import StoreReader
 from pipeline.topics import DEFAULT_TEMPLATE, TopicTemplate
+from pipeline.traffic import TrafficLearner
 
 DEVICES = {"pm-1": "serial", "t-1": "ble", "co2-1": "mqtt"}
 
@@ -360,19 +364,32 @@ def test_alert_log_raises_updates_and_clears() -> None:
     assert recent[1].cleared_at == t0 + timedelta(seconds=20)
 
 
-def test_static_catalog_consumers_come_from_forward_filters() -> None:
-    catalog = StaticCatalog(TopicTemplate(DEFAULT_TEMPLATE), site="s1", version="1.0", gateway_id="gw", devices=["a"],
-                            destinations={"central": ["telemetry/valid/#", "alert/#"], "stream": ["telemetry/agg/>"]})
-    types = {t.type: t for t in catalog.types()}
-    assert types[READING_TYPE].producers == ("device:a",)
-    assert types[READING_TYPE].consumers == ("forward:central",)
-    assert types[AGGREGATE_TYPE].consumers == ("forward:stream",)
-    assert types[ALERT_TYPE].consumers == ("forward:central",)
-    assert types[COMMAND_ACK_TYPE].consumers == ()
-    doc = catalog.asyncapi()
-    reading = doc["channels"][READING_TYPE.replace(".", "_")]
-    assert reading["address"] == "telemetry/valid/1.0/s1/{device_class}/{device_id}/{metric}"
-    assert set(reading["parameters"]) == {"device_class", "device_id", "metric"}
+async def test_catalog_consumers_come_from_forward_filters(tmp_path: Path) -> None:
+    """The catalog the API shows lists each forward destination as a consumer of what it forwards."""
+    config = parse_config({"site": "s1", "storage": {"data_dir": str(tmp_path)}, "forward": [
+        {"name": "central", "type": "mqtt", "url": "mqtt://127.0.0.1:1883", "topics": ["telemetry/valid/#", "alert/#"]},
+        {"name": "stream", "type": "nats", "url": "nats://127.0.0.1:4222", "topics": ["telemetry/agg/>"]},
+    ]})
+    catalog = Catalog(TopicTemplate(DEFAULT_TEMPLATE))
+    async with TrafficLearner(catalog, tmp_path, gateway_id="gw", flush_interval_s=3600) as learner:
+        for consumer, topic_filter in forward_filters(config):  # as the gateway does at start
+            learner.subscribed(consumer, topic_filter)
+        await learner.flush()
+        view = LearnedCatalog(tmp_path, lambda: catalog, site="s1", host="127.0.0.1", port=lambda: 1883)
+        types = {t.type: t for t in view.types()}
+        doc = view.asyncapi()
+
+    def consumers(type_: str) -> tuple[str, ...]:
+        return tuple(c.split(" ")[0] for c in types[type_].consumers)
+
+    assert consumers(READING_TYPE) == ("forward:central",)
+    assert consumers(AGGREGATE_TYPE) == ("forward:stream",)
+    assert consumers(f"{ALERT_TYPE} (outbox_dropped)") == ("forward:central",)
+    assert consumers(COMMAND_ACK_TYPE) == ()
+    reading = doc["channels"][f"{READING_TYPE}_1.0"]
+    assert reading["address"] == "telemetry/valid/{version}/{site}/{device_class}/{device_id}/{metric}"
+    assert {"device_class", "device_id", "metric"} <= set(reading["parameters"])
+    assert [c["client"] for c in reading["x-iotgw-consumers"]] == ["forward:central"]
 
 
 def test_run_with_http_port_on_a_public_host_without_token_exits_2(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ KEY = "231d39c1d7cc1ab1aee224cd096db932"
 
 
 def ble_driver(gw: Gateway) -> BleDriver:
-    return next(cast(BleDriver, d) for d in gw.drivers if d.name == "ble")
+    return next(cast(BleDriver, d) for d in gw.devices.drivers if d.name == "ble")
 
 
 def scanner(gw: Gateway) -> BleakSource:

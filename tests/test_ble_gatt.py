@@ -31,7 +31,7 @@ def gatt_device(**fields: Any) -> dict[str, Any]:
 
 
 def gatt_driver(gw: Gateway) -> GattDriver:
-    return next(cast(GattDriver, d) for d in gw.drivers if d.name == "ble-gatt:g-1")
+    return next(cast(GattDriver, d) for d in gw.devices.drivers if d.name == "ble-gatt:g-1")
 
 
 @pytest.mark.parametrize("mode", ["notify", "poll"])

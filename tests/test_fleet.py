@@ -122,7 +122,7 @@ async def test_a_faulty_fleet_of_every_protocol_is_stored_right_and_every_fault_
                 "devices": fleet.gateway_devices(),
             })
             async with Gateway(config) as gw:
-                drivers = {d.name.split(":", 1)[1]: d for d in gw.drivers}
+                drivers = {d.name.split(":", 1)[1]: d for d in gw.devices.drivers}
                 await until(lambda: all(d.stats.connected for d in drivers.values()), what="ports open")
                 fleet.resume()
                 await fleet.start_network(mqtt_port=gw.broker.port)
@@ -292,7 +292,7 @@ async def test_mqtt_device_drops_its_connection_the_broker_sends_its_will_and_it
     async with Gateway(config) as gw:
         watcher = await asyncio.to_thread(Watcher, gw.broker.port, ["status/#"])
         try:
-            topics = {"temperature": (gw.raw_topic("th-1", "temperature"), "°C", 20.0)}
+            topics = {"temperature": (gw.devices.raw_topic("th-1", "temperature"), "°C", 20.0)}
             async with MqttSensorSim("th-1", "127.0.0.1", gw.broker.port, topics, status_topic="status/plant/th-1",
                                      interval_s=0.05, disconnect_every=10) as sim:
                 await until(lambda: sim.faults["disconnect"] >= 1 and sim.seq >= 20, what="a drop and a reconnect")

@@ -368,13 +368,14 @@ async def test_downlink_to_a_serial_device_writes_the_protocols_command(tmp_path
     acks = MqttCollector(mosquitto.url, ["cmdack/#"], client_id="ops")
     try:
         async with Sds011Sim(link, interval_s=0.1) as sim, Gateway(config) as gw:
-            await _until(lambda: _dest(gw, "central")["connected"] and gw.drivers[0].stats.frames > 2, 15, "start")
+            await _until(lambda: _dest(gw, "central")["connected"] and gw.devices.drivers[0].stats.frames > 2, 15,
+                         "start")
             await asyncio.sleep(0.5)
             await asyncio.to_thread(mqtt_publish, mosquitto.url, [("cmd/s1/pm-1/sleep", b"")])
             await _until(lambda: sim.sleeping, 10, "the sensor to sleep")
-            frames = gw.drivers[0].stats.frames
+            frames = gw.devices.drivers[0].stats.frames
             await asyncio.sleep(1)
-            assert gw.drivers[0].stats.frames <= frames + 1  # asleep: no more reports
+            assert gw.devices.drivers[0].stats.frames <= frames + 1  # asleep: no more reports
             await asyncio.to_thread(mqtt_publish, mosquitto.url, [
                 ("cmd/s1/pm-1/fly", b"{}"), ("cmd/s1/pm-1/set_period", b'{"minutes": 99}'),
                 ("cmd/s1/pm-1/work", b""),

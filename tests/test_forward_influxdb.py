@@ -188,8 +188,8 @@ def test_config_defaults_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     defaults = (forward.batch_size, forward.precision, forward.gzip, forward.measurement, forward.aggregates)
     assert defaults == (5000, "ms", True, "{device_class}", False)
     gw = Gateway(config)
-    assert gw.forwarder is not None
-    assert [f.pattern for f in gw.forwarder.routes["tsdb"].filters] == ["telemetry/valid/+/+/+/+/+"]
+    assert gw.destinations.forwarder is not None
+    assert [f.pattern for f in gw.destinations.forwarder.routes["tsdb"].filters] == ["telemetry/valid/+/+/+/+/+"]
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
     monkeypatch.setenv("IOTGW_TEST_TOKEN", "from-env")
@@ -304,8 +304,8 @@ async def test_an_unmappable_event_is_dropped_counted_and_does_not_block_the_que
         await asyncio.to_thread(mqtt_publish, url, [*_readings("u-1", "temperature", start, 5), bogus,
                                                     *_readings("u-1", "temperature", start + 50, 5)])
         await _until(lambda: _tsdb(gw)["delivered"] == 10 and _tsdb(gw)["dropped"] == 1, 30, "10 delivered, 1 drop")
-        assert gw.forwarder is not None
-        dest = gw.forwarder.routes["tsdb"].destination
+        assert gw.destinations.forwarder is not None
+        dest = gw.destinations.forwarder.routes["tsdb"].destination
         assert isinstance(dest, InfluxDestination)
         assert dest.stats.rejected == {"not_an_event": 1}
         assert _tsdb(gw)["depth"] == 0

@@ -83,7 +83,8 @@ async def test_falls_back_to_mqtt_3_1_1_when_the_remote_refuses_mqtt_5(tmp_path:
         try:
             async with Gateway(_config(tmp_path, {"url": f"mqtt://127.0.0.1:{port}"})) as gw:
                 assert await _until(lambda: gw.stats()["forward"]["destinations"]["central"]["connected"], 20)
-                destination = gw.forwarder.routes["central"].destination if gw.forwarder else None
+                forwarder = gw.destinations.forwarder
+                destination = forwarder.routes["central"].destination if forwarder else None
                 assert isinstance(destination, MqttDestination)
                 assert destination.protocol_in_use == "3.1.1"
                 await asyncio.to_thread(mqtt_publish, f"mqtt://127.0.0.1:{gw.broker.port}",

@@ -45,7 +45,7 @@ async def test_killing_socat_under_a_running_gateway(tmp_path: Path, caplog: pyt
         "devices": [{"id": "pm-1", "transport": "serial", "protocol": "sds011", "port": str(link)}],
     })
     async with Sds011Sim(link, interval_s=0.05, seed=3) as sim, Gateway(config) as gw:
-        driver = gw.drivers[0]
+        driver = gw.devices.drivers[0]
         assert isinstance(driver, SerialDriver)
         await until(lambda: driver.stats.frames >= 5 and gw.store.rows_written >= 6, what="first readings")
         await sim.unplug()  # socat killed: the port vanishes under the open driver
@@ -58,7 +58,7 @@ async def test_killing_socat_under_a_running_gateway(tmp_path: Path, caplog: pyt
         await until(lambda: driver.stats.connected and driver.stats.frames >= frames + 5, what="readings to resume")
         stored = gw.store.rows_written
         await until(lambda: gw.store.rows_written > stored, what="resumed readings to be stored")
-        assert all(not t.done() for t in gw._tasks), "a gateway task ended"
+        assert all(not t.done() for t in gw.tasks), "a gateway task ended"
         stats = gw.stats()["drivers"]["serial:pm-1"]
     assert stats["disconnects"] == 1
     assert stats["errors"] == {}

@@ -174,11 +174,11 @@ async def test_gateway_polls_the_energy_meter_and_counts_every_fault(tmp_path: P
     meter = EnergyMeterSim(link, seed=4, no_reply_every=7, exception_every=9, bad_crc_every=5, spike_every=4,
                            unplug_every=40, unplug_for_s=0.5)
     async with meter, Gateway(config) as gw:
-        driver = gw.drivers[0]
+        driver = gw.devices.drivers[0]
         assert isinstance(driver, ModbusDriver)
         await until(lambda: meter.requests >= 50 and meter.faults["disconnect"] >= 1 and driver.stats.connected,
                     what="50 requests and one unplug")
-        assert all(not t.done() for t in gw._tasks)
+        assert all(not t.done() for t in gw.tasks)
         meter.unplug_every = 0
         meter.every = dict.fromkeys(meter.every, 0)  # no more faults: what is in flight settles
         served = len(meter.history)

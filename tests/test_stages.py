@@ -697,6 +697,26 @@ async def test_pipeline_runs_a_mixed_batch(tmp_path: Path) -> None:
     }
 
 
+async def test_pipeline_halves_run_the_front_then_the_back(tmp_path: Path) -> None:
+    """What the gateway's two pipeline tasks call: the front stops before the store, the back starts there."""
+    async with SqliteStore(tmp_path) as store:
+        front: list[Stage[Any, Any]] = [CollectStage(TEMPLATE, TRANSPORTS), CleanStage(DEFAULT_METRIC_RULES),
+                                        DefineStage(TEMPLATE)]
+        pipeline = Pipeline(front, TEMPLATE, site=SITE, version=VERSION,
+                            back=[StoreStage(store), AnalyzeStage(TEMPLATE, VERSION, clock=FakeClock())])
+        assert [s.name for s in pipeline.stages] == ["collect", "clean", "define", "store", "analyze"]
+        emit = Emitter()
+        items = await pipeline.run_front([raw({"value": 21.5, "unit": "C"}), raw(b"{not json")], emit)
+        assert [type(item).__name__ for item in items] == ["Reading"]
+        assert store.transactions == 0
+        assert pipeline.stats()["store"]["in"] == 0
+        assert await pipeline.run_back(items, emit) == items
+        assert store.rows_written == 1
+    assert pipeline.stats()["define"] == pipeline.stats()["analyze"] == {"in": 1, "out": 1, "rejected": {}}
+    assert [r.reason for r in emit.rejects] == ["invalid_json"]
+    assert [e["type"] for _, e in emit.events] == [READING_TYPE]
+
+
 async def test_pipeline_stops_when_a_stage_leaves_nothing(tmp_path: Path) -> None:
     async with SqliteStore(tmp_path) as store:
         pipeline = make_pipeline(store, FakeClock())

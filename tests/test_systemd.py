@@ -23,7 +23,8 @@ from conftest import ROOT, GatewayProcess, free_port, iotgw
 
 from gateway.app import Gateway
 from gateway.config import parse_config
-from gateway.ops.systemd import DEFAULT_EXECUTABLE, Health, Notifier, notifying, render_unit
+from gateway.ops.systemd import DEFAULT_EXECUTABLE, Notifier, notifying, render_unit
+from gateway.status import Health
 from pipeline.stage import Emitter, StageStats
 
 

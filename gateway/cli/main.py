@@ -31,6 +31,7 @@ from gateway.query import (
     query_series,
     render_points,
 )
+from gateway.status import GatewayStatus
 from pipeline.asyncapi import asyncapi_document, consumers_json, producers_json, traffic_by_type
 from pipeline.catalog import Catalog
 from pipeline.errors import PipelineError
@@ -92,36 +93,37 @@ async def _serve(make: Callable[[], AbstractAsyncContextManager[Gateway]], secon
             loop.remove_signal_handler(sig)
 
 
-def _print_stats(stats: dict[str, Any], seconds: float) -> None:
+def _print_stats(status: GatewayStatus, seconds: float) -> None:
     out = sys.stdout
     print(f"iotgw: ran {seconds:.1f} s", file=out)
-    drivers = stats["drivers"]
-    for name, d in drivers.items():
-        extra = "".join(f" {k}={v}" for k, v in {**d["errors"], **d["skipped"], **d.get("anomalies", {})}.items())
-        extra += f" disconnects={d['disconnects']}" if d["disconnects"] else ""
-        print(f"  driver {name:<14} frames={d['frames']} readings={d['readings']}{extra}", file=out)
-    print(f"  broker tapped={stats['broker']['tapped']} queue_high_water={stats['queue']['high_water']}"
-          f" producer_waits={stats['queue']['producer_waits']}", file=out)
-    if security := stats["broker"].get("security"):
-        denied = " ".join(f"{k}={v}" for k, v in security["denied"].items())
-        print(f"  broker logins_accepted={security['logins_accepted']} logins_refused={security['logins_refused']}"
+    for name, d in status.drivers.items():
+        extra = "".join(f" {k}={v}" for k, v in {**d.errors, **d.skipped, **d.anomalies}.items())
+        extra += f" disconnects={d.disconnects}" if d.disconnects else ""
+        print(f"  driver {name:<14} frames={d.frames} readings={d.readings}{extra}", file=out)
+    broker, queue = status.broker, status.queue
+    print(f"  broker tapped={broker.tapped} queue_high_water={queue.high_water}"
+          f" producer_waits={queue.producer_waits}", file=out)
+    if security := broker.security:
+        denied = " ".join(f"{k}={v}" for k, v in security.denied.items())
+        print(f"  broker logins_accepted={security.logins_accepted} logins_refused={security.logins_refused}"
               f" denied: {denied}", file=out)
-    sessions, offences = stats["broker"]["sessions"], stats["broker"]["offences"]
-    bad = " ".join(f"{k}={v}" for k, v in offences.items()) or "none"
-    print(f"  mqtt sessions={sessions['clients']} persistent={sessions['persistent']} queued={sessions['queued']}"
-          f" dropped={sum(sessions['dropped'].values())} closed for bad input: {bad}", file=out)
-    for name, s in stats["stages"].items():
-        rejected = " ".join(f"{k}={v}" for k, v in s["rejected"].items())
-        print(f"  {name:<8} in={s['in']:<7} out={s['out']:<7} rejected: {rejected or 'none'}", file=out)
-    for name, f in stats["forward"].get("destinations", {}).items():
-        print(f"  forward {name:<12} delivered={f['delivered']} depth={f['depth']} bytes={f['bytes']}"
-              f" dropped={f['dropped']} refused_waits={f['refused_waits']} oldest_age_s={f['oldest_age_s']}"
-              f" connected={f['connected']}", file=out)
-    journal = stats["journal"]
-    print(f"  journal appended={journal['appended']} replayed={journal['replayed']}"
-          f" resends_recognised={journal['resends_recognised']} commits={journal['commits']}", file=out)
-    print(f"  read={stats['stages']['collect']['in']} stored={stats['stored']} "
-          f"rejected={stats['published']['rejects']} events_published={stats['published']['events']}", file=out)
+    sessions = broker.sessions
+    bad = " ".join(f"{k}={v}" for k, v in broker.offences.items()) or "none"
+    print(f"  mqtt sessions={sessions.clients} persistent={sessions.persistent} queued={sessions.queued}"
+          f" dropped={sum(sessions.dropped.values())} closed for bad input: {bad}", file=out)
+    for name, s in status.stages.items():
+        rejected = " ".join(f"{k}={v}" for k, v in s.rejected.items())
+        print(f"  {name:<8} in={s.in_:<7} out={s.out:<7} rejected: {rejected or 'none'}", file=out)
+    for name, f in status.forward.destinations.items():
+        print(f"  forward {name:<12} delivered={f.delivered} depth={f.depth} bytes={f.bytes}"
+              f" dropped={f.dropped} refused_waits={f.refused_waits} oldest_age_s={f.oldest_age_s}"
+              f" connected={f.connected}", file=out)
+    journal = status.journal
+    print(f"  journal appended={journal.appended} replayed={journal.replayed}"
+          f" resends_recognised={journal.resends_recognised} commits={journal.commits}", file=out)
+    collect = status.stages.get("collect")
+    print(f"  read={collect.in_ if collect else 0} stored={status.stored} "
+          f"rejected={status.published.rejects} events_published={status.published.events}", file=out)
 
 
 def _run_gateway(make: Callable[[], AbstractAsyncContextManager[Gateway]], seconds: float | None,
@@ -132,8 +134,9 @@ def _run_gateway(make: Callable[[], AbstractAsyncContextManager[Gateway]], secon
     except (GatewayError, PipelineError) as exc:
         print(f"iotgw: error: {exc}", file=sys.stderr)
         return 1
-    _print_stats(gateway.stats(), (datetime.now(UTC) - started).total_seconds())
-    return 0 if not gateway.undrained else 1
+    status = gateway.status()
+    _print_stats(status, (datetime.now(UTC) - started).total_seconds())
+    return 0 if not status.undrained else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -1,9 +1,10 @@
 """The HTTP API and dashboard, served by the gateway process in its own event loop (aiohttp).
 
-``async with HttpApi(gateway, settings) as api:`` listens on ``settings.host:port`` (``api.url``).
+``async with HttpApi(status, settings, ...) as api:`` listens on ``settings.host:port`` (``api.url``).
 Store queries run on one dedicated thread with a read-only SQLite connection, so the event loop
-never waits on the disk. What the API shows of the catalog, alerts and radio signal comes through
-the small protocols in gateway/views.py.
+never waits on the disk. Counts and readiness come from the gateway's status (gateway/status.py);
+what the API shows of the catalog, alerts and radio signal comes through the small protocols in
+gateway/http/views.py. Nothing here knows the gateway object itself.
 
 Every answer is JSON (``format=csv`` where a table makes sense); every error is a problem object
 (``application/problem+json``) that names the parameter at fault. ``/openapi.json`` describes it all.
@@ -22,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -30,19 +31,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, SecretStr
 
+from gateway.alerts import Alert
 from gateway.config import HttpSettings
 from gateway.errors import GatewayError
 from gateway.http import models as m
 from gateway.http.auth import OPEN_PATHS, authorized
 from gateway.http.models import API
 from gateway.http.openapi import openapi_document
-from gateway.http.views import Alert, AlertView, CatalogView, NoSignal, SignalView
+from gateway.http.views import AlertView, CatalogView, NoSignal, SignalView
 from gateway.query import AGGREGATES, QueryError, iso_ms, parse_duration, parse_time, query_series
+from gateway.status import StatusSource
 from pipeline.db import SqliteThread
 from pipeline.store import READER_PRAGMAS, StoreReader, db_path
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -127,32 +127,32 @@ def _alert_out(alert: Alert) -> m.AlertOut:
 
 
 class StatsCollector(Collector):
-    """Prometheus metrics read from ``Gateway.stats()`` at scrape time (registered on a private registry)."""
+    """Prometheus metrics read from the gateway's status at scrape time (registered on a private registry)."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any]], alerts: AlertView) -> None:
-        self._stats = stats
+    def __init__(self, status: StatusSource, alerts: AlertView) -> None:
+        self._status = status
         self._alerts = alerts
 
     def collect(self) -> Iterator[Metric]:
-        s = self._stats()
+        s = self._status()
         stage_in = CounterMetricFamily("iotgw_stage_in", "Items a pipeline stage received", labels=["stage"])
         stage_out = CounterMetricFamily("iotgw_stage_out", "Items a pipeline stage passed on", labels=["stage"])
         rejected = CounterMetricFamily("iotgw_stage_rejected", "Items a stage rejected, by reason",
                                        labels=["stage", "reason"])
-        for name, st in s["stages"].items():
-            stage_in.add_metric([name], st["in"])
-            stage_out.add_metric([name], st["out"])
-            for reason, count in st["rejected"].items():
+        for name, st in s.stages.items():
+            stage_in.add_metric([name], st.in_)
+            stage_out.add_metric([name], st.out)
+            for reason, count in st.rejected.items():
                 rejected.add_metric([name, reason], count)
         yield from (stage_in, stage_out, rejected)
 
-        queue = s["queue"]
-        yield GaugeMetricFamily("iotgw_queue_depth", "Messages waiting for the pipeline", value=queue["depth"])
-        yield GaugeMetricFamily("iotgw_queue_capacity", "Pipeline queue size", value=queue["max"])
+        queue = s.queue
+        yield GaugeMetricFamily("iotgw_queue_depth", "Messages waiting for the pipeline", value=queue.depth)
+        yield GaugeMetricFamily("iotgw_queue_capacity", "Pipeline queue size", value=queue.max)
         yield GaugeMetricFamily("iotgw_queue_high_water", "Deepest the pipeline queue has been",
-                                value=queue["high_water"])
+                                value=queue.high_water)
         yield CounterMetricFamily("iotgw_queue_producer_waits", "Times ingestion waited for room in the queue",
-                                  value=queue["producer_waits"])
+                                  value=queue.producer_waits)
 
         frames = CounterMetricFamily("iotgw_driver_frames", "Frames a driver decoded", labels=["driver"])
         readings = CounterMetricFamily("iotgw_driver_readings", "Readings a driver produced", labels=["driver"])
@@ -160,22 +160,22 @@ class StatsCollector(Collector):
                                      labels=["driver", "reason"])
         connected = GaugeMetricFamily("iotgw_driver_connected", "1 while the driver's device is open",
                                       labels=["driver"])
-        for name, d in s["drivers"].items():
-            frames.add_metric([name], d["frames"])
-            readings.add_metric([name], d["readings"])
-            connected.add_metric([name], 1 if d["connected"] else 0)
-            for reason, count in d["errors"].items():
+        for name, d in s.drivers.items():
+            frames.add_metric([name], d.frames)
+            readings.add_metric([name], d.readings)
+            connected.add_metric([name], 1 if d.connected else 0)
+            for reason, count in d.errors.items():
                 errors.add_metric([name, reason], count)
         yield from (frames, readings, errors, connected)
 
-        yield CounterMetricFamily("iotgw_stored_readings", "Readings written to the store", value=s["stored"])
+        yield CounterMetricFamily("iotgw_stored_readings", "Readings written to the store", value=s.stored)
         published = CounterMetricFamily("iotgw_published_events", "Events published on the broker",
                                         labels=["kind"])
-        for kind, count in s["published"].items():
-            published.add_metric([kind], count)
+        published.add_metric(["events"], s.published.events)
+        published.add_metric(["rejects"], s.published.rejects)
         yield published
         yield CounterMetricFamily("iotgw_journal_appended", "Raw messages written to the ingest journal",
-                                  value=s["journal"]["appended"])
+                                  value=s.journal.appended)
 
         gauges = {key: GaugeMetricFamily(f"iotgw_outbox_{key}", help_, labels=["destination"]) for key, help_ in (
             ("depth", "Events waiting in the outbox"), ("bytes", "Bytes waiting in the outbox"),
@@ -184,25 +184,28 @@ class StatsCollector(Collector):
             ("delivered", "Events the backbone acknowledged"), ("dropped", "Events dropped by a full outbox"))}
         backbone = GaugeMetricFamily("iotgw_backbone_connected", "1 while the destination is connected",
                                      labels=["destination"])
-        for name, f in s["forward"].get("destinations", {}).items():
-            gauges["depth"].add_metric([name], f["depth"])
-            gauges["bytes"].add_metric([name], f["bytes"])
-            gauges["oldest_age_seconds"].add_metric([name], f["oldest_age_s"])
-            counters["delivered"].add_metric([name], f["delivered"])
-            counters["dropped"].add_metric([name], f["dropped"])
-            backbone.add_metric([name], 1 if f["connected"] else 0)
+        for name, f in s.forward.destinations.items():
+            gauges["depth"].add_metric([name], f.depth)
+            gauges["bytes"].add_metric([name], f.bytes)
+            gauges["oldest_age_seconds"].add_metric([name], f.oldest_age_s)
+            counters["delivered"].add_metric([name], f.delivered)
+            counters["dropped"].add_metric([name], f.dropped)
+            backbone.add_metric([name], 1 if f.connected else 0)
         yield from (*gauges.values(), *counters.values(), backbone)
         yield GaugeMetricFamily("iotgw_alerts_active", "Alerts currently active", value=len(self._alerts.active()))
 
 
 class HttpApi:
-    """``async with HttpApi(gateway, settings) as api``: serving on ``api.url`` until the block ends."""
+    """``async with HttpApi(status, settings, ...) as api``: serving on ``api.url`` until the block ends.
+
+    ``status`` gives the gateway's status (``Gateway.status``); ``data_dir`` holds the store it reads."""
 
     def __init__(
-        self, gateway: Gateway, settings: HttpSettings, *, catalog: CatalogView, alerts: AlertView,
-        signal: SignalView | None = None, port_option: str = "[http] port", fallback_to_any_port: bool = False,
+        self, status: StatusSource, settings: HttpSettings, *, data_dir: Path, catalog: CatalogView,
+        alerts: AlertView, signal: SignalView | None = None, port_option: str = "[http] port",
+        fallback_to_any_port: bool = False,
     ) -> None:
-        self._gw = gateway
+        self._status = status
         self.settings = settings
         self.catalog = catalog
         self.alerts = alerts
@@ -210,9 +213,9 @@ class HttpApi:
         self._port_option = port_option
         self._fallback = fallback_to_any_port
         self._token: SecretStr | None = settings.resolve_token() if settings.needs_token else None
-        self._store = _Store(gateway.config.storage.data_dir)
+        self._store = _Store(data_dir)
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(StatsCollector(gateway.stats, alerts))
+        self._registry.register(StatsCollector(status, alerts))
         self._runner: web.AppRunner | None = None
         self.port = settings.port
         self.app = self._build_app()
@@ -320,9 +323,10 @@ class HttpApi:
         return _json(m.Health(status="ok"))
 
     async def _readyz(self, request: web.Request) -> web.Response:
+        status = self._status()
         checks: dict[str, str] = {}
-        checks["broker"] = "up" if self._gw.broker.serving else "the MQTT broker is not serving (starting or stopping)"
-        checks["pipeline"] = "up" if self._gw.pipeline_running() else "the pipeline task is not running"
+        checks["broker"] = "up" if status.broker.serving else "the MQTT broker is not serving (starting or stopping)"
+        checks["pipeline"] = "up" if status.pipeline.running else "the pipeline task is not running"
         try:
             await asyncio.wait_for(self._store.run(lambda s: s.count_series()), 5.0)
             checks["store"] = "up"
@@ -487,5 +491,5 @@ class HttpApi:
         return web.json_response(self.catalog.asyncapi())
 
     async def _stats(self, request: web.Request) -> web.Response:
-        return web.json_response(self._gw.stats())
+        return _json(self._status())
 

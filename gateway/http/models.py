@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.status import GatewayStatus
+
 API = "/api/v1"
 
 
@@ -93,19 +95,7 @@ class Catalog(_Out):
     types: list[EventTypeOut]
 
 
-class Stats(_Out):
-    """Gateway.stats(): counts per driver and stage, queue, outboxes (per destination), journal."""
-
-    model_config = ConfigDict(frozen=True, extra="allow")
-    time: str
-    queue: dict[str, int]
-    drivers: dict[str, dict[str, Any]]
-    stages: dict[str, dict[str, Any]]
-    published: dict[str, int]
-    stored: int
-    forward: dict[str, Any]
-
-
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
-    Problem, Health, Device, LatestValue, SeriesPoint, Series, AlertOut, Alerts, EventTypeOut, Catalog, Stats,
+    Problem, Health, Device, LatestValue, SeriesPoint, Series, AlertOut, Alerts, EventTypeOut, Catalog,
+    GatewayStatus,  # /api/v1/stats: the gateway's status model itself
 )

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 description of gateway/api.py, its schemas generated from gateway/api_models.py."""
+"""The OpenAPI 3.1 description of gateway/http/api.py, its schemas generated from gateway/http/models.py."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def openapi_document(*, secured: bool) -> dict[str, Any]:
                                                  _ok({"type": "object"}), secured=secured),
             f"{API}/stats": _get("Pipeline statistics: per-stage counts, rejects by reason, queue depth, outbox "
                                  "depth and age per destination, backbone connection state",
-                                 _ok(_ref("Stats")), secured=secured),
+                                 _ok(_ref("GatewayStatus")), secured=secured),
         },
         "components": {"schemas": _schemas()},
     }

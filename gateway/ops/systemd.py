@@ -2,7 +2,7 @@
 
 The gateway speaks sd_notify itself (a datagram to ``$NOTIFY_SOCKET``; no libsystemd): ``READY=1``
 once broker, pipeline and store are up; ``WATCHDOG=1`` every half ``$WATCHDOG_USEC`` but only while
-the event loop turns (the ping is sent from it) and :meth:`gateway.service.Gateway.health` finds
+the event loop turns (the ping is sent from it) and :func:`gateway.status.health` finds
 nothing wrong; ``STATUS=`` with key counters; ``STOPPING=1`` when a stop begins; ``RELOADING=1``
 around a SIGHUP reload. Without ``$NOTIFY_SOCKET`` (not under systemd) all of it is a no-op.
 
@@ -25,6 +25,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from gateway.status import Health
 
 log = logging.getLogger(__name__)
 STATUS_INTERVAL_S = 10.0
@@ -69,16 +71,6 @@ class Notifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
-
-
-@dataclass(frozen=True, slots=True)
-class Health:
-    problems: tuple[str, ...]
-    status: str  # one line of key counters for STATUS=
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 async def supervise(notifier: Notifier, health: Callable[[], Health]) -> None:

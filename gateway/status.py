@@ -1,0 +1,205 @@
+"""What the gateway reports about itself: one typed model, and the health the watchdog is fed on.
+
+Each part of the gateway offers its section (:class:`QueueStatus` from ingest, :class:`PipelineStatus`
+from the flow, driver counts from the devices, ...) and the composition root (gateway/app.py)
+assembles them into one :class:`GatewayStatus`. Everything that shows status reads this model:
+``/metrics`` and ``/api/v1/stats`` (its schema is in the OpenAPI document), the CLI's exit summary
+and the systemd watchdog (:func:`health`). None of them reads the composition root.
+
+The JSON of ``/api/v1/stats`` is ``GatewayStatus.model_dump(mode="json", by_alias=True)``. The
+models refuse keys they do not declare: a counter that a part adds or renames must be added here,
+and a test that reads status fails until it is, instead of ``/metrics`` losing it silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Status(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class StageStatus(_Status):
+    """One pipeline stage (pipeline/stage.py ``StageStats``)."""
+
+    in_: int = Field(alias="in", description="items the stage received")
+    out: int = Field(description="items it passed on")
+    rejected: dict[str, int] = Field(description="items it rejected, by reason")
+
+
+class DriverStatus(_Status):
+    """One driver (drivers/base.py ``DriverStats``)."""
+
+    frames: int
+    readings: int
+    errors: dict[str, int] = Field(description="frames it could not decode, by reason")
+    skipped: dict[str, int] = Field(description="not errors: duplicates, strangers, resyncs")
+    anomalies: dict[str, int] = Field(description="kept but suspect: clock_skew")
+    disconnects: int
+    connected: bool
+
+
+class BleScannerStatus(DriverStatus):
+    """The BLE scanner driver: a driver's counts, its watchdog's restarts and the RSSI it heard."""
+
+    scanner_restarts: int
+    rssi: dict[str, int] = Field(description="device id -> RSSI (dBm) of its last advertisement")
+
+
+class QueueStatus(_Status):
+    """The bounded queue between the broker and the pipeline."""
+
+    depth: int
+    max: int
+    high_water: int
+    producer_waits: int = Field(description="times ingestion waited for room: the pipeline was behind")
+
+
+class JournalStatus(_Status):
+    appended: int
+    replayed: int = Field(description="messages replayed at start: accepted before the last stop, not done")
+    resends_recognised: int
+    commits: int
+
+
+class PublishedStatus(_Status):
+    """Events the pipeline published back on the broker."""
+
+    events: int
+    rejects: int
+
+
+class PipelineStatus(_Status):
+    running: bool = Field(description="the pipeline's tasks run")
+    batches: int = Field(description="batches through every stage")
+    busy_s: dict[str, float] = Field(description="half (front, back) -> seconds inside its current batch")
+
+
+class SecurityStatus(_Status):
+    logins_accepted: int
+    logins_refused: int
+    denied: dict[str, int]
+
+
+class SessionsStatus(_Status):
+    """MQTT sessions of the embedded broker."""
+
+    clients: int
+    persistent: int
+    connected: int
+    queued: int
+    dropped: dict[str, int]
+    commits: int
+
+
+class BrokerStatus(_Status):
+    port: int
+    serving: bool = Field(description="taking clients on every listener")
+    clients: int = Field(description="connected clients")
+    tapped: int
+    security: SecurityStatus | None = Field(description="null before the broker started")
+    sessions: SessionsStatus
+    offences: dict[str, int] = Field(description="connections closed for bad input, by reason")
+
+
+class DestinationStatus(_Status):
+    """One forward destination and its outbox."""
+
+    connected: bool
+    send_failures: int
+    depth: int
+    bytes: int
+    enqueued: int
+    delivered: int
+    dropped: int
+    refused_waits: int
+    oldest_age_s: float
+    delivery_lag_s: float | None
+
+
+class ForwardStatus(_Status):
+    destinations: dict[str, DestinationStatus] = Field(default_factory=dict)
+    echoes_dropped: int = 0
+
+
+class StoreStatus(_Status):
+    rows_written: int
+    duplicates: int
+    transactions: int
+    retention_deleted: dict[str, int]
+    budget_deleted: dict[str, int]
+    over_budget: bool
+    used_bytes: int
+    file_bytes: int
+    max_bytes: int
+    maintenance_passes: int
+    pages_released: int
+
+
+class AnalyzeStatus(_Status):
+    agg_published: int
+    late: int
+    open_series: int
+    alerts: dict[str, int]
+
+
+class GatewayStatus(_Status):
+    """Counts per driver and stage, queue, outboxes (per destination), journal, broker."""
+
+    time: datetime
+    broker: BrokerStatus
+    queue: QueueStatus
+    drivers: dict[str, BleScannerStatus | DriverStatus]
+    stages: dict[str, StageStatus]
+    pipeline: PipelineStatus
+    published: PublishedStatus
+    stored: int = Field(description="readings written to the store")
+    journal: JournalStatus
+    forward: ForwardStatus
+    commands: dict[str, int] = Field(description="downlink commands, by outcome")
+    store_transactions: int
+    store: StoreStatus
+    analyze: AnalyzeStatus
+    undrained: int = Field(description="messages still in the broker when the last stop gave up draining")
+
+
+StatusSource = Callable[[], GatewayStatus]
+"""What the HTTP API and the watchdog are given to read status (``Gateway.status``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    problems: tuple[str, ...]
+    status: str  # one line of key counters for STATUS=
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def health(status: GatewayStatus, *, stall_s: float) -> Health:
+    """What the systemd watchdog is fed on: the pipeline runs and is not stuck inside a batch for
+    more than ``stall_s`` (a store write retrying on a failing disk, a stage that hangs), and the broker
+    listens. Waiting for room (backpressure from a refusing outbox) is not a fault."""
+    problems = []
+    if not status.pipeline.running:
+        problems.append("the pipeline task is not running")
+    for busy in status.pipeline.busy_s.values():
+        if busy > stall_s:
+            problems.append(f"the pipeline has been inside one batch for {busy:.0f} s")
+    if not status.broker.serving:
+        problems.append("the broker is not serving")
+    collect = status.stages.get("collect")
+    up = sum(d.connected for d in status.drivers.values())
+    line = (
+        f"in={collect.in_ if collect else 0} stored={status.stored} rejected={status.published.rejects}"
+        f" queue={status.queue.depth} clients={status.broker.clients} drivers_up={up}/{len(status.drivers)}"
+    )
+    line += "".join(f" {name}:{'up' if f.connected else 'down'}/{f.depth}"
+                    for name, f in status.forward.destinations.items())
+    return Health(tuple(problems), line)

@@ -11,19 +11,17 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from gateway.app import Gateway
 from gateway.broker.auth import DEFAULT_ITERATIONS, AuthError, BrokerSecurity, hash_password, update_password_file
-from gateway.config import DEFAULT_METRIC_RULES, GatewayConfig, HttpSettings, StorageSettings, load_config
+from gateway.cli.serve import DEMO_HTTP_PORT, EXIT_USAGE, cmd_demo, cmd_run
+from gateway.config import DEFAULT_METRIC_RULES, GatewayConfig, StorageSettings, load_config
 from gateway.errors import ConfigError, GatewayError
-from gateway.ops.logs import redact, secret_values, setup_logging
-from gateway.ops.systemd import Notifier, default_executable, install, notifying
+from gateway.ops.logs import setup_logging
+from gateway.ops.systemd import default_executable, install
 from gateway.query import (
     QueryError,
     iso_ms,
@@ -31,7 +29,6 @@ from gateway.query import (
     query_series,
     render_points,
 )
-from gateway.status import GatewayStatus
 from pipeline.asyncapi import asyncapi_document, consumers_json, producers_json, traffic_by_type
 from pipeline.catalog import Catalog
 from pipeline.errors import PipelineError
@@ -40,159 +37,19 @@ from pipeline.topics import TopicTemplate
 from pipeline.traffic import read_traffic
 
 log = logging.getLogger("iotgw")
-EXIT_USAGE = 2
 DEFAULT_DATA_DIR = StorageSettings().data_dir
-DEMO_HTTP_PORT = HttpSettings().port
 
 
-Reloader = Callable[[Gateway], Awaitable[None]]
 
 
-async def _serve(make: Callable[[], AbstractAsyncContextManager[Gateway]], seconds: float | None,
-                 report: Callable[[Gateway], None] | None = None, reload: Reloader | None = None) -> Gateway:
-    """Run until ``seconds`` pass, SIGINT or SIGTERM; then stop cleanly (flushed). SIGHUP reloads."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    hup = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, hup.set)
-    notifier = Notifier()
-
-    async def reloads(gateway: Gateway) -> None:
-        while True:
-            await hup.wait()
-            hup.clear()
-            if reload is None:
-                log.warning("SIGHUP: nothing to reload (no configuration file)")
-                continue
-            notifier.notify(RELOADING=1, STATUS="reloading the configuration")
-            try:
-                await reload(gateway)
-            except Exception:
-                log.exception("reload failed; the gateway runs on")
-            notifier.notify(READY=1, STATUS=gateway.health().status)
-
-    try:
-        async with make() as gateway, notifying(notifier, gateway.health):
-            if report is not None:
-                report(gateway)
-            reloader = asyncio.create_task(reloads(gateway), name="reload")
-            try:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), seconds)
-            finally:
-                reloader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reloader
-            log.info("stopping: flushing what was accepted")
-        return gateway
-    finally:
-        notifier.close()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
 
 
-def _print_stats(status: GatewayStatus, seconds: float) -> None:
-    out = sys.stdout
-    print(f"iotgw: ran {seconds:.1f} s", file=out)
-    for name, d in status.drivers.items():
-        extra = "".join(f" {k}={v}" for k, v in {**d.errors, **d.skipped, **d.anomalies}.items())
-        extra += f" disconnects={d.disconnects}" if d.disconnects else ""
-        print(f"  driver {name:<14} frames={d.frames} readings={d.readings}{extra}", file=out)
-    broker, queue = status.broker, status.queue
-    print(f"  broker tapped={broker.tapped} queue_high_water={queue.high_water}"
-          f" producer_waits={queue.producer_waits}", file=out)
-    if security := broker.security:
-        denied = " ".join(f"{k}={v}" for k, v in security.denied.items())
-        print(f"  broker logins_accepted={security.logins_accepted} logins_refused={security.logins_refused}"
-              f" denied: {denied}", file=out)
-    sessions = broker.sessions
-    bad = " ".join(f"{k}={v}" for k, v in broker.offences.items()) or "none"
-    print(f"  mqtt sessions={sessions.clients} persistent={sessions.persistent} queued={sessions.queued}"
-          f" dropped={sum(sessions.dropped.values())} closed for bad input: {bad}", file=out)
-    for name, s in status.stages.items():
-        rejected = " ".join(f"{k}={v}" for k, v in s.rejected.items())
-        print(f"  {name:<8} in={s.in_:<7} out={s.out:<7} rejected: {rejected or 'none'}", file=out)
-    for name, f in status.forward.destinations.items():
-        print(f"  forward {name:<12} delivered={f.delivered} depth={f.depth} bytes={f.bytes}"
-              f" dropped={f.dropped} refused_waits={f.refused_waits} oldest_age_s={f.oldest_age_s}"
-              f" connected={f.connected}", file=out)
-    journal = status.journal
-    print(f"  journal appended={journal.appended} replayed={journal.replayed}"
-          f" resends_recognised={journal.resends_recognised} commits={journal.commits}", file=out)
-    collect = status.stages.get("collect")
-    print(f"  read={collect.in_ if collect else 0} stored={status.stored} "
-          f"rejected={status.published.rejects} events_published={status.published.events}", file=out)
 
 
-def _run_gateway(make: Callable[[], AbstractAsyncContextManager[Gateway]], seconds: float | None,
-                 announce: Callable[[Gateway], None], reload: Reloader | None = None) -> int:
-    started = datetime.now(UTC)
-    try:
-        gateway = asyncio.run(_serve(make, seconds, announce, reload))
-    except (GatewayError, PipelineError) as exc:
-        print(f"iotgw: error: {exc}", file=sys.stderr)
-        return 1
-    status = gateway.status()
-    _print_stats(status, (datetime.now(UTC) - started).total_seconds())
-    return 0 if not status.undrained else 1
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.cli.demo import (  # noqa: PLC0415  the simulators load only for the demo
-        demo_config,
-        demo_gateway,
-    )
-
-    try:
-        config = demo_config(args.data_dir, args.mqtt_port).with_overrides(
-            http_port=DEMO_HTTP_PORT if args.http_port is None else args.http_port)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return EXIT_USAGE
-
-    def announce(gw: Gateway) -> None:
-        print(f"iotgw demo: MQTT broker on {config.broker.host}:{gw.broker.port}, data in {config.storage.data_dir}"
-              f"\n  dashboard: {gw.http.url if gw.http else '(off)'}"
-              f"\n  watch:  mosquitto_sub -p {gw.broker.port} -t 'telemetry/#' -v", flush=True)
-
-    # without --http-port the demo takes any free port when 8080 is taken (it prints which)
-    return _run_gateway(lambda: demo_gateway(config, http_any_port_if_taken=args.http_port is None),
-                        args.seconds, announce)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config).with_overrides(data_dir=args.data_dir, mqtt_port=args.mqtt_port,
-                                                         http_port=args.http_port)
-        BrokerSecurity(config.broker)  # before anything starts: the password file and the anonymous rule
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return EXIT_USAGE
-    redact(secret_values(config))
-    if args.log_format is None and config.logging.format != "text":
-        setup_logging(verbose=args.verbose, fmt=config.logging.format)
-
-    def announce(gw: Gateway) -> None:
-        print(f"iotgw: MQTT broker on {config.broker.host}:{gw.broker.port}, data in {config.storage.data_dir}"
-              + (f"\n  dashboard: {gw.http.url}" if gw.http else ""), flush=True)
-
-    async def reload(gw: Gateway) -> None:
-        try:
-            new = load_config(args.config).with_overrides(data_dir=args.data_dir, mqtt_port=args.mqtt_port,
-                                                          http_port=args.http_port)
-        except ConfigError as exc:
-            log.error("reload refused, the running configuration stays: %s", "; ".join(exc.problems))
-            return
-        redact(secret_values(new))
-        await gw.reload(new)
-
-    return _run_gateway(lambda: Gateway(config, port_option="--mqtt-port or [broker] port",
-                                        http_port_option="--http-port or [http] port"), args.seconds, announce,
-                        reload)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:

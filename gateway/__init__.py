@@ -1,1 +1,1 @@
-"""iotgw gateway: the composition root (broker, service, CLI)."""
+"""iotgw gateway: the composition root (app) and its parts: broker, forward, http, config, ops, cli."""

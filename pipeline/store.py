@@ -136,7 +136,7 @@ def db_path(data_dir: Path) -> Path:
 
 @dataclass(frozen=True, slots=True)
 class StoreLimits:
-    """Retention per table (days) and the disk budget; defaults live in gateway/config.py."""
+    """Retention per table (days) and the disk budget; defaults live in gateway/config/storage.py."""
 
     raw_retention_days: float = 7
     rollup_1m_retention_days: float = 90
@@ -659,7 +659,7 @@ class StoreReader:
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM readings").fetchone()[0])
 
-    # -- for the HTTP API (gateway/api.py) and `iotgw query --every` ---------------------------------
+    # -- for the HTTP API (gateway/http/api.py) and `iotgw query --every` ---------------------------------
 
     MAX_BUCKETS = 20_000
 

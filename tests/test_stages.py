@@ -265,7 +265,7 @@ async def test_collect_stats_and_rejects_over_a_batch() -> None:
 
 
 # A hostile or broken MQTT client must cost one reject, never the batch: an exception out of
-# process() ends the gateway's pipeline task (gateway/service.py _pipeline_loop).
+# process() ends the gateway's pipeline task (gateway/flow.py).
 CRASHERS = [
     pytest.param(raw({"value": 1, "ts": "0001-01-01T00:30:00+01:00"}), "invalid_ts", id="ts-offset-before-year-1"),
     pytest.param(raw({"value": 1, "ts": "9999-12-31T23:59:59-01:00"}), "invalid_ts", id="ts-offset-after-9999"),

@@ -6,8 +6,8 @@ through :meth:`_TappedBroker._broadcast_message`. Messages whose topic matches t
 waits, and every client's socket reader waits too, so a slow pipeline slows ingestion instead of
 growing memory.
 
-Patches carried for MQTT 3.1.1 (amqtt 0.12.1 falls short; see gateway/sessions.py and
-gateway/firewall.py for the details and the spec sections):
+Patches carried for MQTT 3.1.1 (amqtt 0.12.1 falls short; see gateway/broker/sessions.py and
+gateway/broker/firewall.py for the details and the spec sections):
 
 - delivery goes through :class:`gateway.sessions.Sessions` instead of amqtt's broadcast queue:
   min(publish, subscription) QoS [MQTT-3.8.4-6], offline queueing for CleanSession 0
@@ -237,7 +237,7 @@ class _TappedBroker(SecureBrokerMixin, Broker):  # type: ignore[misc]  # amqtt i
         )
         await self._client_connected(listener_name, firewall, StreamWriterAdapter(writer))
 
-    # --- sessions (gateway/sessions.py) -------------------------------------------------------
+    # --- sessions (gateway/broker/sessions.py) -------------------------------------------------------
 
     def restore(self, queues: dict[str, ClientQueue]) -> None:
         """Persistent sessions from the last run, put back once amqtt has cleared its tables."""

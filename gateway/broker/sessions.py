@@ -1,6 +1,6 @@
 """MQTT 3.1.1 sessions for the embedded broker: what amqtt 0.12.1 does not do, done here.
 
-The broker (gateway/broker.py) hands every message to :meth:`Sessions.route` instead of amqtt's
+The broker (gateway/broker/embedded.py) hands every message to :meth:`Sessions.route` instead of amqtt's
 broadcast queue. Each client has a :class:`ClientQueue` (messages waiting, then in flight) and a
 sender task while it is connected. What this fixes, by section of the MQTT 3.1.1 specification:
 
@@ -14,7 +14,7 @@ sender task while it is connected. What this fixes, by section of the MQTT 3.1.1
   with and the QoS granted to the subscription (amqtt uses the subscription's QoS); overlapping
   subscriptions of one client give one copy, at the highest matching QoS [MQTT-3.3.5-1].
 - [MQTT-3.3.1-6] with [MQTT-3.1.2-4]: retained messages are sent for a new subscription, not for
-  every filter any client subscribed to whenever someone connects (see gateway/broker.py).
+  every filter any client subscribed to whenever someone connects (see gateway/broker/embedded.py).
 - A session's messages are bounded: ``[broker] max_queued_messages`` waiting and in flight
   together, ``[broker] queue_full`` (drop_oldest or drop_new) when full, drops counted per client
   and logged when a queue becomes full and when it has room again.

@@ -149,9 +149,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"\n  dashboard: {gw.http.url if gw.http else '(off)'}"
               f"\n  watch:  mosquitto_sub -p {gw.broker.port} -t 'telemetry/#' -v", flush=True)
 
-    # without --http-port the demo takes any free port when 8080 is taken (it prints which)
-    return _run_gateway(lambda: demo_gateway(config, http_any_port_if_taken=args.http_port is None),
-                        args.seconds, announce)
+    from firmware_sim.pty import SocatError
+
+    try:  # without --http-port the demo takes any free port when 8080 is taken (it prints which)
+        return _run_gateway(lambda: demo_gateway(config, http_any_port_if_taken=args.http_port is None),
+                            args.seconds, announce)
+    except SocatError as exc:  # a simulated cable could not be made: one line, no traceback
+        print(f"iotgw: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -193,6 +198,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         gateway_fragment,
         load_fleet,
     )
+    from firmware_sim.pty import SocatError
     from gateway.config import DEFAULT_METRIC_RULES
 
     try:
@@ -220,7 +226,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), args.seconds)
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except SocatError as exc:  # e.g. unplug_every without socat: one line, no traceback
+        print(f"iotgw: error: {exc}", file=sys.stderr)
+        return 1
     print("iotgw sim: faults injected", file=sys.stdout)
     for device_id, faults in fleet.faults().items():
         counts = " ".join(f"{k}={v}" for k, v in sorted(faults.items())) or "none"

@@ -1,0 +1,48 @@
+"""A system tool the CLI needs that is not installed is one line naming its Debian package (exit code
+non-zero), never a traceback. The tools are hidden by running the CLI with a PATH that lacks them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+
+def iotgw_without_tools(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m gateway ...`` with an empty PATH: no socat, no systemd tools, nothing."""
+    empty = tmp_path / "empty-bin"
+    empty.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60,
+                          check=False, cwd=tmp_path, env={**os.environ, "PATH": str(empty), "PYTHONPATH": str(ROOT)})
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if needle in line]
+    assert len(lines) == 1, result
+
+
+def test_sim_that_unplugs_without_socat(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[device]]\nkind = "kv"\nid = "kv-1"\n'
+                     '[[device]]\nkind = "sds011"\nid = "pm-1"\n[device.faults]\nunplug_every = 10\n')
+    result = iotgw_without_tools(tmp_path, "sim", "--fleet", str(fleet), "--dir", str(tmp_path / "sim"),
+                                 "--seconds", "1")
+    assert_one_line(result, "(Debian package: socat)")
+    assert "device[1] (pm-1): unplugging a simulated serial cable needs socat" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_sim_without_socat_runs_on_python_ptys(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[device]]\nkind = "kv"\nid = "kv-1"\ninterval_s = 0.2\n')
+    result = iotgw_without_tools(tmp_path, "sim", "--fleet", str(fleet), "--dir", str(tmp_path / "sim"),
+                                 "--seconds", "1")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "kv-1" in result.stdout

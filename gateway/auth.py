@@ -16,10 +16,12 @@ Passwords
 Authentication
     A client with a username must match the password file. A client without one is anonymous and is
     accepted only when ``allow_anonymous`` is true, or ``"loopback"`` and it connects from this
-    machine. Without a password file, usernames prove nothing: every client is anonymous. Refused
-    logins are counted; the first refusal for a username is logged, then nothing until that user
-    logs in again (a state change), so a password-guessing storm is one line. Passwords are never
-    logged.
+    machine. Unset, it follows Mosquitto 2 (:meth:`~gateway.config.BrokerSettings.anonymous_access`):
+    no password file and every listener on loopback means ``"loopback"``; a password file means false;
+    no password file and a listener on another address is a config error. Without a password file,
+    usernames prove nothing: every client is anonymous. Refused logins are counted; the first refusal
+    for a username is logged, then nothing until that user logs in again (a state change), so a
+    password-guessing storm is one line. Passwords are never logged.
 
 ACLs (``[[broker.acl]]``)
     Each rule has a topic filter (``+``, ``#``; ``%c`` stands for the client id and ``%u`` for the
@@ -342,13 +344,8 @@ class BrokerSecurity:
 
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
-        self.allow_anonymous = settings.allow_anonymous
+        self.allow_anonymous = settings.anonymous_access()  # raises ConfigError when nobody could log in
         self.password_file = settings.password_file
-        if self.password_file is None and self.allow_anonymous is False:
-            raise ConfigError([
-                "broker.password_file: required when broker.allow_anonymous is false (the default); "
-                "create it with `iotgw passwd FILE USER`, or set allow_anonymous = true"
-            ])
         self.acl = Acl(settings.acl, settings.acl_default)
         self.stats = SecurityStats()
         self._users: dict[str, str] = {}

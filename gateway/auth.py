@@ -57,6 +57,7 @@ import logging
 import os
 import secrets
 import ssl
+import stat
 import tempfile
 from collections.abc import Iterable
 from contextvars import ContextVar
@@ -172,13 +173,21 @@ def update_password_file(path: Path, user: str, encoded: str | None) -> None:
     """Set ``user``'s hash (``encoded``), or delete ``user`` (``None``); other lines are kept.
 
     The new file replaces the old one atomically (a temporary file in the same directory, fsynced,
-    then renamed) and has mode 0600.
+    then renamed). It keeps the old file's owner, group and mode (less any access for others), so the
+    service's group can still read it; a new file is 0600, or 0640 in a setgid directory, whose group
+    it takes: ``iotgw service install`` makes /etc/iotgw such a directory (root:iotgw, 2750).
     """
     _check_username(user)
     lines: list[str] = []
+    old: os.stat_result | None = None
     if path.exists():
         read_password_file(path)  # refuse to rewrite a file we cannot parse
         lines = path.read_text(encoding="utf-8").splitlines()
+        old = path.stat()
+    if old is not None:
+        mode = stat.S_IMODE(old.st_mode) & 0o770
+    else:
+        mode = 0o640 if path.parent.stat().st_mode & stat.S_ISGID else 0o600
     prefix = f"{user}:"
     found = [i for i, line in enumerate(lines) if line.strip().startswith(prefix)]
     if encoded is None and not found:
@@ -189,7 +198,10 @@ def update_password_file(path: Path, user: str, encoded: str | None) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            os.fchmod(out.fileno(), 0o600)
+            os.fchmod(out.fileno(), 0o600)  # until it has its group
+            if old is not None and (os.fstat(fd).st_uid, os.fstat(fd).st_gid) != (old.st_uid, old.st_gid):
+                os.fchown(fd, old.st_uid, old.st_gid)
+            os.fchmod(out.fileno(), mode)
             out.write("".join(f"{line}\n" for line in kept))
             out.flush()
             os.fsync(out.fileno())

@@ -46,3 +46,10 @@ def test_sim_without_socat_runs_on_python_ptys(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "kv-1" in result.stdout
+
+
+def test_service_install_without_systemd_sysusers(tmp_path: Path) -> None:
+    image = tmp_path / "image"
+    result = iotgw_without_tools(tmp_path, "service", "install", "--root", str(image), "--no-reload")
+    assert_one_line(result, "systemd-sysusers is not installed (Debian package: systemd)")
+    assert not image.exists()  # nothing written

@@ -332,6 +332,9 @@ class HttpApi:
         checks: dict[str, str] = {}
         checks["broker"] = "up" if self._gw.broker.serving else "the MQTT broker is not serving (starting or stopping)"
         checks["pipeline"] = "up" if self._gw.pipeline_running() else "the pipeline task is not running"
+        destinations = self._gw.stats()["forward"].get("destinations", {})
+        if problems := [f"{name}: {d['error']}" for name, d in destinations.items() if d.get("error")]:
+            checks["forward"] = "; ".join(problems)  # a config problem: the outbox fills until it is fixed
         try:
             await asyncio.wait_for(self._store.run(lambda s: s.count_series()), 5.0)
             checks["store"] = "up"

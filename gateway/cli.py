@@ -110,7 +110,7 @@ def _print_stats(stats: dict[str, Any], seconds: float) -> None:
     for name, f in stats["forward"].get("destinations", {}).items():
         print(f"  forward {name:<12} delivered={f['delivered']} depth={f['depth']} bytes={f['bytes']}"
               f" dropped={f['dropped']} refused_waits={f['refused_waits']} oldest_age_s={f['oldest_age_s']}"
-              f" connected={f['connected']}", file=out)
+              f" connected={f['connected']}" + (f"\n    error: {f['error']}" if f.get("error") else ""), file=out)
     journal = stats["journal"]
     print(f"  journal appended={journal['appended']} replayed={journal['replayed']}"
           f" resends_recognised={journal['resends_recognised']} commits={journal['commits']}", file=out)

@@ -22,6 +22,7 @@ from typing import Any
 
 from gateway.forward.base import (
     Destination,
+    DestinationConfigError,
     DestinationUnavailableError,
     InboundMessage,
     OutboundEvent,
@@ -89,6 +90,7 @@ class Forwarder:
         self._recent: OrderedDict[str, None] = OrderedDict()  # ids we sent: an echo of one is dropped
         self.echoes_dropped = 0
         self.send_failures = dict.fromkeys(self.routes, 0)
+        self.errors: dict[str, str | None] = dict.fromkeys(self.routes)  # a config problem, until a send succeeds
 
     async def __aenter__(self) -> Forwarder:
         await self.outbox.open()
@@ -123,6 +125,7 @@ class Forwarder:
         await self.outbox.add(name, route.limits)
         self.routes[name] = route
         self.send_failures.setdefault(name, 0)
+        self.errors[name] = None
         await self._start(route)
 
     async def remove(self, name: str) -> None:
@@ -191,7 +194,11 @@ class Forwarder:
             except Exception as exc:  # unavailable, or a bug: pause and retry, never die
                 self.send_failures[name] += 1
                 failures += 1
-                if failures == 1:
+                if isinstance(exc, DestinationConfigError):  # said once (again only if it changes)
+                    if str(exc) != self.errors.get(name):
+                        log.error("forward %s: sending paused: %s", name, exc)
+                    self.errors[name] = str(exc)
+                elif failures == 1:
                     log.warning("forward %s: sending paused: %s", name, exc,
                                 exc_info=not isinstance(exc, DestinationUnavailableError))
                 await asyncio.sleep(min(5.0, 0.2 * 2 ** min(failures, 5)))
@@ -199,6 +206,7 @@ class Forwarder:
             if failures:
                 log.warning("forward %s: sending resumed after %d failed attempt(s)", name, failures)
                 failures = 0
+                self.errors[name] = None
             if acked:
                 lanes.advance(lane, batch[acked - 1].seq)
                 self.outbox.ack(name, batch[:acked])  # committed in the background; the cursor moves on now
@@ -236,6 +244,7 @@ class Forwarder:
         destinations = {
             name: {
                 "connected": route.destination.connected, "send_failures": self.send_failures[name],
+                "error": self.errors.get(name),
                 **self.outbox.stats[name].as_dict(now_ms),
             }
             for name, route in self.routes.items()

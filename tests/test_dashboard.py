@@ -145,7 +145,8 @@ async def test_dashboard_shows_live_charts_devices_and_catalog(demo: DemoWithHtt
         first_seen = min(d.first_seen_ms for d in store.devices())
     assert start <= first_seen
     assert 10_000 <= end - start < 0.25 * 15 * 60_000
-    assert first_seen - start < 0.35 * (end - start)  # the data fills the chart from near its left edge
+    # from just before the first reading (5 % of the data's age), or 10 s while the data is younger
+    assert start == pytest.approx(end - max(10_000, 1.05 * (end - first_seen)), abs=2)
 
     # Live: later polls add points as the simulated devices keep sending
     before = first["charts"]["t-1/temperature"]["points"]

@@ -30,7 +30,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from firmware_sim.pty import SocatPair
+from firmware_sim.pty import SerialCable, serial_cable
 
 __all__ = ["REGISTERS", "EnergyMeterSim"]
 
@@ -83,7 +83,7 @@ class EnergyMeterSim:
         if min(no_reply_every, exception_every, bad_crc_every, spike_every, unplug_every) < 0:
             raise ValueError("fault intervals must be >= 0")
         self.link = link
-        self.pair = SocatPair(link)
+        self.pair: SerialCable = serial_cable(link, unplugs=unplug_every > 0)
         self.unit_id = unit_id
         self.baudrate = baudrate
         self.rng = random.Random(seed)

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from firmware_sim.energy_meter import REGISTERS, EnergyMeterSim
 from firmware_sim.mqtt_sensor import MqttSensorSim
+from firmware_sim.pty import SocatError
 from firmware_sim.serial_sensor import SERIAL_SIMS, SerialSim
 from pipeline.topics import DEFAULT_TEMPLATE, DEFAULT_VERSION, TopicFields, TopicTemplate
 
@@ -219,7 +220,7 @@ def parse_fleet(data: Mapping[str, Any]) -> FleetSpec:
                              raw.get("device_class"), options, faults)
         try:  # the simulator checks its own options and knobs (its constructor does no I/O)
             KINDS[kind].simulator(device, FleetEnv(Path()))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, SocatError) as exc:  # SocatError: a fault that unplugs, without socat
             problems.append(f"{where} ({device_id}): {exc}")
         devices.append(device)
     spec = FleetSpec(tuple(devices), str(data.get("site", "fleet")), str(mqtt.get("host", "127.0.0.1")),
@@ -253,8 +254,12 @@ class Fleet:
         self._running: list[str] = []
 
     async def __aenter__(self) -> Fleet:
-        await self.start_local()
-        await self.start_network()
+        try:
+            await self.start_local()
+            await self.start_network()
+        except BaseException:  # one that cannot start (socat missing, say): stop those that did
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,6 +1,6 @@
 """Simulated serial devices: firmware that writes its frame format at its baud rate into the device
-end of a socat pseudo-terminal pair (:class:`firmware_sim.pty.SocatPair`); the gateway opens the
-other end by a stable symlinked path, exactly as it would open ``/dev/serial/by-id/...``.
+end of a pseudo-terminal pair (socat's, or Python's without socat: :func:`firmware_sim.pty.serial_cable`);
+the gateway opens the other end by a stable symlinked path, exactly as it would open ``/dev/serial/by-id/...``.
 
 Every simulator has one shape: ``async with XxxSim(link, **knobs) as sim:`` where ``link`` is the
 gateway-side path, and a ``faults`` Counter of what it injected. Fault knobs (0 = off; "every N"
@@ -16,7 +16,7 @@ counts frames):
 ``clock_drift_s``      the device clock gains this many seconds per frame (formats with a time);
                        frames whose clock is off by ``skew_limit_s`` or more count as ``clock_drift``
 ``burst_every``        ``burst_size`` frames back to back, without the interval
-``unplug_every``       after every N frames the cable is pulled for ``unplug_for_s`` (socat killed)
+``unplug_every``       after every N frames the cable is pulled for ``unplug_for_s`` (socat killed; needs socat)
 =====================  =========================================================================
 
 At most one wire fault (bad checksum, truncation, noise) touches a frame, so each one is reported by
@@ -40,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
 
-from firmware_sim.pty import SocatPair
+from firmware_sim.pty import SerialCable, serial_cable
 from firmware_sim.sds011 import encode_frame as encode_sds011
 
 __all__ = [
@@ -119,7 +119,7 @@ class SerialSim:
                unplug_every) < 0:
             raise ValueError("fault intervals must be >= 0")
         self.link = link
-        self.pair = SocatPair(link)
+        self.pair: SerialCable = serial_cable(link, unplugs=unplug_every > 0)
         self.interval_s = interval_s
         self.baudrate = baudrate
         self._every = knobs

@@ -132,15 +132,23 @@ def iso_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+SIGNIFICANT_DIGITS = 12  # far beyond any sensor; short of the binary noise of a mean (21.449999999999996)
+
+
+def shown(value: float) -> float:
+    """``value`` rounded to :data:`SIGNIFICANT_DIGITS`, so its shortest repr is what a person expects."""
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+
+
 def render_points(points: list[Point], fmt: str) -> str:
     if fmt == "json":
-        return json.dumps([{"ts": iso_ms(p.ts_ms), "value": p.value} for p in points], indent=1) + "\n"
+        return json.dumps([{"ts": iso_ms(p.ts_ms), "value": shown(p.value)} for p in points], indent=1) + "\n"
     out = io.StringIO()
     if fmt == "csv":
         out.write("ts,value\n")
         for p in points:
-            out.write(f"{iso_ms(p.ts_ms)},{p.value!r}\n")
+            out.write(f"{iso_ms(p.ts_ms)},{shown(p.value)!r}\n")
         return out.getvalue()
     for p in points:
-        out.write(f"{iso_ms(p.ts_ms):<26} {p.value!r}\n")
+        out.write(f"{iso_ms(p.ts_ms):<26} {shown(p.value)!r}\n")
     return out.getvalue()

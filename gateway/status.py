@@ -120,6 +120,7 @@ class DestinationStatus(_Status):
     refused_waits: int
     oldest_age_s: float
     delivery_lag_s: float | None
+    error: str | None = None  # a configuration problem the far side reported, until a send succeeds
 
 
 class ForwardStatus(_Status):

@@ -140,6 +140,13 @@ async def test_dashboard_shows_live_charts_devices_and_catalog(demo: DemoWithHtt
         found = store.series("t-1", "temperature", int(start), int(end))
     assert found is not None
     assert len(found[1]) >= first["charts"]["t-1/temperature"]["points"] > 0
+    # The window fits the demo's young store: all of its data, not a sliver at the right of 15 minutes
+    with StoreReader(demo.data_dir) as store:
+        first_seen = min(d.first_seen_ms for d in store.devices())
+    assert start <= first_seen
+    assert 10_000 <= end - start < 0.25 * 15 * 60_000
+    # from just before the first reading (5 % of the data's age), or 10 s while the data is younger
+    assert start == pytest.approx(end - max(10_000, 1.05 * (end - first_seen)), abs=2)
 
     # Live: later polls add points as the simulated devices keep sending
     before = first["charts"]["t-1/temperature"]["points"]
@@ -161,6 +168,7 @@ async def test_dashboard_shows_live_charts_devices_and_catalog(demo: DemoWithHtt
                                  ".getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })()")
     left, top, width, height = box
     y = top + height / 2
+    fitted = await browser.evaluate("(() => { const [f, t] = windowNow(); return t - f; })()")
     await browser.call("Input.dispatchMouseEvent", type="mousePressed", x=left + width * 0.5, y=y, button="left",
                        clickCount=1)
     await browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=left + width * 0.95, y=y, button="left")
@@ -168,7 +176,7 @@ async def test_dashboard_shows_live_charts_devices_and_catalog(demo: DemoWithHtt
                        clickCount=1)
     live, span_ms = await browser.evaluate("[state.live, state.span]")
     assert live is False
-    assert 60_000 < span_ms < 15 * 60_000 * 0.6  # about the right half of the 15-minute window
+    assert 0.3 * fitted < span_ms < 0.6 * fitted  # about the right half of the fitted window
     label = "document.getElementById('range-label').textContent"
     deadline = asyncio.get_running_loop().time() + 30
     while (await browser.evaluate(label)).startswith("live"):  # the charts re-query the dragged span

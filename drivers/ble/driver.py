@@ -25,6 +25,16 @@ from pipeline.retry import StateLog, backoff_delay
 log = logging.getLogger(__name__)
 
 
+def scanner_failure(exc: Exception) -> str:
+    """Why the scanner failed, naming the Debian package when the system lacks D-Bus or BlueZ."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, FileNotFoundError | ConnectionRefusedError):  # the system bus socket
+        return f"{text}: no D-Bus system bus; is BlueZ installed and running? (Debian packages: dbus, bluez)"
+    if "org.freedesktop.DBus.Error.ServiceUnknown" in str(exc) and "org.bluez" in str(exc):
+        return f"{text}: BlueZ is not running (Debian package: bluez; then: systemctl start bluetooth)"
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class BleDeviceSpec:
     device_id: str
@@ -77,7 +87,7 @@ class BleDriver:
                     got_any = await self._scan(sink)
                 except Exception as exc:  # BlueZ gone, adapter missing, D-Bus down: retry
                     self.stats.connected = False
-                    self._state.down(f"{type(exc).__name__}: {exc}")
+                    self._state.down(scanner_failure(exc))
                     attempt += 1
                     await asyncio.sleep(backoff_delay(attempt))
                     continue

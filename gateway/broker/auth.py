@@ -16,10 +16,12 @@ Passwords
 Authentication
     A client with a username must match the password file. A client without one is anonymous and is
     accepted only when ``allow_anonymous`` is true, or ``"loopback"`` and it connects from this
-    machine. Without a password file, usernames prove nothing: every client is anonymous. Refused
-    logins are counted; the first refusal for a username is logged, then nothing until that user
-    logs in again (a state change), so a password-guessing storm is one line. Passwords are never
-    logged.
+    machine. Unset, it follows Mosquitto 2 (:meth:`~gateway.config.BrokerSettings.anonymous_access`):
+    no password file and every listener on loopback means ``"loopback"``; a password file means false;
+    no password file and a listener on another address is a config error. Without a password file,
+    usernames prove nothing: every client is anonymous. Refused logins are counted; the first refusal
+    for a username is logged, then nothing until that user logs in again (a state change), so a
+    password-guessing storm is one line. Passwords are never logged.
 
 ACLs (``[[broker.acl]]``)
     Each rule has a topic filter (``+``, ``#``; ``%c`` stands for the client id and ``%u`` for the
@@ -56,6 +58,7 @@ import logging
 import os
 import secrets
 import ssl
+import stat
 import tempfile
 from collections.abc import Iterable
 from contextvars import ContextVar
@@ -173,13 +176,21 @@ def update_password_file(path: Path, user: str, encoded: str | None) -> None:
     """Set ``user``'s hash (``encoded``), or delete ``user`` (``None``); other lines are kept.
 
     The new file replaces the old one atomically (a temporary file in the same directory, fsynced,
-    then renamed) and has mode 0600.
+    then renamed). It keeps the old file's owner, group and mode (less any access for others), so the
+    service's group can still read it; a new file is 0600, or 0640 in a setgid directory, whose group
+    it takes: ``iotgw service install`` makes /etc/iotgw such a directory (root:iotgw, 2750).
     """
     _check_username(user)
     lines: list[str] = []
+    old: os.stat_result | None = None
     if path.exists():
         read_password_file(path)  # refuse to rewrite a file we cannot parse
         lines = path.read_text(encoding="utf-8").splitlines()
+        old = path.stat()
+    if old is not None:
+        mode = stat.S_IMODE(old.st_mode) & 0o770
+    else:
+        mode = 0o640 if path.parent.stat().st_mode & stat.S_ISGID else 0o600
     prefix = f"{user}:"
     found = [i for i, line in enumerate(lines) if line.strip().startswith(prefix)]
     if encoded is None and not found:
@@ -190,7 +201,10 @@ def update_password_file(path: Path, user: str, encoded: str | None) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            os.fchmod(out.fileno(), 0o600)
+            os.fchmod(out.fileno(), 0o600)  # until it has its group
+            if old is not None and (os.fstat(fd).st_uid, os.fstat(fd).st_gid) != (old.st_uid, old.st_gid):
+                os.fchown(fd, old.st_uid, old.st_gid)
+            os.fchmod(out.fileno(), mode)
             out.write("".join(f"{line}\n" for line in kept))
             out.flush()
             os.fsync(out.fileno())
@@ -320,13 +334,8 @@ class BrokerSecurity:
 
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
-        self.allow_anonymous = settings.allow_anonymous
+        self.allow_anonymous = settings.anonymous_access()  # raises ConfigError when nobody could log in
         self.password_file = settings.password_file
-        if self.password_file is None and self.allow_anonymous is False:
-            raise ConfigError([
-                "broker.password_file: required when broker.allow_anonymous is false (the default); "
-                "create it with `iotgw passwd FILE USER`, or set allow_anonymous = true"
-            ])
         self.acl = Acl(settings.acl, settings.acl_default)
         self.stats = SecurityStats()
         self._users: dict[str, str] = {}

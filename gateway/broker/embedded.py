@@ -9,10 +9,10 @@ growing memory.
 Patches carried for MQTT 3.1.1 (amqtt 0.12.1 falls short; see gateway/broker/sessions.py and
 gateway/broker/firewall.py for the details and the spec sections):
 
-- delivery goes through :class:`gateway.sessions.Sessions` instead of amqtt's broadcast queue:
+- delivery goes through :class:`gateway.broker.sessions.Sessions` instead of amqtt's broadcast queue:
   min(publish, subscription) QoS [MQTT-3.8.4-6], offline queueing for CleanSession 0
   [MQTT-3.1.2-5], redelivery on reconnect [MQTT-4.4.0-1], bounded per-client queues, persistence;
-- every socket is read through :class:`gateway.firewall.PacketFirewall` (malformed packets close
+- every socket is read through :class:`gateway.broker.firewall.PacketFirewall` (malformed packets close
   the connection and are counted; keep-alive expiry closes it, so the will is published
   [MQTT-3.1.2-24], [MQTT-3.1.2-8]);
 - retained messages go to a client only for the subscription it has just made [MQTT-3.3.1-6];

@@ -16,12 +16,13 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from firmware_sim.pty import SocatError
 from gateway.broker.auth import DEFAULT_ITERATIONS, AuthError, BrokerSecurity, hash_password, update_password_file
 from gateway.cli.serve import DEMO_HTTP_PORT, EXIT_USAGE, cmd_demo, cmd_run
 from gateway.config import DEFAULT_METRIC_RULES, GatewayConfig, StorageSettings, load_config
 from gateway.errors import ConfigError, GatewayError
 from gateway.ops.logs import setup_logging
-from gateway.ops.systemd import default_executable, install
+from gateway.ops.systemd import SERVICE_USER, MissingToolError, default_executable, install
 from gateway.query import (
     QueryError,
     iso_ms,
@@ -85,7 +86,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), args.seconds)
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except SocatError as exc:  # e.g. unplug_every without socat: one line, no traceback
+        print(f"iotgw: error: {exc}", file=sys.stderr)
+        return 1
     print("iotgw sim: faults injected", file=sys.stdout)
     for device_id, faults in fleet.faults().items():
         counts = " ".join(f"{k}={v}" for k, v in sorted(faults.items())) or "none"
@@ -163,15 +168,22 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_service_install(args: argparse.Namespace) -> int:
     example = files("gateway").joinpath("sample-config.toml").read_text(encoding="utf-8")
+    root: Path = args.root
     try:
-        done = install(unit_dir=args.unit_dir, config_dir=args.config_dir,
+        done = install(unit_dir=args.unit_dir or root / "etc/systemd/system",
+                       config_dir=args.config_dir or root / "etc/iotgw",
                        executable=args.executable or default_executable(), example_config=example,
-                       reload=not args.no_reload)
+                       reload=not args.no_reload, root=root)
+    except MissingToolError as exc:
+        print(f"iotgw: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"iotgw: error: cannot install the service: {exc} (run it as root?)", file=sys.stderr)
         return 1
-    print(f"installed {done.unit}")
+    print(f"installed {done.unit}; the service runs as the system user {SERVICE_USER} (gid {done.group})")
     print(f"{'wrote the example config' if done.config_written else 'kept the existing config'} {done.config}")
+    for path in done.secured:
+        print(f"made {path} readable by group {SERVICE_USER} only")
     if not done.reloaded:
         print("systemd did not reload its units (not running, or --no-reload): systemctl daemon-reload")
     print(f"next: edit {done.config}, then: iotgw check-config {done.config} && systemctl enable --now iotgw")
@@ -242,9 +254,11 @@ def _add_sim_command(sub: Any) -> None:
 def _add_service_command(sub: Any) -> None:
     p = sub.add_parser("service", help="run under systemd")
     service = p.add_subparsers(dest="action", required=True)
-    p = service.add_parser("install", help="install the systemd unit and an example config (as root)")
-    p.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"))
-    p.add_argument("--config-dir", type=Path, default=Path("/etc/iotgw"))
+    p = service.add_parser("install", help="install the systemd unit, its user and an example config (as root)")
+    p.add_argument("--root", type=Path, default=Path("/"),
+                   help="install into the system image at this directory (default: /, the running system)")
+    p.add_argument("--unit-dir", type=Path, default=None, help="default: ROOT/etc/systemd/system")
+    p.add_argument("--config-dir", type=Path, default=None, help="default: ROOT/etc/iotgw")
     p.add_argument("--executable", default=None, help="the iotgw the unit runs (default: this one)")
     p.add_argument("--no-reload", action="store_true", help="do not run systemctl daemon-reload")
     p.set_defaults(func=cmd_service_install)
@@ -287,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("passwd", help="set (or with -D delete) a broker user's password in a password file")
-    p.add_argument("file", type=Path, help="the [broker] password_file (created if missing, mode 0600)")
+    p.add_argument("file", type=Path, help="the [broker] password_file (created if missing: mode 0600, or 0640 "
+                   "in a setgid directory such as the service's /etc/iotgw; kept as it was when it exists)")
     p.add_argument("user")
     p.add_argument("-D", "--delete", action="store_true", help="delete the user")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin (one line)")

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 
+from firmware_sim.pty import SocatError
 from gateway.app import Gateway
 from gateway.broker.auth import BrokerSecurity
 from gateway.config import HttpSettings, load_config
@@ -100,7 +101,7 @@ def _print_stats(status: GatewayStatus, seconds: float) -> None:
     for name, f in status.forward.destinations.items():
         print(f"  forward {name:<12} delivered={f.delivered} depth={f.depth} bytes={f.bytes}"
               f" dropped={f.dropped} refused_waits={f.refused_waits} oldest_age_s={f.oldest_age_s}"
-              f" connected={f.connected}", file=out)
+              f" connected={f.connected}" + (f"\n    error: {f.error}" if f.error else ""), file=out)
     journal = status.journal
     print(f"  journal appended={journal.appended} replayed={journal.replayed}"
           f" resends_recognised={journal.resends_recognised} commits={journal.commits}", file=out)
@@ -141,9 +142,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"\n  dashboard: {gw.http.url if gw.http else '(off)'}"
               f"\n  watch:  mosquitto_sub -p {gw.broker.port} -t 'telemetry/#' -v", flush=True)
 
-    # without --http-port the demo takes any free port when 8080 is taken (it prints which)
-    return _run_gateway(lambda: demo_gateway(config, http_any_port_if_taken=args.http_port is None),
-                        args.seconds, announce)
+    try:  # without --http-port the demo takes any free port when 8080 is taken (it prints which)
+        return _run_gateway(lambda: demo_gateway(config, http_any_port_if_taken=args.http_port is None),
+                            args.seconds, announce)
+    except SocatError as exc:  # a simulated cable could not be made: one line, no traceback
+        print(f"iotgw: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:

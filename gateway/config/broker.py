@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from gateway.config.http import is_loopback
+from gateway.errors import ConfigError
 from gateway.settings import Model
 
 Access = Literal["read", "write", "readwrite", "deny"]
@@ -63,8 +65,10 @@ class BrokerSettings(Model):
     # the connection (gateway/broker/firewall.py).
     max_packet_bytes: int = Field(default=262_144, ge=64, le=268_435_455)
     connect_timeout_s: float = Field(default=10.0, gt=0)  # a connection must send CONNECT within this
-    allow_anonymous: bool | Literal["loopback"] = Field(
-        default=False, description='clients without a username; "loopback": only from this machine'
+    allow_anonymous: bool | Literal["loopback"] | None = Field(
+        default=None,
+        description='clients without a username; "loopback": only from this machine; unset: as Mosquitto 2 '
+                    "(without password_file and with every listener on loopback, local clients; see anonymous_access)",
     )
     password_file: Path | None = Field(default=None, description="user:hash lines, managed by `iotgw passwd`")
     acl: list[AclRule] = Field(default_factory=list, description="first matching rule decides")
@@ -80,3 +84,31 @@ class BrokerSettings(Model):
             if listener.type in ("tls", "wss") and listener.tls is None and self.tls is None:
                 raise ValueError(f"listeners[{i}]: type {listener.type} needs [broker.tls] or its own tls")
         return self
+
+    def exposed_listener(self) -> str | None:
+        """The first setting that binds a non-loopback address (``broker.host = "0.0.0.0"``), or None."""
+        if not is_loopback(self.host):
+            return f"broker.host = {self.host!r}"
+        for i, listener in enumerate(self.listeners):
+            if listener.host is not None and not is_loopback(listener.host):
+                return f"broker.listeners[{i}].host = {listener.host!r}"
+        return None
+
+    def anonymous_access(self) -> bool | Literal["loopback"]:
+        """Who may connect without a username. ``allow_anonymous`` unset follows Mosquitto 2: without a
+        password file, and with every listener on loopback, clients from this machine may (``"loopback"``);
+        with a password file they may not. Raises ConfigError when nobody could log in: no password file
+        with ``allow_anonymous = false``, or (unset) with a listener on any other address."""
+        fix = "create it with `iotgw passwd FILE USER`, or set broker.allow_anonymous = true"
+        if self.password_file is not None:
+            return False if self.allow_anonymous is None else self.allow_anonymous
+        if self.allow_anonymous is False:
+            raise ConfigError([f"broker.password_file: required when broker.allow_anonymous is false; {fix}"])
+        if self.allow_anonymous is not None:
+            return self.allow_anonymous
+        if (exposed := self.exposed_listener()) is not None:
+            raise ConfigError([
+                f"broker.password_file: required when a listener binds a non-loopback address ({exposed}); {fix}"
+                ' (or "loopback")'
+            ])
+        return "loopback"

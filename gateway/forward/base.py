@@ -16,6 +16,13 @@ class DestinationUnavailableError(GatewayError):
     """The destination cannot take events now (down, refusing, timing out): retry later."""
 
 
+class DestinationConfigError(DestinationUnavailableError):
+    """The far side refuses for a reason only a configuration change cures (no JetStream stream
+    captures the subject, say); the message says what is wrong and how to fix it. Retried like any
+    unavailability (the fix may be made on the far side), logged once and reported in the stats and
+    ``/readyz`` until a send succeeds."""
+
+
 class UnsendableEventError(GatewayError):
     """This event can never be sent to this destination (its topic has no form there, say). The
     forwarder removes it from the outbox as a counted, alerted drop instead of retrying forever."""

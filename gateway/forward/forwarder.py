@@ -22,6 +22,7 @@ from typing import Any
 
 from gateway.forward.base import (
     Destination,
+    DestinationConfigError,
     DestinationUnavailableError,
     InboundMessage,
     OutboundEvent,
@@ -90,6 +91,7 @@ class Forwarder:
         self._recent: OrderedDict[str, None] = OrderedDict()  # ids we sent: an echo of one is dropped
         self.echoes_dropped = 0
         self.send_failures = dict.fromkeys(self.routes, 0)
+        self.errors: dict[str, str | None] = dict.fromkeys(self.routes)  # a config problem, until a send succeeds
 
     async def __aenter__(self) -> Forwarder:
         await self.outbox.open()
@@ -124,6 +126,7 @@ class Forwarder:
         await self.outbox.add(name, route.limits)
         self.routes[name] = route
         self.send_failures.setdefault(name, 0)
+        self.errors[name] = None
         await self._start(route)
 
     async def remove(self, name: str) -> None:
@@ -167,6 +170,7 @@ class Forwarder:
         lanes = _Lanes()
         sending = StateLog(log, f"forward {name}", down="%(name)s: sending paused: %(reason)s",
                            up="%(name)s: sending resumed after %(failures)d failed attempt(s)")
+        paused = 0  # failed sends in a row (a config problem is said once, by its own log line)
         while True:
             if not dest.connected:
                 lanes.down = True
@@ -192,10 +196,17 @@ class Forwarder:
                 continue
             except Exception as exc:  # unavailable, or a bug: pause and retry, never die
                 self.send_failures[name] += 1
-                sending.down(exc, exc_info=not isinstance(exc, DestinationUnavailableError))
-                await asyncio.sleep(backoff_delay(sending.failures, base_s=0.2, factor=2.0, cap_s=5.0, jitter=False))
+                if isinstance(exc, DestinationConfigError) and str(exc) != self.errors.get(name):
+                    log.error("forward %s: sending paused: %s", name, exc)  # said once (again only if it changes)
+                    self.errors[name] = str(exc)
+                if not isinstance(exc, DestinationConfigError):
+                    sending.down(exc, exc_info=not isinstance(exc, DestinationUnavailableError))
+                paused += 1
+                await asyncio.sleep(backoff_delay(paused, base_s=0.2, factor=2.0, cap_s=5.0, jitter=False))
                 continue
             sending.up()
+            paused = 0
+            self.errors[name] = None
             if acked:
                 lanes.advance(lane, batch[acked - 1].seq)
                 self.outbox.ack(name, batch[:acked])  # committed in the background; the cursor moves on now
@@ -233,6 +244,7 @@ class Forwarder:
         destinations = {
             name: {
                 "connected": route.destination.connected, "send_failures": self.send_failures[name],
+                "error": self.errors.get(name),
                 **self.outbox.stats[name].as_dict(now_ms),
             }
             for name, route in self.routes.items()

@@ -327,6 +327,8 @@ class HttpApi:
         checks: dict[str, str] = {}
         checks["broker"] = "up" if status.broker.serving else "the MQTT broker is not serving (starting or stopping)"
         checks["pipeline"] = "up" if status.pipeline.running else "the pipeline task is not running"
+        if problems := [f"{name}: {d.error}" for name, d in status.forward.destinations.items() if d.error]:
+            checks["forward"] = "; ".join(problems)  # a config problem: the outbox fills until it is fixed
         try:
             await asyncio.wait_for(self._store.run(lambda s: s.count_series()), 5.0)
             checks["store"] = "up"

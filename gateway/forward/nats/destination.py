@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from gateway.forward.base import (
+    DestinationConfigError,
     DestinationUnavailableError,
     InboundMessage,
     OutboundEvent,
@@ -147,10 +148,35 @@ class NatsDestination:
                 self.sent += 1
         except (nats.errors.Error, OSError) as exc:
             log.debug("forward %s: publish stopped: %s", self.name, exc)
-        acked = await acknowledged_prefix(self.name, futures, self._settings.ack_timeout_s,
-                                          (nats.errors.Error, nats.js.errors.Error))
+        try:
+            acked = await acknowledged_prefix(self.name, futures, self._settings.ack_timeout_s,
+                                              (nats.errors.Error, nats.js.errors.Error))
+        except DestinationUnavailableError:
+            first = futures[0] if futures else None
+            if first is not None and first.done() and not first.cancelled():
+                refused = self._refusal(topic_to_subject(batch[0].topic), first.exception())
+                if refused is not None:
+                    raise refused from None
+            raise
         self.acked += acked
         return acked
+
+    def _refusal(self, subject: str, exc: BaseException | None) -> DestinationConfigError | None:
+        """What JetStream's refusal of ``subject`` means and how to fix it (None: not a config matter)."""
+        s = self._settings
+        if isinstance(exc, nats.js.errors.NoStreamResponseError):  # 503: no stream listens on the subject
+            subjects = " ".join(sorted({subj for t in s.topics for subj in filter_to_subjects(compile_filter(t))}))
+            name = s.stream or "IOTGW"
+            return DestinationConfigError(
+                f"no JetStream stream captures subject {subject!r}"
+                + (f" (stream {s.stream!r} does not exist or does not take it)" if s.stream else "")
+                + f"; create one (nats stream add {name} --subjects '{subjects}') or set stream = {name!r} and"
+                " create_stream = true on this [[forward]]"
+            )
+        if isinstance(exc, nats.js.errors.APIError) and exc.code is not None and 400 <= exc.code < 500:
+            return DestinationConfigError(f"JetStream refuses subject {subject!r}: {exc.description}"
+                                          + (f" (expected stream {s.stream!r})" if s.stream else ""))
+        return None
 
     async def inbound(self) -> AsyncIterator[InboundMessage]:
         while True:

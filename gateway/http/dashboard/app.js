@@ -9,8 +9,12 @@ const RANGES = { "15m": 15 * 60e3, "1h": 3600e3, "24h": 86400e3, "7d": 7 * 86400
 const SVG = "http://www.w3.org/2000/svg";
 const W = 600, H = 180, M = { l: 48, r: 8, t: 8, b: 20 };
 
+const MIN_SPAN = 10e3;
 const state = {
   live: true, span: RANGES["15m"], from: null, to: null, polls: 0,
+  // fit: until a range is chosen, a store younger than the default window fills the charts (from its
+  // first reading to now) instead of a sliver at the right edge; dataFrom: the first device's first_seen
+  fit: true, dataFrom: null,
   token: sessionStorage.getItem("iotgw-token"), charts: new Map(),
 };
 
@@ -59,14 +63,21 @@ function ago(iso) {
 }
 
 function windowNow() {
-  if (state.live) { const to = Date.now(); return [to - state.span, to]; }
-  return [state.from, state.to];
+  if (!state.live) return [state.from, state.to];
+  const to = Date.now();
+  if (state.fit && state.dataFrom !== null && to - state.dataFrom < state.span) {
+    const age = Math.max(0, to - state.dataFrom);
+    return [to - Math.max(MIN_SPAN, age * 1.05), to]; // the data, and a little room before it
+  }
+  return [to - state.span, to];
 }
 
 // -- devices ---------------------------------------------------------------------------------------
 
 async function loadDevices() {
   const [devices, latest] = await Promise.all([api("/api/v1/devices"), api("/api/v1/latest")]);
+  const firsts = devices.map((d) => Date.parse(d.first_seen)).filter((t) => !Number.isNaN(t));
+  state.dataFrom = firsts.length ? Math.min(...firsts) : null;
   const byDevice = new Map();
   for (const v of latest) {
     if (!byDevice.has(v.device_id)) byDevice.set(v.device_id, []);
@@ -157,8 +168,11 @@ async function loadCharts(latest) {
   const [from, to] = windowNow();
   const points = Math.max(50, Math.min(600, Math.round(document.getElementById("charts").clientWidth / 2) || 300));
   const range = `from=${new Date(from).toISOString()}&to=${new Date(to).toISOString()}`;
+  const fitted = state.live && to - from < state.span;
   document.getElementById("range-label").textContent =
-    `${state.live ? "live, " : ""}${fmtTime(from, to - from)} – ${fmtTime(to, to - from)}`;
+    `${state.live ? "live, " : ""}${fitted ? "all data, " : ""}${fmtTime(from, to - from)} – ${fmtTime(to, to - from)}`;
+  document.querySelectorAll("[data-range]").forEach((b) =>  // no range button is the window while it fits the data
+    b.setAttribute("aria-pressed", String(state.live && !fitted && RANGES[b.dataset.range] === state.span)));
   await Promise.all(latest.map(async (v) => {
     const chart = chartFor(v.device_id, v.metric, v.unit);
     const q = `device=${encodeURIComponent(v.device_id)}&metric=${encodeURIComponent(v.metric)}&${range}` +
@@ -177,6 +191,7 @@ function setWindow(live, from, to) {
 
 function zoom(factor) {
   const [from, to] = windowNow();
+  state.fit = false;
   const span = Math.max(10e3, (to - from) * factor);
   if (state.live) { state.span = span; setWindow(true); return; }
   const mid = (from + to) / 2;
@@ -264,7 +279,7 @@ async function refresh() {
 
 document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("[data-range]").forEach((b) => b.addEventListener("click", () => {
-    state.span = RANGES[b.dataset.range]; setWindow(true);
+    state.span = RANGES[b.dataset.range]; state.fit = false; setWindow(true);
   }));
   document.getElementById("zoom-in").addEventListener("click", () => zoom(0.5));
   document.getElementById("zoom-out").addEventListener("click", () => zoom(2));

@@ -82,14 +82,15 @@ class StateLog:
     def is_down(self) -> bool:
         return self._up is False
 
-    def down(self, reason: object, *, exc_info: bool = False) -> None:
+    def down(self, reason: object, *, exc_info: bool = False, level: int | None = None) -> None:
+        """One failed attempt; logged (at ``level``, else the default) only when it starts an outage."""
         self.failures += 1
         if self._up is False:
             return
         self._up = False
         self._since = self._clock()
         fields = {"name": self.name, "reason": reason, "failures": self.failures, "seconds": 0.0}
-        self._log.log(self._down_level, self._down_text, fields, exc_info=exc_info)
+        self._log.log(self._down_level if level is None else level, self._down_text, fields, exc_info=exc_info)
 
     def up(self, reason: object = "") -> None:
         failures, self.failures = self.failures, 0

@@ -170,7 +170,6 @@ class Forwarder:
         lanes = _Lanes()
         sending = StateLog(log, f"forward {name}", down="%(name)s: sending paused: %(reason)s",
                            up="%(name)s: sending resumed after %(failures)d failed attempt(s)")
-        paused = 0  # failed sends in a row (a config problem is said once, by its own log line)
         while True:
             if not dest.connected:
                 lanes.down = True
@@ -196,16 +195,15 @@ class Forwarder:
                 continue
             except Exception as exc:  # unavailable, or a bug: pause and retry, never die
                 self.send_failures[name] += 1
-                if isinstance(exc, DestinationConfigError) and str(exc) != self.errors.get(name):
-                    log.error("forward %s: sending paused: %s", name, exc)  # said once (again only if it changes)
-                    self.errors[name] = str(exc)
-                if not isinstance(exc, DestinationConfigError):
-                    sending.down(exc, exc_info=not isinstance(exc, DestinationUnavailableError))
-                paused += 1
-                await asyncio.sleep(backoff_delay(paused, base_s=0.2, factor=2.0, cap_s=5.0, jitter=False))
+                problem = str(exc) if isinstance(exc, DestinationConfigError) else None  # someone must act
+                if problem is not None and sending.is_down and problem != self.errors.get(name):
+                    log.error("forward %s: sending paused: %s", name, exc)  # a new problem within the outage
+                sending.down(exc, exc_info=not isinstance(exc, (DestinationUnavailableError, DestinationConfigError)),
+                             level=logging.ERROR if problem is not None else None)
+                self.errors[name] = problem or self.errors.get(name)
+                await asyncio.sleep(backoff_delay(sending.failures, base_s=0.2, factor=2.0, cap_s=5.0, jitter=False))
                 continue
             sending.up()
-            paused = 0
             self.errors[name] = None
             if acked:
                 lanes.advance(lane, batch[acked - 1].seq)

@@ -58,6 +58,8 @@ from gateway.forward.influxdb.settings import (
 from gateway.forward.kafka.settings import KafkaForward
 from gateway.forward.mqtt.settings import MqttForward, RewriteRule, TlsSettings
 from gateway.forward.nats.settings import NatsForward
+from gateway.forward.rabbitmq.settings import RabbitForward
+from gateway.forward.redis.settings import RedisForward
 from gateway.forward.registry import FORWARD_TYPES, Forward, ForwardSettings
 from gateway.forward.settings import ForwardSettingsBase, forward_topics
 from gateway.settings import Level, Model, SecretEnv, SecretFile
@@ -104,7 +106,9 @@ __all__ = [
     "NameTemplate",
     "NatsForward",
     "PipelineSettings",
+    "RabbitForward",
     "RateRuleSettings",
+    "RedisForward",
     "RewriteRule",
     "RuleSettings",
     "SecretEnv",

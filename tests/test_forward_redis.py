@@ -294,3 +294,22 @@ async def test_readers_share_a_stream_through_a_consumer_group(
     await client.xack("iotgw:valid", "billing", *[entry_id for entry_id, _ in taken[:6]])
     claimed = await client.xautoclaim("iotgw:valid", "billing", "reader-1", min_idle_time=0, start_id="0")
     assert len(claimed[1]) == 4  # reader-2's unacknowledged entries
+
+
+async def test_an_event_redis_refuses_is_not_marked_as_added(redis_server: RedisServer, client: aioredis.Redis) -> None:
+    """XADD fails (the key holds a string): the event stays unsent, its id is not kept, and once the key
+    is fixed the same batch goes through with nothing lost and nothing twice."""
+    await client.set("iotgw:agg", "not a stream")
+    batch = [_event(1), _event(2, stage="agg"), _event(3)]
+    destination = await _connected(RedisDestination("rs", _settings(redis_server)))
+    try:
+        with pytest.raises(DestinationUnavailableError, match="WRONGTYPE"):
+            await destination.send(batch)  # one script call: the whole batch is unacknowledged
+        assert await client.zrange("iotgw:agg:ids", 0, -1) == []
+        await client.delete("iotgw:agg")
+        assert await destination.send(batch) == 3
+        assert destination.duplicates == 1  # event 1 got in before the refusal
+    finally:
+        await destination.close()
+    assert [e["event_id"] for e in await _entries(client, "iotgw:valid")] == [batch[0].event_id, batch[2].event_id]
+    assert [e["event_id"] for e in await _entries(client, "iotgw:agg")] == [batch[1].event_id]

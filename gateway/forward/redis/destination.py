@@ -3,14 +3,14 @@
 Each event is one entry of the stream its topic names (:mod:`.streams`), with the fields
 ``event_id``, ``topic``, ``gateway`` and ``payload`` (the CloudEvent as it is). A Lua script adds it
 atomically: unless its event id is already in the stream's id set (``<stream>:ids``, a sorted set
-scored by entry time), ``XADD`` with ``MAXLEN ~ maxlen`` (``=`` when not approximate) and remember
-the id, keeping the ids of the newest ``maxlen`` entries. So an event sent again -- the batch that
-was in flight when the gateway was killed, a journal replay after a crash, a retry after a timeout
--- is refused by Redis, not appended twice, across gateway restarts; the script answers nil for it and
-it counts as delivered.
+scored by the time the event was queued), ``XADD`` with ``MAXLEN ~ maxlen`` (``=`` when not
+approximate), keeping the ids of the newest ``maxlen`` events. So an event sent again -- the batch
+that was in flight when the gateway was killed, a journal replay after a crash, a retry after a
+timeout -- is refused by Redis, not appended twice, across gateway restarts; the script answers 0
+for it and it counts as delivered.
 
-A batch is one pipelined round trip (``EVALSHA`` per event, in outbox order); the answers say how
-far it got: the entries up to the first error are acknowledged. What "acknowledged" is worth is the
+A batch is one pipelined round trip: one ``EVALSHA`` per 100 events, in outbox order; the answers
+say how far it got: the calls up to the first error are acknowledged. What "acknowledged" is worth is the
 server's: with ``appendonly yes`` and ``appendfsync always`` an entry survives a crash of Redis once
 it is answered; with the default ``everysec`` the last second may not.
 """
@@ -37,31 +37,46 @@ log = logging.getLogger(__package__)  # "gateway.forward.<type>", the name opera
 IDS_SUFFIX: Final = ":ids"
 CONNECT_TIMEOUT_S: Final = 5.0
 
-# KEYS: the stream, its id set. ARGV: event id, topic, gateway, payload, maxlen (0: none), "~" or "=".
-# Returns the new entry's id, or nil when the event id is already there.
+# Adds events once each, in order. KEYS: stream 1, its id set, stream 2, its id set, ... ARGV: the gateway id,
+# maxlen (0: none), "~" or "=", then per event its id, topic, payload and score (the time it was queued, ms).
+# Returns per event the new entry's id, or 0 when the id is already in the set. Should XADD fail (the key
+# holds another type, say), the id is taken back out of the set and the error returned: the events
+# before it are added (and will be refused as duplicates when the batch is sent again), none after it.
 ADD_ONCE: Final = """
-if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
-  return false
-end
-local maxlen = tonumber(ARGV[5])
-local entry
-if maxlen > 0 then
-  entry = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[6], maxlen, '*',
-                     'event_id', ARGV[1], 'topic', ARGV[2], 'gateway', ARGV[3], 'payload', ARGV[4])
-else
-  entry = redis.call('XADD', KEYS[1], '*',
-                     'event_id', ARGV[1], 'topic', ARGV[2], 'gateway', ARGV[3], 'payload', ARGV[4])
-end
-redis.call('ZADD', KEYS[2], tonumber(string.match(entry, '^(%d+)')), ARGV[1])
-if maxlen > 0 then
-  local count = redis.call('ZCARD', KEYS[2])
-  if count > maxlen + math.max(100, math.floor(maxlen / 100)) then
-    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, count - maxlen - 1)
+local gateway, maxlen, trim = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local slack = math.max(100, math.floor(maxlen / 100))
+local out = {}
+for i = 1, #KEYS / 2 do
+  local stream, ids, a = KEYS[2 * i - 1], KEYS[2 * i], 4 * i
+  local event_id = ARGV[a]
+  if redis.call('ZADD', ids, 'NX', ARGV[a + 3], event_id) == 0 then
+    out[i] = 0
+  else
+    local entry
+    if maxlen > 0 then
+      entry = redis.pcall('XADD', stream, 'MAXLEN', trim, maxlen, '*',
+                          'event_id', event_id, 'topic', ARGV[a + 1], 'gateway', gateway, 'payload', ARGV[a + 2])
+    else
+      entry = redis.pcall('XADD', stream, '*',
+                          'event_id', event_id, 'topic', ARGV[a + 1], 'gateway', gateway, 'payload', ARGV[a + 2])
+    end
+    if type(entry) == 'table' and entry.err then
+      redis.call('ZREM', ids, event_id)
+      return entry
+    end
+    out[i] = entry
+    if maxlen > 0 then
+      local count = redis.call('ZCARD', ids)
+      if count > maxlen + slack then
+        redis.call('ZREMRANGEBYRANK', ids, 0, count - maxlen - 1)
+      end
+    end
   end
 end
-return entry
+return out
 """
-# Trimming the id set in slices of at least 100 ids keeps the script's cost flat.
+# The id set is trimmed in slices of at least 100 ids, so the cost stays flat.
+EVENTS_PER_CALL: Final = 100  # one script call adds up to this many events (it blocks the server meanwhile)
 
 # The connection is gone or the server cannot answer now: worth retrying.
 UNAVAILABLE: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, TimeoutError)
@@ -150,10 +165,15 @@ class RedisDestination:
             raise DestinationUnavailableError(f"{self.name}: not connected")
         s = self._settings
         pipe = self._client.pipeline(transaction=False)
-        for event in batch:
-            stream = s.streams(event.topic)
-            pipe.evalsha(self._sha, 2, stream, stream + IDS_SUFFIX, event.event_id, event.topic, s.gateway_id,
-                         event.payload, self._maxlen, self._trim)
+        calls = [batch[i:i + EVENTS_PER_CALL] for i in range(0, len(batch), EVENTS_PER_CALL)]
+        for events in calls:
+            keys: list[str] = []
+            args: list[str | bytes | int] = [s.gateway_id, self._maxlen, self._trim]
+            for event in events:
+                stream = s.streams(event.topic)
+                keys += (stream, stream + IDS_SUFFIX)
+                args += (event.event_id, event.topic, event.payload, event.created_ms)
+            pipe.evalsha(self._sha, len(keys), *keys, *args)
         self.sent += len(batch)
         try:
             answers = await pipe.execute(raise_on_error=False)
@@ -162,15 +182,14 @@ class RedisDestination:
             self._reconnect()
             raise DestinationUnavailableError(f"{self.name}: {exc or type(exc).__name__}") from None
         acked = 0
-        for answer in answers:
+        for events, answer in zip(calls, answers, strict=True):
             if isinstance(answer, Exception):
                 self._refused(answer)
                 break
-            if answer is None:
-                self.duplicates += 1
-            acked += 1
+            self.duplicates += sum(1 for entry in answer if entry == 0)
+            acked += len(events)
         if acked == 0:
-            raise DestinationUnavailableError(f"{self.name}: Redis refused the first event: {answers[0]}")
+            raise DestinationUnavailableError(f"{self.name}: Redis refused the first events: {answers[0]}")
         self.acked += acked
         return acked
 

@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import aiormq
 import nats
@@ -129,7 +130,7 @@ async def purge_rabbitmq(url: str) -> None:
 
 async def plain_amqp(url: str, events: list[tuple[str, str, str, bytes]]) -> float:
     async with aiormq.connect(url) as connection:
-        channel = await connection.channel(publisher_confirms=True)
+        channel = cast(aiormq.Channel, await connection.channel(publisher_confirms=True))  # basic_publish(wait=)
         start = time.perf_counter()
         await asyncio.gather(*[
             channel.basic_publish(payload, exchange="iotgw", routing_key=topic_to_routing_key(topic), wait=False,

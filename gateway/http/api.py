@@ -16,8 +16,10 @@ import asyncio
 import csv
 import errno
 import io
+import ipaddress
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -81,11 +83,24 @@ def _json(model: BaseModel | list[BaseModel]) -> web.Response:
     return web.Response(text=body, content_type="application/json")
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A CSV cell a spreadsheet will not run: text starting with ``=``, ``+``, ``-``, ``@``, a tab or a
+    carriage return gets a leading ``'`` (CSV formula injection), unless it is a plain number (a
+    negative reading stays a number)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
 def _csv(header: list[str], rows: Iterable[Iterable[object]]) -> web.Response:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(header)
-    writer.writerows(["" if v is None else v for v in row] for row in rows)
+    writer.writerows(["" if v is None else spreadsheet_safe(v) for v in row] for row in rows)
     return web.Response(text=out.getvalue(), content_type="text/csv")
 
 
@@ -94,6 +109,57 @@ def _format(request: web.Request) -> str:
     if fmt not in ("json", "csv"):
         raise _bad("format", f"must be json or csv, not {fmt!r}")
     return fmt
+
+
+_WILDCARD_BINDS = ("", "0.0.0.0", "::")  # noqa: S104  (names, not binds)
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _split_host(host_header: str) -> tuple[str, int | None] | None:
+    """``name:port`` or ``[v6]:port`` (port optional), lower-cased; None when it is not a host."""
+    match = re.fullmatch(r"(\[[0-9a-f:.]+\]|[a-z0-9_.\-]+?)\.?(?::(\d{1,5}))?", host_header.strip().lower())
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2)) if match.group(2) else None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def host_allowed(host_header: str, *, bound: str, port: int, allowed: Iterable[str] = ()) -> bool:
+    """Is ``host_header`` one this API serves? Its address (any address of the machine when bound to
+    all of them), localhost, 127.0.0.1 or [::1], each with the API's port (none: port 80); or a name of
+    ``allowed`` (``[http] allowed_hosts``: any port, or the one given). A page on another name that
+    resolves here (DNS rebinding) is not."""
+    parsed = _split_host(host_header)
+    if parsed is None:
+        return False
+    name, given_port = parsed
+    for entry in allowed:
+        entry_name, _, entry_port = entry.rpartition(":") if re.search(r":\d+$", entry) else (entry, "", "")
+        if name == entry_name and (not entry_port or given_port == int(entry_port)):
+            return True
+    if (given_port if given_port is not None else 80) != port:
+        return False
+    bound_name = f"[{bound.lower()}]" if ":" in bound else bound.lower()
+    return name in _LOOPBACK_NAMES or name == bound_name or (bound in _WILDCARD_BINDS and _is_ip(name))
+
+
+def cross_site_refusal(origin: str | None, fetch_site: str | None, host_header: str) -> str | None:
+    """Why a state-changing request must be refused as coming from a page of another origin, or None.
+    Browsers send ``Origin`` with every POST; a request without one comes from a program (curl), which
+    no web page can make on someone's behalf."""
+    if origin is not None:
+        if origin.lower() not in (f"http://{host_header.lower()}", f"https://{host_header.lower()}"):
+            return f"a page of another origin ({origin}) may not change this gateway"
+    elif fetch_site in ("cross-site", "same-site"):
+        return "a page of another site may not change this gateway"
+    return None
 
 
 class _Store:
@@ -264,7 +330,7 @@ class HttpApi:
     # -- the application ----------------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors, self._auth])
+        app = web.Application(middlewares=[self._errors, self._same_site, self._auth])
         get = app.router.add_get
         get("/", self._index)
         app.router.add_static("/static/", Path(str(resources.files("gateway.http") / _DASHBOARD)), name="static")
@@ -299,6 +365,30 @@ class HttpApi:
             log.exception("HTTP %s %s failed", request.method, request.path)
             return _problem_response(m.Problem(title="Internal error", status=500,
                                                detail="the gateway failed to answer; see its log"))
+
+    @web.middleware
+    async def _same_site(self, request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """DNS rebinding and cross-site requests: a Host the API does not serve is refused (421), and so is
+        a state-changing request from a page of another origin (403), before any token check."""
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        host = request.headers.get("Host", "")
+        if not self._serves(host):
+            return _problem_response(m.Problem(
+                title="Misdirected Request", status=421,
+                detail=f"this API does not serve the host {host!r}: reach it by its address, or name the host "
+                       "in [http] allowed_hosts",
+            ))
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            refusal = cross_site_refusal(request.headers.get("Origin"), request.headers.get("Sec-Fetch-Site"), host)
+            if refusal is not None:
+                return _problem_response(m.Problem(title="Forbidden", status=403, detail=refusal))
+        return await handler(request)
+
+    def _serves(self, host_header: str) -> bool:
+        return host_allowed(host_header, bound=self.settings.host, port=self.port,
+                            allowed=self.settings.allowed_hosts)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]

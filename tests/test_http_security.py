@@ -21,7 +21,8 @@ from peers import mqtt_publish
 
 from gateway.app import Gateway
 from gateway.config import ConfigError, parse_config
-from gateway.http.api import cross_site_refusal, host_allowed, spreadsheet_safe
+from gateway.http.api import spreadsheet_safe
+from gateway.http.guard import cross_site_refusal, host_allowed
 
 
 @pytest.mark.parametrize(("value", "safe"), [

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 
 from gateway.config.broker import Access, AclRule, BrokerListener, BrokerSettings, BrokerTls
-from gateway.config.catalog import CatalogField, CatalogSettings, CatalogType, CatalogValue
+from gateway.config.catalog import CatalogApplication, CatalogField, CatalogSettings, CatalogType, CatalogValue
 from gateway.config.devices import (
     BAUDRATES,
     DEFAULT_DEVICE_CLASS,
@@ -82,6 +82,7 @@ __all__ = [
     "BrokerListener",
     "BrokerSettings",
     "BrokerTls",
+    "CatalogApplication",
     "CatalogField",
     "CatalogSettings",
     "CatalogType",

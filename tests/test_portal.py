@@ -1,0 +1,234 @@
+"""The event portal: search, versions side by side, the subscription tester, applications beside learned
+traffic, and definitions from the form -- through the HTTP API of a gateway running in-process, and
+through its dashboard in a headless Chromium against ``iotgw run`` (the form, the catalog, and
+``iotgw catalog --format asyncapi`` afterwards)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port
+from http_helpers import get
+from peers import MqttCollector, mqtt_publish
+from test_http_security import _raw
+
+from gateway.app import Gateway
+from gateway.config import parse_config
+from gateway.portal.define import definition_toml, field_of
+from gateway.portal.types import search, type_records
+from pipeline.catalog import Catalog
+from pipeline.topics import TopicTemplate
+
+TEMPERATURE = "com.example.environment.temperature.v1"
+HUMIDITY = "com.example.environment.humidity.v1"
+V10 = {"name": TEMPERATURE, "version": "1.0", "metric": "temperature", "device_classes": ["environment"],
+       "description": "air temperature", "value": {"unit": "°C", "minimum": -40, "maximum": 85}}
+V11 = {**V10, "version": "1.1", "description": "air temperature with the sensor's accuracy",
+       "fields": {"accuracy": {"type": "number", "unit": "°C", "minimum": 0, "description": "± of value"}}}
+BROKEN_V11 = {**V10, "version": "1.1", "fields": {"battery": {"type": "number", "required": True}}}
+APPS = [
+    {"name": "hvac", "owner": "facilities", "clients": ["mqtt:hvac-controller"], "consumes": [TEMPERATURE]},
+    {"name": "archive", "clients": ["mqtt:archiver"], "consumes": [HUMIDITY]},
+    {"name": "sensors", "clients": ["mqtt:env-1"], "produces": [TEMPERATURE]},
+]
+
+
+def _settings(portal_file: Path) -> dict[str, Any]:
+    humidity = {"name": HUMIDITY, "version": "1.0", "metric": "humidity", "device_classes": ["environment"],
+                "value": {"unit": "%", "minimum": 0, "maximum": 100}}
+    return {"types": [V10, humidity], "applications": APPS, "portal_file": str(portal_file),
+            "flush_interval_s": 0.5}
+
+
+# -- pure parts -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("message", "field"), [
+    ("event type x.v1 1.1: field 'battery' is new and required; a minor version adds optional fields only",
+     "fields.battery.required"),
+    ("event type x.v1 1.1: field 'value': unit 'K' differs from 1.0's '°C'", "value.unit"),
+    ("event type x.v1 1.1: field 'accuracy': type 'string' differs from 1.0's 'number'", "fields.accuracy.type"),
+    ("event type x.v1 1.1: field 'accuracy' of 1.0 is missing (a minor version only adds fields)", "fields"),
+    ("event type x.v1 1.1: device class 'env' of 1.0 is missing", "device_classes"),
+    ("event type x.v1 1.0 is declared twice", "version"),
+    ("event type y.v1 1.0: metric 'temperature' of device class 'environment' at version 1.0 is already covered by "
+     "x.v1", "metric"),
+    ("version '1.x' must be MAJOR.MINOR, for example 1.0", "version"),
+    ("name 'com.ex.a.v2' ends in .v2 but version 1.0 has major 1", "version"),
+    ("name 'x' must be dot-separated words ending in .v<MAJOR>", "name"),
+], ids=["new-required", "value-unit", "field-type", "field-missing", "device-class", "twice", "overlap",
+        "version", "major", "name"])
+def test_each_catalog_check_names_its_field(message: str, field: str) -> None:
+    assert field_of(message) == field
+
+
+def test_a_definition_is_written_as_the_catalog_file_reads_it(tmp_path: Path) -> None:
+    config = parse_config({"catalog": {"types": [V10]}})
+    from gateway.config.catalog import CatalogType  # noqa: PLC0415  the model the portal writes
+
+    tricky = CatalogType.model_validate({**V11, "description": 'quotes " and \\ and\nnew lines, ünïcode'})
+    path = tmp_path / "portal.toml"
+    path.write_text("[[types]]\n" + definition_toml(tricky).split("\n", 1)[1], encoding="utf-8")
+    reread = parse_config({"catalog": {"types": [V10], "files": [str(path)]}}).catalog.all_types
+    assert reread[1] == tricky
+    assert config.catalog.all_types[0].name == TEMPERATURE
+
+
+def test_search_by_name_field_topic_and_producer() -> None:
+    config = parse_config({"catalog": {"types": [V10, V11], "applications": APPS[2:]}})
+    catalog = Catalog(TopicTemplate(), config.catalog.all_types)
+    records = type_records(catalog, config.catalog, [], [])
+
+    def keys(query: str) -> list[str]:
+        return [r.event_type.key for r in search(records, query)]
+
+    assert keys("field:accuracy") == [f"{TEMPERATURE}@1.1"]
+    assert keys("name:temperature field:accuracy") == [f"{TEMPERATURE}@1.1"]
+    assert keys("topic:telemetry/valid/1.1/s1/environment/env-1/temperature") == [f"{TEMPERATURE}@1.1"]
+    assert keys("topic:alert/cleared") == ["io.iotgw.alert.cleared.v1@1.0"]
+    assert keys("producer:sensors") == [f"{TEMPERATURE}@1.0", f"{TEMPERATURE}@1.1"]
+    assert keys('"air temperature with"') == [f"{TEMPERATURE}@1.1"]
+    assert keys("no-such-thing") == []
+    assert len(keys("")) == len(catalog.types)
+
+
+# -- the API ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
+    config = parse_config({
+        "site": "s1", "gateway_id": "gw-p", "storage": {"data_dir": str(tmp_path / "data")},
+        "broker": {"port": free_port(), "allow_anonymous": True}, "pipeline": {"max_latency_s": 0.05},
+        "http": {"enabled": True, "port": 0}, "catalog": _settings(tmp_path / "portal.toml"),
+    })
+    async with Gateway(config) as gw:
+        yield gw
+
+
+def _post(base: str, path: str, body: object, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, method="POST",  # noqa: S310 (loopback)
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+async def test_define_a_version_through_the_api(gateway: Gateway, tmp_path: Path) -> None:
+    assert gateway.http is not None
+    base = gateway.http.url.rstrip("/")
+    portal_file = tmp_path / "portal.toml"
+
+    status, refused = await asyncio.to_thread(_post, base, "/api/v1/portal/types", BROKEN_V11)
+    assert status == 422
+    assert refused["errors"] == [{"field": "fields.battery.required", "message": (
+        "field 'battery' is new and required; a minor version adds optional fields only (required = false), or "
+        "declare a new major version")}]
+    status, refused = await asyncio.to_thread(_post, base, "/api/v1/portal/types", {**V11, "version": "one"})
+    assert status == 422
+    assert [e["field"] for e in refused["errors"]] == ["version"]
+    assert not portal_file.exists()  # nothing refused is written
+
+    status, defined = await asyncio.to_thread(_post, base, "/api/v1/portal/types", V11)
+    assert status == 201, defined
+    assert defined == {"key": f"{TEMPERATURE}@1.1", "type": TEMPERATURE, "version": "1.1", "file": str(portal_file)}
+    assert 'version = "1.1"' in portal_file.read_text(encoding="utf-8")
+    assert gateway.catalog.get(f"{TEMPERATURE}@1.1") is not None  # applied: the running catalog has it
+
+    types = (await asyncio.to_thread(get, base + "/api/v1/portal/types?q=name:temperature")).json()
+    [group] = [g for g in types["types"] if g["name"] == TEMPERATURE]
+    assert [v["version"] for v in group["versions"]] == ["1.0", "1.1"]
+    assert group["versions"][1]["source"] == str(portal_file)
+    assert group["steps"] == [{"before": "1.0", "after": "1.1", "compatible": True, "changes": [
+        {"field": "accuracy", "kind": "added", "before": None, "after": "number? [°C] 0.."}]}]
+    # defined twice: refused, naming the version
+    status, refused = await asyncio.to_thread(_post, base, "/api/v1/portal/types", V11)
+    assert (status, refused["errors"][0]["field"]) == (422, "version")
+    catalog = (await asyncio.to_thread(get, base + "/api/v1/catalog")).json()
+    assert f"{TEMPERATURE}" in {t["type"] for t in catalog["types"]}
+    assert sum(1 for t in catalog["types"] if t["type"] == TEMPERATURE) == 2
+
+
+async def test_forged_definitions_are_refused_and_change_nothing(gateway: Gateway, tmp_path: Path) -> None:
+    assert gateway.http is not None
+    port = gateway.http.port
+    own = f"127.0.0.1:{port}"
+    body = json.dumps(V11).encode()
+    cases = [
+        ({"Host": own, "Origin": "http://evil.example", "Content-Type": "application/json"}, 403),
+        ({"Host": f"evil.example:{port}", "Content-Type": "application/json"}, 421),  # DNS rebinding
+        ({"Host": own, "Content-Type": "text/plain"}, 415),  # what a form of another site can send
+        ({"Host": own, "Content-Type": "application/x-www-form-urlencoded"}, 415),
+        ({"Host": own, "Sec-Fetch-Site": "cross-site", "Content-Type": "application/json"}, 403),
+    ]
+    for headers, expected in cases:
+        status, _, answer = await asyncio.to_thread(_raw, port, "POST", "/api/v1/portal/types", headers, body)
+        assert status == expected, (headers, answer)
+    assert not (tmp_path / "portal.toml").exists()
+    assert gateway.catalog.get(f"{TEMPERATURE}@1.1") is None
+    status, _, _ = await asyncio.to_thread(_raw, port, "POST", "/api/v1/portal/types", {
+        "Host": own, "Origin": f"http://{own}", "Content-Type": "application/json"}, body)
+    assert status == 201  # the dashboard's own page may
+
+
+async def test_subscription_tester_and_applications_beside_traffic(gateway: Gateway) -> None:
+    assert gateway.http is not None
+    base = gateway.http.url.rstrip("/")
+    broker = f"mqtt://127.0.0.1:{gateway.broker.port}"
+    hvac = await asyncio.to_thread(MqttCollector, broker, ["telemetry/valid/+/s1/environment/#"],
+                                   client_id="hvac-controller")
+    spy = await asyncio.to_thread(MqttCollector, broker, ["telemetry/valid/+/s1/meter/#"], client_id="spy")
+    try:
+        await asyncio.to_thread(mqtt_publish, broker, [
+            ("telemetry/raw/1.0/s1/environment/env-1/temperature", json.dumps({"value": 21.5})),
+            ("telemetry/raw/1.0/s1/meter/m-1/power", json.dumps({"value": 5})),
+        ], client_id="env-1")
+        await asyncio.to_thread(hvac.wait_for, 1, 10)
+
+        def applications() -> dict[str, Any]:
+            return dict((get(base + "/api/v1/portal/applications")).json())
+
+        for _ in range(100):  # learned traffic is written every flush_interval_s
+            apps = await asyncio.to_thread(applications)
+            hvac_app = next(a for a in apps["applications"] if a["name"] == "hvac")
+            if hvac_app["events"][0]["seen"] and apps["undeclared"]:
+                break
+            await asyncio.sleep(0.2)
+        test = (await asyncio.to_thread(
+            get, base + "/api/v1/portal/subscriptions?filter=telemetry/valid/>&syntax=auto")).json()
+        bad = await asyncio.to_thread(get, base + "/api/v1/portal/subscriptions?filter=a/%23/b")
+    finally:
+        hvac.close()
+        spy.close()
+    by_name = {a["name"]: a for a in apps["applications"]}
+    assert by_name["hvac"]["events"] == [{"type": TEMPERATURE, "role": "consumes", "seen": True,
+                                          "seen_by": ["mqtt:hvac-controller"]}]
+    assert by_name["archive"]["events"][0]["seen"] is False  # declared, never seen
+    assert by_name["sensors"]["events"][0]["seen"] is True
+    undeclared = {(u["client"], u["role"], u["type"]) for u in apps["undeclared"]}
+    assert ("mqtt:spy", "consumes", "io.iotgw.telemetry.reading.v1") in undeclared  # seen, declared by no one
+    assert ("mqtt:env-1", "produces", "io.iotgw.telemetry.reading.v1") in undeclared  # sensors declare temperature
+    assert not any(u[0].startswith(("driver:", "gateway:")) for u in undeclared)
+    assert test["syntax"] == "smf"
+    assert {t["type"] for t in test["types"]} >= {TEMPERATURE, HUMIDITY, "io.iotgw.telemetry.reading.v1"}
+    live = {t["topic"]: t["type"] for t in test["topics"]}
+    assert live["telemetry/valid/1.0/s1/environment/env-1/temperature"] == f"{TEMPERATURE}@1.0"
+    assert live["telemetry/valid/1.0/s1/meter/m-1/power"] == "io.iotgw.telemetry.reading.v1@1.0"
+    assert not any(topic.startswith("telemetry/raw/") for topic in live)
+    assert (bad.status, bad.json()["parameter"]) == (400, "filter")
+
+    doc = (await asyncio.to_thread(get, base + "/api/v1/catalog/asyncapi.json")).json()
+    assert [a["name"] for a in doc["x-iotgw-applications"]["applications"]] == ["hvac", "archive", "sensors"]
+    channel = doc["channels"][f"{TEMPERATURE}_1.0"]
+    assert (channel["x-iotgw-declared-producers"], channel["x-iotgw-declared-consumers"]) == (["sensors"], ["hvac"])

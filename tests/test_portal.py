@@ -6,6 +6,7 @@ through its dashboard in a headless Chromium against ``iotgw run`` (the form, th
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import urllib.error
 import urllib.request
@@ -14,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
+from conftest import free_port, iotgw
 from http_helpers import get
 from peers import MqttCollector, mqtt_publish
+from test_dashboard import CHROMIUM, DevTools, browser  # noqa: F401  (a fixture)
 from test_http_security import _raw
 
 from gateway.app import Gateway
-from gateway.config import parse_config
+from gateway.config import load_config, parse_config
 from gateway.portal.define import definition_toml, field_of
 from gateway.portal.types import search, type_records
 from pipeline.catalog import Catalog
@@ -232,3 +234,188 @@ async def test_subscription_tester_and_applications_beside_traffic(gateway: Gate
     assert [a["name"] for a in doc["x-iotgw-applications"]["applications"]] == ["hvac", "archive", "sensors"]
     channel = doc["channels"][f"{TEMPERATURE}_1.0"]
     assert (channel["x-iotgw-declared-producers"], channel["x-iotgw-declared-consumers"]) == (["sensors"], ["hvac"])
+
+
+# -- the dashboard, in a headless Chromium ------------------------------------------------------------
+
+
+def _config_toml(tmp_path: Path) -> Path:
+    path = tmp_path / "gw.toml"
+    path.write_text(f"""site = "s1"
+gateway_id = "gw-portal"
+[broker]
+port = {free_port()}
+allow_anonymous = true
+[storage]
+data_dir = "{tmp_path / 'data'}"
+[pipeline]
+max_latency_s = 0.05
+[http]
+enabled = true
+port = 0
+[catalog]
+portal_file = "{tmp_path / 'portal.toml'}"
+flush_interval_s = 0.5
+[[catalog.types]]
+name = "{TEMPERATURE}"
+version = "1.0"
+metric = "temperature"
+device_classes = ["environment"]
+description = "air temperature"
+value = {{ unit = "°C", minimum = -40, maximum = 85 }}
+[[catalog.types]]
+name = "{HUMIDITY}"
+version = "1.0"
+metric = "humidity"
+device_classes = ["environment"]
+value = {{ unit = "%", minimum = 0, maximum = 100 }}
+[[catalog.applications]]
+name = "hvac"
+owner = "facilities"
+clients = ["mqtt:hvac-controller"]
+consumes = ["{TEMPERATURE}"]
+[[catalog.applications]]
+name = "archive"
+clients = ["mqtt:archiver"]
+consumes = ["{HUMIDITY}"]
+""", encoding="utf-8")
+    return path
+
+
+PORTAL_STATE = """(() => !document.getElementById('portal-types') || !document.getElementById('sub-result') ?
+  {groups: 0, query: '', names: [], result: '', resultText: '', catalog: [], apps: 0, subTypes: 0, subTopics: []} : ({
+  groups: Number(document.getElementById('portal-types').dataset.groups || 0),
+  query: document.getElementById('portal-types').dataset.query || '',
+  names: [...document.querySelectorAll('#portal-types details')].map(d => d.dataset.typeGroup),
+  result: document.getElementById('define-result').dataset.key || '',
+  resultText: document.getElementById('define-result').textContent,
+  catalog: [...document.querySelectorAll('#catalog details')].map(d => d.dataset.type),
+  apps: Number(document.getElementById('portal-apps').dataset.apps || 0),
+  subTypes: Number(document.getElementById('sub-result').dataset.types || 0),
+  subTopics: [...document.querySelectorAll('#sub-result [data-match-topic]')].map(e => e.dataset.matchTopic),
+}))()"""
+
+
+SCREENSHOTS: dict[str, str] = {}
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed "
+                    "(./scripts/test installs it)")
+async def test_the_portal_in_a_browser(tmp_path: Path, browser: DevTools) -> None:  # noqa: F811  (the fixture)
+    SCREENSHOTS["dir"] = str(tmp_path)
+    config_path = _config_toml(tmp_path)
+    async with Gateway(load_config(config_path)) as gw:
+        assert gw.http is not None
+        base = gw.http.url.rstrip("/")
+        broker = f"mqtt://127.0.0.1:{gw.broker.port}"
+        hvac = await asyncio.to_thread(MqttCollector, broker, ["telemetry/valid/+/s1/environment/#"],
+                                       client_id="hvac-controller")
+        try:
+            await asyncio.to_thread(mqtt_publish, broker, [
+                ("telemetry/raw/1.0/s1/environment/env-1/temperature", json.dumps({"value": 21.5, "seq": i}))
+                for i in range(1, 4)], client_id="env-1")
+            await asyncio.to_thread(hvac.wait_for, 3, 10)
+            await asyncio.sleep(1.2)  # learned traffic reaches catalog.db
+            await _browse_the_portal(browser, base)
+        finally:
+            hvac.close()
+    # the definition is in the catalog file, so the CLI's AsyncAPI document has it too
+    done = iotgw("catalog", "--config", str(config_path), "--format", "asyncapi")
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert f"{TEMPERATURE}_1.1" in document["channels"]
+    assert "accuracy" in json.dumps(document["components"]["schemas"])
+    assert [a["name"] for a in document["x-iotgw-applications"]["applications"]] == ["hvac", "archive"]
+    assert "battery" not in (tmp_path / "portal.toml").read_text(encoding="utf-8")  # the refused one is not there
+
+
+async def _browse_the_portal(page: DevTools, base: str) -> None:
+    await page.call("Page.enable")
+    await page.call("Page.navigate", url=base + "/")
+
+    async def until(ok: Any, what: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            state: dict[str, Any] = await page.evaluate(PORTAL_STATE)
+            if ok(state):
+                return state
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; portal state: {json.dumps(state)}")
+            await asyncio.sleep(0.3)
+
+    async def search(query: str) -> dict[str, Any]:
+        await page.evaluate(f"(() => {{ const q = document.getElementById('portal-q');"
+                               f" q.value = {json.dumps(query)}; q.dispatchEvent(new Event('input')); }})()")
+        return await until(lambda s: s["query"] == query, f"the search {query!r}")
+
+    first = await until(lambda s: s["groups"] > 0 and s["apps"] == 2, "the portal to load")
+    assert TEMPERATURE in first["names"]
+    assert (await search("field:accuracy"))["groups"] == 0  # no version has it yet
+    found = await search("producer:mqtt:env-1")  # learned from traffic
+    assert TEMPERATURE in found["names"]
+
+    # define 1.1 through the form: prefilled from 1.0, one optional field added
+    await page.evaluate(f"document.querySelector('[data-new-version=\"{TEMPERATURE}\"]').click()")
+    assert await page.evaluate("document.getElementById('d-version').value") == "1.1"
+    await page.evaluate(_ADD_FIELD % {"name": "accuracy", "unit": "°C", "minimum": "0", "required": "false"})
+    await page.evaluate("document.querySelector('#define-form button[type=submit]').click()")
+    defined = await until(lambda s: s["result"] == f"{TEMPERATURE}@1.1", "the definition to be applied")
+    assert "applied" in defined["resultText"]
+    after = await until(lambda s: s["catalog"].count(TEMPERATURE) == 2, "the catalog to list both versions")
+    assert after["catalog"].count(TEMPERATURE) == 2
+    added = await page.evaluate(
+        f"(() => {{ const g = document.querySelector('details[data-type-group=\"{TEMPERATURE}\"]');"
+        " const cell = g.querySelector('tr[data-field-name=\"accuracy\"] td[data-version=\"1.1\"]');"
+        " return [cell.className, cell.textContent, g.querySelector('[data-step=\"1.0>1.1\"]').textContent]; })()")
+    assert added[0] == "added"
+    assert added[1] == "number? [°C] 0.."
+    assert "+ accuracy" in added[2]
+    assert TEMPERATURE in (await search("field:accuracy"))["names"]
+
+    # a version that breaks the major: refused, the error next to the field at fault
+    await page.evaluate(f"document.querySelector('[data-new-version=\"{TEMPERATURE}\"]').click()")
+    assert await page.evaluate("document.getElementById('d-version').value") == "1.2"
+    await page.evaluate(_ADD_FIELD % {"name": "battery", "unit": "%", "minimum": "", "required": "true"})
+    await page.evaluate("document.querySelector('#define-form button[type=submit]').click()")
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        error = await page.evaluate(
+            "(() => { const row = [...document.querySelectorAll('#d-field-rows .field-row')]"
+            ".find(r => r.querySelector('[data-attr=name]').value === 'battery');"
+            " const span = row.querySelector('[data-attr-error=required]');"
+            " return [span.textContent, row.querySelector('[data-attr=required]').getAttribute('aria-invalid'),"
+            " span.previousElementSibling.dataset.attr]; })()")
+        if error[0]:
+            break
+        assert asyncio.get_running_loop().time() < deadline, "no error next to the field"
+        await asyncio.sleep(0.3)
+    assert "is new and required" in error[0]
+    assert error[1] == "true"  # the input is marked invalid
+    assert error[2] == "required"  # the message sits right after the checkbox it is about
+    assert "Not defined" in (await page.evaluate(PORTAL_STATE))["resultText"]
+
+    # the subscription tester: types and live topics of a filter
+    await page.evaluate("document.getElementById('sub-filter').value = 'telemetry/valid/+/+/environment/#';"
+                           "document.querySelector('#sub-form button').click()")
+    tested = await until(lambda s: s["subTypes"] > 0, "the subscription test")
+    assert "telemetry/valid/1.0/s1/environment/env-1/temperature" in tested["subTopics"]
+    apps = await page.evaluate(
+        "[...document.querySelectorAll('#portal-apps [data-app-event]')].map(e => [e.dataset.appEvent, e.textContent])")
+    assert [f"hvac/consumes/{TEMPERATURE}", f"{TEMPERATURE}seen"] in apps
+    assert [f"archive/consumes/{HUMIDITY}", f"{HUMIDITY}declared, never seen"] in apps
+    undeclared = await page.evaluate("[...document.querySelectorAll('#portal-apps [data-undeclared]')]"
+                                        ".map(e => e.dataset.undeclared)")
+    assert f"mqtt:env-1/produces/{TEMPERATURE}" in undeclared  # seen producing, declared by no application
+    await page.evaluate("document.getElementById('portal').scrollIntoView()")
+    shot = await page.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    Path(SCREENSHOTS.get("dir", ".")).joinpath("portal.png").write_bytes(base64.b64decode(shot["data"]))
+
+
+_ADD_FIELD = """(() => {
+  document.getElementById('d-add-field').click();
+  const rows = document.querySelectorAll('#d-field-rows .field-row');
+  const row = rows[rows.length - 1];
+  const set = (attr, value) => { row.querySelector(`[data-attr="${attr}"]`).value = value; };
+  set('name', '%(name)s'); set('type', 'number'); set('unit', '%(unit)s'); set('minimum', '%(minimum)s');
+  row.querySelector('[data-attr="required"]').checked = %(required)s;
+})()"""

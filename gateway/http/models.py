@@ -152,6 +152,7 @@ class TypeVersion(_Out):
     builtin: bool
     device_classes: list[str]
     metric: str | None
+    extra_fields: list[str] = Field(description="declared fields read from the device's raw JSON object")
     matched: bool = Field(description="the search matched this version (a type is shown with all its versions)")
     fields: list[DataField]
     producers: list[LearnedProducer]

@@ -47,6 +47,7 @@ def _version_out(r: TypeRecord, matched: set[str], apps: list[ApplicationView],
     return m.TypeVersion(
         key=t.key, type=t.name, version=t.version, variant=t.variant, description=t.description, topic=r.topic,
         source=r.source, builtin=t.builtin, device_classes=list(t.device_classes), metric=t.metric,
+        extra_fields=list(t.extra_fields),
         matched=t.key in matched, fields=[_field_out(n, s) for n, s in r.fields.items()],
         producers=[m.LearnedProducer(client=p.client, messages=p.messages, last_seen=iso_ms(p.last_seen_ms),
                                      declared=_declared(apps, p.client, t.name, "produces")) for p in r.producers],

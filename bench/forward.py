@@ -12,7 +12,8 @@ installs them). RabbitMQ: persistent messages into a durable queue bound to the 
 plain client publishes to that exchange with the event id as message_id, pipelined, each confirmed;
 the gateway also copies each message to its ledger queue (no event id twice). Redis: the plain client
 pipelines XADD (MAXLEN ~) in batches of the destination's size; the gateway runs its add-once script
-per event (the id set).
+(the id set). Each destination drains in batches of its type's default batch_size. `--no-ledger`
+adds a RabbitMQ run with dedupe_window = 0 (at least once, no ledger).
 """
 
 from __future__ import annotations
@@ -44,15 +45,18 @@ from gateway.forward.forwarder import Forwarder, Route
 from gateway.forward.mqtt.destination import MqttDestination, MqttSettings
 from gateway.forward.nats.destination import NatsDestination, NatsSettings
 from gateway.forward.outbox import Limits, Outbox
+from gateway.forward.rabbitmq import RabbitForward
 from gateway.forward.rabbitmq.destination import RabbitDestination, RabbitSettings
 from gateway.forward.rabbitmq.routing import topic_to_routing_key
+from gateway.forward.redis import RedisForward
 from gateway.forward.redis.destination import RedisDestination, RedisSettings
 from gateway.forward.redis.streams import StreamNames
 from pipeline.model import new_event_id
 from pipeline.topics import DEFAULT_TEMPLATE, TopicTemplate, compile_filter, topic_to_subject
 
 Destination = MqttDestination | NatsDestination | RabbitDestination | RedisDestination
-REDIS_BATCH = 1000  # the redis destination's default batch_size
+REDIS_BATCH: int = RedisForward.model_fields["batch_size"].default  # each destination's default batch_size
+RABBITMQ_BATCH: int = RabbitForward.model_fields["batch_size"].default
 
 TOPIC = "telemetry/valid/1.0/bench/meter/m-{d}/power"
 
@@ -195,12 +199,15 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default="mqtt,nats,rabbitmq,redis", help="backbones, comma-separated")
+    parser.add_argument("--no-ledger", action="store_true", help="also RabbitMQ with dedupe_window = 0")
     args = parser.parse_args()
     only = set(args.only.split(","))
     events = make_events(args.events)
     pairs = {"mqtt": ("paho", "gw-mqtt"), "nats": ("nats-py", "gw-nats"), "rabbitmq": ("aiormq", "gw-rabbitmq"),
              "redis": ("redis-py", "gw-redis")}
     results: dict[str, list[float]] = {k: [] for b in pairs if b in only for k in pairs[b]}
+    if args.no_ledger and "rabbitmq" in only:
+        results["gw-rabbitmq-no-ledger"] = []
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         mosquitto = stack.enter_context(Mosquitto(tmp / "mq")) if "mqtt" in only else None
@@ -224,8 +231,14 @@ def main() -> None:
             if rabbitmq:
                 results["aiormq"].append(asyncio.run(plain_amqp(rabbitmq.url, make_events(args.events))))
                 results["gw-rabbitmq"].append(asyncio.run(gateway_forward(RabbitDestination("amq", RabbitSettings(
-                    url=rabbitmq.url, gateway_id="bench", own_prefix="iotgw.bench.amq")), make_events(args.events))))
+                    url=rabbitmq.url, gateway_id="bench", own_prefix="iotgw.bench.amq")), make_events(args.events),
+                    RABBITMQ_BATCH)))
                 asyncio.run(purge_rabbitmq(rabbitmq.url))
+                if args.no_ledger:
+                    results["gw-rabbitmq-no-ledger"].append(asyncio.run(gateway_forward(RabbitDestination(
+                        "amq", RabbitSettings(url=rabbitmq.url, gateway_id="bench", own_prefix="iotgw.bench.amq0",
+                                              dedupe_window=0)), make_events(args.events), RABBITMQ_BATCH)))
+                    asyncio.run(purge_rabbitmq(rabbitmq.url))
             if redis_server:
                 results["redis-py"].append(asyncio.run(plain_redis(redis_server.port, make_events(args.events))))
                 results["gw-redis"].append(asyncio.run(gateway_forward(RedisDestination("rs", RedisSettings(
@@ -246,6 +259,9 @@ def main() -> None:
             title, plain_name, gw_name = lines[backbone]
             print(f"  {title}: {plain_name} {med[plain]:.0f}/s, gateway {gw_name} {med[gw]:.0f}/s, "
                   f"ratio {med[gw] / med[plain]:.2f}")
+    if "gw-rabbitmq-no-ledger" in med:
+        print(f"  RabbitMQ without the ledger (dedupe_window = 0): {med['gw-rabbitmq-no-ledger']:.0f}/s, "
+              f"ratio {med['gw-rabbitmq-no-ledger'] / med['aiormq']:.2f}")
 
 
 if __name__ == "__main__":

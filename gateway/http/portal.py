@@ -16,7 +16,7 @@ from aiohttp import web
 from gateway.http import models as m
 from gateway.http.answers import HttpError, bad, json_response
 from gateway.portal import DefinitionRefused, Portal, PortalUnavailableError
-from gateway.portal.applications import INFRASTRUCTURE, ApplicationView, seen_clients
+from gateway.portal.applications import INFRASTRUCTURE, ApplicationView
 from gateway.portal.types import FieldShape, TypeGroup, TypeRecord
 from gateway.query import iso_ms
 from pipeline.errors import TopicError
@@ -85,16 +85,15 @@ class PortalRoutes:
 
 
     async def types(self, request: web.Request) -> web.Response:
-        portal = self._portal
         query = request.query.get("q", "")
         if len(query) > 500:
             raise bad("q", "at most 500 characters")
-        groups, matched = portal.types(query)
-        apps = portal.applications()[0]
-        seen = seen_clients(*portal.traffic_view())
-        path = portal.portal_file
-        return json_response(m.PortalTypes(query=query, portal_file=str(path) if path else None,
-                                   types=[_group_out(g, matched, apps, seen) for g in groups]))
+        view = self._portal.types(query)
+        path = self._portal.portal_file
+        return json_response(m.PortalTypes(
+            query=query, portal_file=str(path) if path else None,
+            types=[_group_out(g, view.matched, view.applications, view.seen) for g in view.groups],
+        ))
 
     async def applications(self, request: web.Request) -> web.Response:
         views, undeclared = self._portal.applications()

@@ -22,15 +22,22 @@ from pydantic import ValidationError
 from gateway.config.catalog import CatalogSettings, CatalogType
 from gateway.config.problems import problems as config_problems
 from gateway.errors import GatewayError
-from gateway.portal.applications import ApplicationView, Undeclared, applications_json, reconcile
+from gateway.portal.applications import (
+    ApplicationView,
+    Role,
+    Undeclared,
+    applications_json,
+    reconcile,
+    seen_clients,
+)
 from gateway.portal.define import DefinitionRefused, FieldProblem, append_definition, check_definition, restore
 from gateway.portal.topics import LiveTopic, RecentTopics
 from gateway.portal.types import TypeGroup, group_versions, search, type_records
 from pipeline.catalog import Catalog, EventType
 from pipeline.topics import compile_filter
-from pipeline.traffic import Consumer, Producer, read_traffic
+from pipeline.traffic import read_traffic
 
-__all__ = ["FilterMatch", "Portal", "PortalUnavailableError", "with_applications"]
+__all__ = ["FilterMatch", "Portal", "PortalUnavailableError", "TypesView", "with_applications"]
 
 log = logging.getLogger(__name__)
 LIVE_TOPICS_SHOWN = 200
@@ -38,6 +45,14 @@ LIVE_TOPICS_SHOWN = 200
 
 class PortalUnavailableError(GatewayError):
     """The portal cannot take definitions here (no portal file configured, or nothing to apply them)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TypesView:
+    groups: list[TypeGroup]
+    matched: set[str]  # keys of the versions the search matched
+    applications: list[ApplicationView]
+    seen: dict[tuple[str, Role], set[str]]  # (type name, role) -> clients seen in it
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,19 +81,16 @@ class Portal:
         """Where definitions go; None when they cannot be made here."""
         return self._settings().portal_file if self._apply is not None else None
 
-    def types(self, query: str = "") -> tuple[list[TypeGroup], set[str]]:
-        """Every type, versions grouped; and the keys of the versions ``query`` matches (a group is shown
-        whole when any of its versions matches)."""
+    def types(self, query: str = "") -> TypesView:
+        """Every type whose versions ``query`` matches, versions grouped (a group is shown whole when any
+        of its versions matches), with the applications and what their clients were seen doing."""
         producers, consumers = read_traffic(self._data_dir)
-        records = type_records(self._catalog(), self._settings(), producers, consumers)
+        catalog, settings = self._catalog(), self._settings()
+        records = type_records(catalog, settings, producers, consumers)
         matched = {r.event_type.key for r in search(records, query)}
         groups = [g for g in group_versions(records) if any(v.event_type.key in matched for v in g.versions)]
-        return groups, matched
-
-    def traffic_view(self) -> tuple[Catalog, list[Producer], list[Consumer]]:
-        """The catalog in use and what traffic taught about it."""
-        producers, consumers = read_traffic(self._data_dir)
-        return self._catalog(), producers, consumers
+        views, _ = reconcile(settings.all_applications, catalog, producers, consumers)
+        return TypesView(groups, matched, views, seen_clients(catalog, producers, consumers))
 
     def applications(self) -> tuple[list[ApplicationView], list[Undeclared]]:
         producers, consumers = read_traffic(self._data_dir)

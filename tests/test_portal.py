@@ -17,16 +17,21 @@ from typing import Any
 import pytest
 from conftest import free_port, iotgw
 from http_helpers import get
+from jsonschema import Draft7Validator
 from peers import MqttCollector, mqtt_publish
+from test_catalog import assert_valid_asyncapi, asyncapi_schema  # noqa: F401  (a fixture)
 from test_dashboard import CHROMIUM, DevTools, browser  # noqa: F401  (a fixture)
 from test_http_security import _raw
 
 from gateway.app import Gateway
 from gateway.config import load_config, parse_config
+from gateway.portal import with_applications
 from gateway.portal.define import definition_toml, field_of
 from gateway.portal.types import search, type_records
+from pipeline.asyncapi import asyncapi_document
 from pipeline.catalog import Catalog
 from pipeline.topics import TopicTemplate
+from pipeline.traffic import Producer
 
 TEMPERATURE = "com.example.environment.temperature.v1"
 HUMIDITY = "com.example.environment.humidity.v1"
@@ -419,3 +424,18 @@ _ADD_FIELD = """(() => {
   set('name', '%(name)s'); set('type', 'number'); set('unit', '%(unit)s'); set('minimum', '%(minimum)s');
   row.querySelector('[data-attr="required"]').checked = %(required)s;
 })()"""
+
+
+def test_asyncapi_with_applications_is_still_valid_asyncapi_3(
+    asyncapi_schema: Draft7Validator,  # noqa: F811  (the fixture)
+) -> None:
+    config = parse_config({"catalog": {"types": [V10, V11], "applications": APPS[:1] + APPS[2:]}})
+    catalog = Catalog(TopicTemplate(), config.catalog.all_types)
+    learned = [Producer(f"{TEMPERATURE}@1.1", "mqtt:env-1", 1, 2, 3)]
+    document = with_applications(asyncapi_document(catalog, host="127.0.0.1", port=1883, site="s1"),
+                                 config.catalog, catalog, learned, [])
+    assert_valid_asyncapi(asyncapi_schema, document)
+    apps = document["x-iotgw-applications"]
+    assert [(e["type"], e["seen"]) for a in apps["applications"] for e in a["events"]] == [
+        (TEMPERATURE, False), (TEMPERATURE, True)]
+    assert document["channels"][f"{TEMPERATURE}_1.1"]["x-iotgw-declared-producers"] == ["sensors"]

@@ -287,7 +287,7 @@ consumes = ["{HUMIDITY}"]
     return path
 
 
-PORTAL_STATE = """(() => !document.getElementById('portal-types') || !document.getElementById('sub-result') ?
+PORTAL_STATE = """(() => document.readyState !== 'complete' || !document.getElementById('define-result') ?
   {groups: 0, query: '', names: [], result: '', resultText: '', catalog: [], apps: 0, subTypes: 0, subTopics: []} : ({
   groups: Number(document.getElementById('portal-types').dataset.groups || 0),
   query: document.getElementById('portal-types').dataset.query || '',

@@ -8,7 +8,9 @@ in reverse. It routes, runs and reports nothing itself; each part does:
 - gateway/downlink.py: what comes back from a backbone, and commands to devices;
 - gateway/alerts.py: the gateway's own alerts;
 - gateway/devices.py: the drivers of the configured devices;
-- gateway/status.py: the status model the parts report into, and the health it implies.
+- gateway/status.py: the status model the parts report into, and the health it implies;
+- gateway/portal/: the event portal the HTTP API serves (it applies definitions through
+  :meth:`Gateway.apply_catalog`).
 
 The path of a message: the broker hands it to ingest; a raw-stage message is written to the journal
 and queued for the pipeline; any message a destination forwards is queued in that destination's
@@ -43,6 +45,7 @@ from gateway.flow import Flow, Windows, store_housekeeping
 from gateway.http.views import AlertView, CatalogView, LearnedCatalog, SignalView, StoredAlerts
 from gateway.ingest import DriverSink, Ingest
 from gateway.journal import Journal
+from gateway.portal import Portal, RecentTopics
 from gateway.publish import Publisher
 from gateway.status import AnalyzeStatus, BrokerStatus, GatewayStatus, Health, StoreStatus, health
 from pipeline.analyze import AnalyzeStage
@@ -105,8 +108,9 @@ class Gateway:
             on_drop=lambda name, count: self.alerts.dropped(name, count),  # noqa: PLW0108 (late-bound)
         )
         self.ingest = Ingest(template, self.journal, self.queue, self.destinations)
+        self.topics = RecentTopics(self.traffic)  # the portal's live topics: the broker tells both
         self.broker = EmbeddedBroker(config.broker, self.ingest, self.queue.wait_for_room, port_option=port_option,
-                                     traffic=self.traffic, data_dir=data_dir)
+                                     traffic=self.topics, data_dir=data_dir)
         self.publisher = Publisher(self.broker, self.pipeline.reject_event)
         self.devices = Devices(config, template, ble_source=ble_source)
         self.downlink = Downlink(self.broker, self.publisher, self.devices.serial_driver, site=site,
@@ -121,6 +125,8 @@ class Gateway:
         self.catalog_view: CatalogView = LearnedCatalog(data_dir, lambda: self.catalog, site=site,
                                                         host=config.broker.host, port=lambda: self.broker.port)
         self.signal: SignalView = self.devices
+        self.portal = Portal(settings=lambda: self.config.catalog, catalog=lambda: self.catalog, data_dir=data_dir,
+                             topics=self.topics, apply=self.apply_catalog)
         self._http_options = (http_port_option, http_any_port_if_taken)
         self.http: HttpApi | None = None
 
@@ -162,7 +168,7 @@ class Gateway:
                 self.http = await stack.enter_async_context(HttpApi(
                     self.status, config.http, data_dir=config.storage.data_dir, catalog=self.catalog_view,
                     alerts=self.alert_view, signal=self.signal, port_option=self._http_options[0],
-                    fallback_to_any_port=self._http_options[1],
+                    fallback_to_any_port=self._http_options[1], portal=self.portal,
                 ))
         except BaseException:
             await self.flow.cancel()
@@ -226,6 +232,15 @@ class Gateway:
         await self.destinations.reload(plan, config)
         log.warning("reloaded: %s", plan.summary())
         return plan
+
+    async def apply_catalog(self) -> None:
+        """The catalog files were written (the event portal): read them again and reload the catalog.
+
+        Raises:
+            pydantic.ValidationError: when they no longer make a valid catalog (nothing is applied).
+        """
+        catalog = self.config.catalog.reread()
+        await self.reload(self.config.model_copy(update={"catalog": catalog}))
 
     @property
     def tasks(self) -> list[asyncio.Task[None]]:

@@ -14,6 +14,7 @@ Fixtures live here too; a test module imports the ones it uses::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -70,6 +71,13 @@ class _Peer:
 
     binary: str = ""
     scheme: str = ""
+    start_timeout = START_TIMEOUT
+    own_process_group = False  # True: signals go to the whole group (a launcher script and the server it runs)
+
+    @property
+    def package(self) -> str:
+        """The Debian package that installs ``binary``."""
+        return self.binary
 
     def __init__(self, directory: Path, port: int | None = None) -> None:
         self.directory = Path(directory)
@@ -90,6 +98,14 @@ class _Peer:
     def _ready(self) -> bool:
         """Beyond accepting TCP: is the server ready for tests? (the port is already open)"""
         return True
+
+    def _executable(self) -> str | None:
+        # Debian installs several servers in /usr/sbin, which a normal user's PATH lacks.
+        return shutil.which(self.binary) or shutil.which(self.binary, path="/usr/sbin:/usr/local/sbin:/sbin")
+
+    def _env(self) -> dict[str, str] | None:
+        """Environment variables the server needs beyond ours (None: ours)."""
+        return None
 
     # -- addresses -------------------------------------------------------------------------------
     @property
@@ -130,21 +146,24 @@ class _Peer:
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self, timeout: float = START_TIMEOUT) -> None:
+    def start(self, timeout: float | None = None) -> None:
+        timeout = timeout if timeout is not None else self.start_timeout
         if self.running:
             raise PeerError(f"{self.binary} is already running (pid {self.pid})")
-        # Debian installs both servers in /usr/sbin, which a normal user's PATH lacks.
-        exe = shutil.which(self.binary) or shutil.which(self.binary, path="/usr/sbin:/usr/local/sbin:/sbin")
+        exe = self._executable()
         if exe is None:
             pytest.fail(
                 f"`{self.binary}` is not installed: run ./scripts/test once (it installs the Debian packages "
-                "mosquitto, nats-server and victoria-metrics), or `apt-get install -y {self.binary}`",
+                "mosquitto, nats-server, victoria-metrics, rabbitmq-server and redis-server), or "
+                f"`apt-get install -y {self.package}`",
                 pytrace=False,
             )
         self._output = self.output_path.open("ab")
+        env = self._env()
         self._proc = subprocess.Popen(
             [exe, *self._command()[1:]], stdin=subprocess.DEVNULL, stdout=self._output, stderr=subprocess.STDOUT,
-            cwd=self.directory,
+            cwd=self.directory, env=None if env is None else {**os.environ, **env},
+            start_new_session=self.own_process_group,
         )
         self.starts += 1
         deadline = time.monotonic() + timeout
@@ -177,7 +196,7 @@ class _Peer:
         """SIGKILL: the process gets no chance to save anything more."""
         return self._end(signal.SIGKILL, STOP_TIMEOUT)
 
-    def restart(self, timeout: float = START_TIMEOUT) -> None:
+    def restart(self, timeout: float | None = None) -> None:
         """Stop if running, then start again on the same port with the same data directory."""
         if self.running:
             self.stop()
@@ -188,11 +207,11 @@ class _Peer:
         if proc is None:
             return None
         if proc.poll() is None:
-            proc.send_signal(sig)
+            self._signal(proc, sig)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                self._signal(proc, signal.SIGKILL)
                 proc.wait()
                 self._reap()
                 raise PeerError(
@@ -201,6 +220,13 @@ class _Peer:
         code = proc.returncode
         self._reap()
         return code
+
+    def _signal(self, proc: subprocess.Popen[bytes], sig: int) -> None:
+        if self.own_process_group and sig == signal.SIGKILL:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)  # the server too, not only the script that started it
+        else:
+            proc.send_signal(sig)
 
     def _reap(self) -> None:
         if self._proc is not None:
@@ -394,6 +420,81 @@ class VictoriaMetrics(_Peer):
         return out
 
 
+class RabbitMq(_Peer):
+    """A RabbitMQ node of its own (Debian's rabbitmq-server 3.10): node name, AMQP and distribution ports,
+    database, logs, config and Erlang cookie all under DIR, no plugins. It runs through Debian's launcher
+    script, which forwards SIGTERM to the Erlang VM for a clean stop; ``kill()`` SIGKILLs the whole
+    process group (the VM included). Starting takes a few seconds. Users: guest/guest (loopback)."""
+
+    binary = "rabbitmq-server"
+    scheme = "amqp"
+    own_process_group = True
+    start_timeout = 60.0  # an Erlang VM and a broker boot: ~5 s idle, much more on a loaded machine
+    LAUNCHER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the package's /usr/sbin one switches to user rabbitmq
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        super().__init__(directory, port)
+        self.dist_port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@{HOST}:{self._port}/"
+
+    @property
+    def nodename(self) -> str:
+        return f"iotgw-test-{self._port}@localhost"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "log" / f"{self.nodename}.log"
+
+    def _executable(self) -> str | None:
+        return self.LAUNCHER if Path(self.LAUNCHER).exists() else None
+
+    def _env(self) -> dict[str, str]:
+        (self.directory / "enabled_plugins").write_text("[].\n")
+        (self.directory / "rabbitmq.conf").write_text("log.console = false\nlog.file.level = info\n")
+        return {
+            "RABBITMQ_NODENAME": self.nodename, "RABBITMQ_NODE_IP_ADDRESS": HOST,
+            "RABBITMQ_NODE_PORT": str(self._port), "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.directory / "mnesia"), "RABBITMQ_LOG_BASE": str(self.directory / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.directory / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.directory / "rabbitmq"), "RABBITMQ_PID_FILE": str(self.directory / "pid"),
+            "HOME": str(self.directory),  # the Erlang cookie
+        }
+
+    def _command(self) -> list[str]:
+        return [self.binary]
+
+    def _ready(self) -> bool:
+        """The AMQP listener answers a protocol header with Connection.Start (a method frame)."""
+        try:
+            with socket.create_connection((HOST, self._port), timeout=1) as sock:
+                sock.sendall(b"AMQP\x00\x00\x09\x01")
+                return sock.recv(1)[:1] == b"\x01"
+        except OSError:
+            return False
+
+
+class RedisServer(_Peer):
+    """``redis-server --port PORT --appendonly yes --appendfsync always --dir DIR`` (Debian's 7.0): every
+    acknowledged write is on disk, so even ``kill()`` loses nothing it answered."""
+
+    binary = "redis-server"
+    scheme = "redis"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "redis.log"
+
+    def _command(self) -> list[str]:
+        return [
+            self.binary, "--port", str(self._port), "--bind", HOST, "--save", "", "--appendonly", "yes",
+            "--appendfsync", "always", "--dir", str(self.directory), "--logfile", str(self.log_path),
+            "--daemonize", "no",
+        ]
+
+
 class ExportedSeries(NamedTuple):
     name: str  # measurement_field
     labels: dict[str, str]  # the tags
@@ -563,6 +664,41 @@ async def jetstream_messages(
         await nc.close()
 
 
+class AmqpMessage(NamedTuple):
+    routing_key: str
+    body: bytes
+    message_id: str | None
+    content_type: str | None
+    message_type: str | None
+    headers: dict[str, Any]
+
+
+async def amqp_messages(url: str, queue: str, timeout: float = 10.0) -> list[AmqpMessage]:
+    """Everything waiting in ``queue``, oldest first (taken off the queue)."""
+    import aiormq  # noqa: PLC0415  only the RabbitMQ tests need it
+
+    async with asyncio.timeout(timeout), aiormq.connect(url) as connection:
+        channel = await connection.channel()
+        out: list[AmqpMessage] = []
+        while True:
+            message = await channel.basic_get(queue, no_ack=True)
+            if message.delivery_tag is None:  # Basic.GetEmpty
+                return out
+            p = message.header.properties
+            out.append(AmqpMessage(message.routing_key or "", message.body, p.message_id, p.content_type,
+                                   p.message_type, dict(p.headers or {})))
+
+
+async def amqp_publish(url: str, exchange: str, messages: Sequence[tuple[str, bytes]], timeout: float = 10.0) -> None:
+    """Publish to ``exchange`` (routing key, body) with publisher confirms, as a backbone application would."""
+    import aiormq  # noqa: PLC0415  only the RabbitMQ tests need it
+
+    async with asyncio.timeout(timeout), aiormq.connect(url) as connection:
+        channel = await connection.channel(publisher_confirms=True)
+        for key, body in messages:
+            await channel.basic_publish(body, exchange=exchange, routing_key=key)
+
+
 # -- fixtures (function scope: a fresh server, port and directory per test) ----------------------
 
 
@@ -590,3 +726,15 @@ def nats_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Na
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(name="rabbitmq")
+def rabbitmq_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMq]:
+    with RabbitMq(tmp_path_factory.mktemp("rabbitmq")) as server:
+        yield server
+
+
+@pytest.fixture(name="redis_server")
+def redis_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server

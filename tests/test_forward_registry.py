@@ -15,11 +15,11 @@ from gateway.config import ForwardSettings, parse_config
 from gateway.forward.registry import DESTINATIONS, FORWARD_TYPES, build_destination
 from pipeline.topics import DEFAULT_TEMPLATE, TopicTemplate
 
-CLIENT_LIBRARIES = ("paho", "nats", "aiokafka", "influxdb_client")
+CLIENT_LIBRARIES = ("paho", "nats", "aiokafka", "influxdb_client", "aiormq", "pamqp", "redis")
 
 
 def test_the_forward_union_names_each_registered_model_once() -> None:
-    assert FORWARD_TYPES == ("mqtt", "nats", "kafka", "influxdb")
+    assert FORWARD_TYPES == ("mqtt", "nats", "kafka", "influxdb", "rabbitmq", "redis")
     assert get_args(ForwardSettings) == tuple(entry.settings for entry in DESTINATIONS.values())
     for name, entry in DESTINATIONS.items():
         assert get_args(entry.settings.model_fields["type"].annotation) == (name,)
@@ -31,6 +31,8 @@ FORWARDS: dict[str, dict[str, Any]] = {
     "nats": {"url": "nats://central:4222", "topics": ["telemetry/#"], "stream": "S"},
     "kafka": {"url": "kafka://central:9092", "topics": ["telemetry/#"]},
     "influxdb": {"url": "http://tsdb:8086", "token": "t"},
+    "rabbitmq": {"url": "amqp://central:5672/", "topics": ["telemetry/#"], "subscribe": ["cmd/#"]},
+    "redis": {"url": "redis://central:6379/0", "topics": ["telemetry/#"]},
 }
 
 

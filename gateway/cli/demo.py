@@ -23,6 +23,7 @@ from firmware_sim.ble_sensor import BTHomeSensorSim
 from firmware_sim.fleet import Fleet, FleetEnv, FleetSpec, parse_fleet
 from gateway.app import Gateway
 from gateway.config import GatewayConfig, parse_config
+from gateway.portal.define import DEMO_PORTAL_FILE
 
 BLE_ADDRESS = "A4:C1:38:00:00:01"
 DEMO_FLEET = """
@@ -62,6 +63,7 @@ def demo_config(data_dir: Path, mqtt_port: int, *, host: str = "127.0.0.1") -> G
         "broker": {"host": host, "port": mqtt_port, "allow_anonymous": "loopback"},
         "storage": {"data_dir": str(data_dir)},
         "ble": {"backend": "simulated"},
+        "catalog": {"portal_file": str(Path(data_dir) / DEMO_PORTAL_FILE)},  # what the dashboard's portal defines
     }
     fleet = Fleet(demo_fleet(), _env(parse_config(raw)))
     raw["devices"] = [*fleet.gateway_devices(),

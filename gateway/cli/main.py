@@ -19,10 +19,12 @@ from typing import Any
 from firmware_sim.pty import SocatError
 from gateway.broker.auth import DEFAULT_ITERATIONS, AuthError, BrokerSecurity, hash_password, update_password_file
 from gateway.cli.serve import DEMO_HTTP_PORT, EXIT_USAGE, cmd_demo, cmd_run
-from gateway.config import DEFAULT_METRIC_RULES, GatewayConfig, StorageSettings, load_config
+from gateway.config import DEFAULT_METRIC_RULES, GatewayConfig, StorageSettings, load_config, parse_config
 from gateway.errors import ConfigError, GatewayError
 from gateway.ops.logs import setup_logging
 from gateway.ops.systemd import SERVICE_USER, MissingToolError, default_executable, install
+from gateway.portal import with_applications
+from gateway.portal.define import DEMO_PORTAL_FILE
 from gateway.query import (
     QueryError,
     iso_ms,
@@ -202,11 +204,21 @@ def cmd_catalog(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
     config = config.with_overrides(data_dir=args.data_dir)
+    demo_portal = config.storage.data_dir / DEMO_PORTAL_FILE
+    if not args.config and demo_portal.exists():  # what `iotgw demo`'s portal defined
+        try:
+            config = parse_config({"storage": {"data_dir": str(config.storage.data_dir)},
+                                   "catalog": {"portal_file": str(demo_portal)}})
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            return EXIT_USAGE
     catalog = Catalog(TopicTemplate(config.topics.template), config.catalog.all_types, strict=config.catalog.strict)
     producers, consumers = read_traffic(config.storage.data_dir)
     if args.format == "asyncapi":
         document = asyncapi_document(catalog, host=config.broker.host, port=config.broker.port, site=config.site,
                                      producers=producers, consumers=consumers)
+        document = with_applications(document, config.catalog, catalog, producers, consumers)
         json.dump(document, sys.stdout, indent=2, ensure_ascii=False)
         print()
         return 0

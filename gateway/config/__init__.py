@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 
 from gateway.config.broker import Access, AclRule, BrokerListener, BrokerSettings, BrokerTls
-from gateway.config.catalog import CatalogField, CatalogSettings, CatalogType, CatalogValue
+from gateway.config.catalog import CatalogApplication, CatalogField, CatalogSettings, CatalogType, CatalogValue
 from gateway.config.devices import (
     BAUDRATES,
     DEFAULT_DEVICE_CLASS,
@@ -58,6 +58,8 @@ from gateway.forward.influxdb.settings import (
 from gateway.forward.kafka.settings import KafkaForward
 from gateway.forward.mqtt.settings import MqttForward, RewriteRule, TlsSettings
 from gateway.forward.nats.settings import NatsForward
+from gateway.forward.rabbitmq.settings import RabbitForward
+from gateway.forward.redis.settings import RedisForward
 from gateway.forward.registry import FORWARD_TYPES, Forward, ForwardSettings
 from gateway.forward.settings import ForwardSettingsBase, forward_topics
 from gateway.settings import Level, Model, SecretEnv, SecretFile
@@ -80,6 +82,7 @@ __all__ = [
     "BrokerListener",
     "BrokerSettings",
     "BrokerTls",
+    "CatalogApplication",
     "CatalogField",
     "CatalogSettings",
     "CatalogType",
@@ -104,7 +107,9 @@ __all__ = [
     "NameTemplate",
     "NatsForward",
     "PipelineSettings",
+    "RabbitForward",
     "RateRuleSettings",
+    "RedisForward",
     "RewriteRule",
     "RuleSettings",
     "SecretEnv",

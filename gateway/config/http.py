@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway.settings import Model
 
@@ -56,6 +57,18 @@ class HttpSettings(Model):
     token_file: Path | None = None
     token_env: str | None = Field(default=None, min_length=1)
     require_token: bool = Field(default=False, description="also on loopback")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="names the API is reached by besides its address, localhost, 127.0.0.1 "
+        "and [::1] (a DNS name, a reverse proxy's): any other Host header is refused (DNS rebinding)",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+)(:\d{1,5})?", host):
+                raise ValueError(f"{host!r}: a host name or address, optionally with :port (no scheme, no path)")
+        return [h.lower().rstrip(".") for h in value]
 
     @model_validator(mode="after")
     def _token_where_needed(self) -> HttpSettings:

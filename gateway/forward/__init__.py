@@ -1,2 +1,3 @@
 """Forwarding to the central event backbone: a durable outbox per destination, and destinations
-(MQTT, NATS JetStream, Kafka, InfluxDB), one package each with its settings, registered by type name."""
+(MQTT, NATS JetStream, Kafka, InfluxDB, RabbitMQ, Redis Streams), one package each with its settings,
+registered by type name."""

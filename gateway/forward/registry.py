@@ -1,6 +1,6 @@
-"""Destinations by type name (``[[forward]] type = "mqtt" | "nats" | "kafka" | "influxdb"``): each type's
-settings model, which ``[[forward]]`` validates against, and its factory. A client library loads only
-when a destination of its type is built."""
+"""Destinations by type name (``[[forward]] type = "mqtt" | "nats" | "kafka" | "influxdb" | "rabbitmq" |
+"redis"``): each type's settings model, which ``[[forward]]`` validates against, and its factory. A client
+library loads only when a destination of its type is built."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import Field
 
-from gateway.forward import influxdb, kafka, mqtt, nats
+from gateway.forward import influxdb, kafka, mqtt, nats, rabbitmq, redis
 from gateway.forward.base import Destination
 from gateway.forward.influxdb import InfluxForward
 from gateway.forward.kafka import KafkaForward
 from gateway.forward.mqtt import MqttForward
 from gateway.forward.nats import NatsForward
+from gateway.forward.rabbitmq import RabbitForward
+from gateway.forward.redis import RedisForward
 from gateway.forward.settings import ForwardSettingsBase
 from pipeline.topics import DEFAULT_TEMPLATE, TopicTemplate
 
@@ -36,12 +38,14 @@ DESTINATIONS: Mapping[str, DestinationType[Any]] = MappingProxyType({
     "nats": DestinationType(NatsForward, nats.build),
     "kafka": DestinationType(KafkaForward, kafka.build),
     "influxdb": DestinationType(InfluxForward, influxdb.build),
+    "rabbitmq": DestinationType(RabbitForward, rabbitmq.build),
+    "redis": DestinationType(RedisForward, redis.build),
 })
 FORWARD_TYPES = tuple(DESTINATIONS)
 
 # The settings of one [[forward]]: the models of DESTINATIONS, told apart by ``type`` (written out for
 # the type checker; tests/test_forward_registry.py checks that it names each registered model).
-ForwardSettings = MqttForward | NatsForward | KafkaForward | InfluxForward
+ForwardSettings = MqttForward | NatsForward | KafkaForward | InfluxForward | RabbitForward | RedisForward
 Forward = Annotated[ForwardSettings, Field(discriminator="type")]
 
 

@@ -18,6 +18,7 @@ import errno
 import io
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -35,10 +36,14 @@ from gateway.alerts import Alert
 from gateway.config import HttpSettings
 from gateway.errors import GatewayError
 from gateway.http import models as m
+from gateway.http.answers import HttpError, bad, json_response, problem_response
 from gateway.http.auth import OPEN_PATHS, authorized
+from gateway.http.guard import cross_site_refusal, host_allowed
 from gateway.http.models import API
 from gateway.http.openapi import openapi_document
+from gateway.http.portal import PortalRoutes
 from gateway.http.views import AlertView, CatalogView, NoSignal, SignalView
+from gateway.portal import Portal
 from gateway.query import AGGREGATES, QueryError, iso_ms, parse_duration, parse_time, query_series
 from gateway.status import StatusSource
 from pipeline.db import SqliteThread
@@ -54,45 +59,31 @@ NICE_BUCKETS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200,
 _DASHBOARD = "dashboard"
 
 
-class HttpError(GatewayError):
-    """An answer other than 200, as a problem object."""
-
-    def __init__(self, status: int, title: str, detail: str, parameter: str | None = None) -> None:
-        super().__init__(detail)
-        self.problem = m.Problem(title=title, status=status, detail=detail, parameter=parameter)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 
-def _bad(parameter: str, detail: str) -> HttpError:
-    return HttpError(400, "Bad parameter", f"{parameter}: {detail}", parameter)
-
-
-def _problem_response(problem: m.Problem, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=problem.status, text=problem.model_dump_json(), content_type="application/problem+json",
-        headers=headers,
-    )
-
-
-def _json(model: BaseModel | list[BaseModel]) -> web.Response:
-    if isinstance(model, list):
-        body = "[" + ",".join(x.model_dump_json(by_alias=True) for x in model) + "]"
-    else:
-        body = model.model_dump_json(by_alias=True)
-    return web.Response(text=body, content_type="application/json")
+def spreadsheet_safe(value: object) -> object:
+    """A CSV cell a spreadsheet will not run: text starting with ``=``, ``+``, ``-``, ``@``, a tab or a
+    carriage return gets a leading ``'`` (CSV formula injection), unless it is a plain number (a
+    negative reading stays a number)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
 
 
 def _csv(header: list[str], rows: Iterable[Iterable[object]]) -> web.Response:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(header)
-    writer.writerows(["" if v is None else v for v in row] for row in rows)
+    writer.writerows(["" if v is None else spreadsheet_safe(v) for v in row] for row in rows)
     return web.Response(text=out.getvalue(), content_type="text/csv")
 
 
 def _format(request: web.Request) -> str:
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "csv"):
-        raise _bad("format", f"must be json or csv, not {fmt!r}")
+        raise bad("format", f"must be json or csv, not {fmt!r}")
     return fmt
 
 
@@ -203,9 +194,10 @@ class HttpApi:
     def __init__(
         self, status: StatusSource, settings: HttpSettings, *, data_dir: Path, catalog: CatalogView,
         alerts: AlertView, signal: SignalView | None = None, port_option: str = "[http] port",
-        fallback_to_any_port: bool = False,
+        fallback_to_any_port: bool = False, portal: Portal | None = None,
     ) -> None:
         self._status = status
+        self.portal = portal
         self.settings = settings
         self.catalog = catalog
         self.alerts = alerts
@@ -264,7 +256,7 @@ class HttpApi:
     # -- the application ----------------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors, self._auth])
+        app = web.Application(middlewares=[self._errors, self._same_site, self._auth])
         get = app.router.add_get
         get("/", self._index)
         app.router.add_static("/static/", Path(str(resources.files("gateway.http") / _DASHBOARD)), name="static")
@@ -279,6 +271,8 @@ class HttpApi:
         get(f"{API}/catalog", self._catalog)
         get(f"{API}/catalog/asyncapi.json", self._asyncapi)
         get(f"{API}/stats", self._stats)
+        if self.portal is not None:
+            PortalRoutes(self.portal).add_to(app, f"{API}/portal")
         return app
 
     @web.middleware
@@ -287,18 +281,42 @@ class HttpApi:
         try:
             return await handler(request)
         except HttpError as exc:
-            return _problem_response(exc.problem)
+            return problem_response(exc.problem)
         except web.HTTPException as exc:  # aiohttp's own 404 / 405
             if exc.status < 400:
                 raise
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-            return _problem_response(m.Problem(title=exc.reason, status=exc.status,
+            return problem_response(m.Problem(title=exc.reason, status=exc.status,
                                                detail=f"{request.method} {request.path}: {exc.reason.lower()}"),
                                      headers)
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.path)
-            return _problem_response(m.Problem(title="Internal error", status=500,
+            return problem_response(m.Problem(title="Internal error", status=500,
                                                detail="the gateway failed to answer; see its log"))
+
+    @web.middleware
+    async def _same_site(self, request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """DNS rebinding and cross-site requests: a Host the API does not serve is refused (421), and so is
+        a state-changing request from a page of another origin (403), before any token check."""
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        host = request.headers.get("Host", "")
+        if not self._serves(host):
+            return problem_response(m.Problem(
+                title="Misdirected Request", status=421,
+                detail=f"this API does not serve the host {host!r}: reach it by its address, or name the host "
+                       "in [http] allowed_hosts",
+            ))
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            refusal = cross_site_refusal(request.headers.get("Origin"), request.headers.get("Sec-Fetch-Site"), host)
+            if refusal is not None:
+                return problem_response(m.Problem(title="Forbidden", status=403, detail=refusal))
+        return await handler(request)
+
+    def _serves(self, host_header: str) -> bool:
+        return host_allowed(host_header, bound=self.settings.host, port=self.port,
+                            allowed=self.settings.allowed_hosts)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -307,7 +325,7 @@ class HttpApi:
         open_ = request.path in OPEN_PATHS or request.path == "/" or request.path.startswith("/static/")
         if self._token is not None and not open_ and not authorized(request.headers.get("Authorization"),
                                                                      self._token):
-            return _problem_response(
+            return problem_response(
                 m.Problem(title="Unauthorized", status=401,
                           detail="this gateway's API needs a bearer token: Authorization: Bearer <token>"),
                 {"WWW-Authenticate": 'Bearer realm="iotgw"'},
@@ -320,7 +338,7 @@ class HttpApi:
         return web.FileResponse(Path(str(resources.files("gateway.http") / _DASHBOARD / "index.html")))
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return _json(m.Health(status="ok"))
+        return json_response(m.Health(status="ok"))
 
     async def _readyz(self, request: web.Request) -> web.Response:
         status = self._status()
@@ -339,14 +357,14 @@ class HttpApi:
             detail = "; ".join(f"{k}: {v}" for k, v in down.items())
             return web.Response(status=503, text=m.Health(status="unavailable", checks=checks).model_dump_json(),
                                 content_type="application/json", reason=detail[:200])
-        return _json(m.Health(status="ok", checks=checks))
+        return json_response(m.Health(status="ok", checks=checks))
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self._registry)
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def _openapi(self, request: web.Request) -> web.Response:
-        return web.json_response(openapi_document(secured=self._token is not None))
+        return web.json_response(openapi_document(secured=self._token is not None, portal=self.portal is not None))
 
     async def _devices(self, request: web.Request) -> web.Response:
         fmt = _format(request)
@@ -370,7 +388,7 @@ class HttpApi:
                          "rssi_dbm", "battery_pct"],
                         ([d.device_id, d.transport, d.device_class, d.site, d.first_seen, d.last_seen,
                           " ".join(d.metrics), d.rssi_dbm, d.battery_pct] for d in devices))
-        return _json(list[BaseModel](devices))
+        return json_response(list[BaseModel](devices))
 
     def _rssi(self, device_id: str, stored: float | None) -> float | None:
         """What the radio reported, else the latest value of an ``rssi`` metric the device sent."""
@@ -386,7 +404,7 @@ class HttpApi:
         if fmt == "csv":
             return _csv(["device_id", "metric", "unit", "ts", "value"],
                         ([x.device_id, x.metric, x.unit, x.ts, repr(x.value)] for x in values))
-        return _json(list[BaseModel](values))
+        return json_response(list[BaseModel](values))
 
     async def _series(self, request: web.Request) -> web.Response:
         q = request.query
@@ -404,7 +422,7 @@ class HttpApi:
             if bucket_text is None:
                 count = store.count_range(device, metric, from_ms, to_ms)
                 if count > MAX_RAW_POINTS:
-                    raise _bad("bucket", f"{count} raw points in this range, at most {MAX_RAW_POINTS}: "
+                    raise bad("bucket", f"{count} raw points in this range, at most {MAX_RAW_POINTS}: "
                                          "give a bucket (e.g. bucket=auto or bucket=1m) or a shorter range")
                 bucket_ms = None
             elif bucket_text == "auto":
@@ -417,18 +435,18 @@ class HttpApi:
                 try:
                     bucket_ms = max(1, int(parse_duration(bucket_text).total_seconds() * 1000))
                 except ValueError as exc:
-                    raise _bad("bucket", f"{exc}, or auto") from None
+                    raise bad("bucket", f"{exc}, or auto") from None
             try:
                 points = query_series(store, device, metric, agg=agg, from_ms=from_ms, to_ms=to_ms,
                                       every=timedelta(milliseconds=bucket_ms) if bucket_ms else None)
             except QueryError as exc:
-                raise _bad("bucket", str(exc)) from None
+                raise bad("bucket", str(exc)) from None
             return unit, bucket_ms, [(p.ts_ms, p.value) for p in points]
 
         unit, bucket_ms, points = await self._store.run(run)
         if fmt == "csv":
             return _csv(["ts", "value"], ([iso_ms(ts), repr(v)] for ts, v in points))
-        return _json(m.Series.model_validate({
+        return json_response(m.Series.model_validate({
             "device_id": device, "metric": metric, "unit": unit, "agg": agg if bucket_ms else None,
             "bucket_ms": bucket_ms, "from": iso_ms(from_ms) if from_ms is not None else None,
             "to": iso_ms(to_ms) if to_ms is not None else None,
@@ -438,23 +456,23 @@ class HttpApi:
     def _series_params(self, q: Any) -> tuple[str, str, datetime | None, datetime | None, str, int]:
         device, metric = q.get("device"), q.get("metric")
         if not device:
-            raise _bad("device", "required: a device id (see /api/v1/devices)")
+            raise bad("device", "required: a device id (see /api/v1/devices)")
         if not metric:
-            raise _bad("metric", "required: a metric name (see /api/v1/devices)")
+            raise bad("metric", "required: a metric name (see /api/v1/devices)")
         now = datetime.now(UTC)
         start = self._time(q, "from", now)
         end = self._time(q, "to", now)
         if start is not None and end is not None and start > end:
-            raise _bad("from", "must not be after to")
+            raise bad("from", "must not be after to")
         agg = q.get("agg", "mean")
         if agg not in AGGREGATES:
-            raise _bad("agg", f"must be one of {', '.join(AGGREGATES)}, not {agg!r}")
+            raise bad("agg", f"must be one of {', '.join(AGGREGATES)}, not {agg!r}")
         try:
             points_wanted = int(q.get("points", str(AUTO_POINTS)))
         except ValueError:
-            raise _bad("points", "must be an integer from 1 to 5000") from None
+            raise bad("points", "must be an integer from 1 to 5000") from None
         if not 1 <= points_wanted <= 5000:
-            raise _bad("points", "must be an integer from 1 to 5000")
+            raise bad("points", "must be an integer from 1 to 5000")
         return device, metric, start, end, agg, points_wanted
 
     @staticmethod
@@ -466,23 +484,23 @@ class HttpApi:
             value = parse_time(text, now)
             value.timestamp()
         except (ValueError, OverflowError, OSError) as exc:
-            raise _bad(name, str(exc)) from None
+            raise bad(name, str(exc)) from None
         if not datetime(1970, 1, 1, tzinfo=UTC) <= value <= datetime(9999, 1, 1, tzinfo=UTC):
-            raise _bad(name, "must be between 1970 and 9999")
+            raise bad(name, "must be between 1970 and 9999")
         return value
 
     async def _alerts(self, request: web.Request) -> web.Response:
         try:
             limit = int(request.query.get("limit", "50"))
         except ValueError:
-            raise _bad("limit", "must be an integer from 1 to 1000") from None
+            raise bad("limit", "must be an integer from 1 to 1000") from None
         if not 1 <= limit <= 1000:
-            raise _bad("limit", "must be an integer from 1 to 1000")
-        return _json(m.Alerts(active=[_alert_out(a) for a in self.alerts.active()],
+            raise bad("limit", "must be an integer from 1 to 1000")
+        return json_response(m.Alerts(active=[_alert_out(a) for a in self.alerts.active()],
                               recent=[_alert_out(a) for a in self.alerts.recent(limit)]))
 
     async def _catalog(self, request: web.Request) -> web.Response:
-        return _json(m.Catalog(types=[
+        return json_response(m.Catalog(types=[
             m.EventTypeOut.model_validate({"type": t.type, "description": t.description, "topic": t.topic,
                                            "schema": t.schema, "producers": list(t.producers),
                                            "consumers": list(t.consumers)})
@@ -490,8 +508,11 @@ class HttpApi:
         ]))
 
     async def _asyncapi(self, request: web.Request) -> web.Response:
-        return web.json_response(self.catalog.asyncapi())
+        document = self.catalog.asyncapi()
+        if self.portal is not None:
+            document = self.portal.asyncapi(document)
+        return web.json_response(document)
 
     async def _stats(self, request: web.Request) -> web.Response:
-        return _json(self._status())
+        return json_response(self._status())
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from gateway.config.catalog import CatalogType
 from gateway.http import models as m
 from gateway.http.models import API
 from gateway.query import AGGREGATES
@@ -54,14 +55,56 @@ def _get(summary: str, ok: dict[str, Any], params: list[dict[str, Any]] | None =
 
 @cache
 def _schemas() -> dict[str, Any]:
-    _, top = models_json_schema([(model, "serialization") for model in m.RESPONSE_MODELS],
+    _, top = models_json_schema([*((model, "serialization") for model in m.RESPONSE_MODELS),
+                                 (CatalogType, "validation")],  # the portal's definitions, as catalog files hold them
                                 ref_template="#/components/schemas/{model}")
     defs: dict[str, Any] = top["$defs"]
     return defs
 
 
-def openapi_document(*, secured: bool) -> dict[str, Any]:
-    """The document; ``secured``: whether this gateway requires a bearer token (then declared globally)."""
+def _portal_paths(secured: bool) -> dict[str, Any]:
+    unsafe = {
+        "403": _problem("A page of another origin, or a Host this API does not serve (421)"),
+        "409": _problem("This gateway takes no definitions (no [catalog] portal_file)"),
+        "415": _problem("The body is not application/json"),
+        "422": {"description": "The catalog refuses the definition; `errors` names each field at fault",
+                "content": {_PROBLEM: {"schema": _ref("ValidationProblem")}}},
+        "400": _problem("The body is not JSON"),
+    }
+    if secured:
+        unsafe["401"] = _problem("No or wrong bearer token (only when the gateway requires one)")
+    types = _get("Event types with their versions side by side, what changed between them, learned and declared "
+                 "producers and consumers; searched by name, field, topic or producer",
+                 _ok(_ref("PortalTypes")),
+                 [_param("q", "search terms, all of which must match; scoped as name:, field:, topic: (a pattern or "
+                                "a concrete topic), producer:, consumer:", {"type": "string", "maxLength": 500})],
+                 secured=secured)
+    types["post"] = {
+        "summary": "Define an event type, or a new version of one: checked as catalog files are, written to the "
+                   "portal's catalog file, applied",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("CatalogType")}}},
+        "responses": {"201": {"description": "Defined and applied",
+                              "content": {"application/json": {"schema": _ref("Defined")}}}, **unsafe},
+    }
+    return {
+        f"{API}/portal/types": types,
+        f"{API}/portal/applications": _get("Declared applications with the events they produce and consume, each "
+                                           "marked seen or not, and what was seen but declared by none",
+                                           _ok(_ref("Applications")), secured=secured),
+        f"{API}/portal/subscriptions": _get(
+            "Subscription tester: the event types and the live topics a filter matches",
+            _ok(_ref("SubscriptionTest")),
+            [_param("filter", "a topic filter, MQTT (+ #) or Solace/NATS (* >) syntax",
+                    {"type": "string", "minLength": 1}, required=True),
+             _param("syntax", "how to read it (auto: by its wildcards)", {"type": "string",
+                                                                            "enum": ["auto", "mqtt", "smf"]})],
+            secured=secured),
+    }
+
+
+def openapi_document(*, secured: bool, portal: bool = True) -> dict[str, Any]:
+    """The document; ``secured``: whether this gateway requires a bearer token (then declared globally);
+    ``portal``: whether it serves the event portal's endpoints."""
     array = {"type": "array"}
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -114,6 +157,8 @@ def openapi_document(*, secured: bool) -> dict[str, Any]:
         },
         "components": {"schemas": _schemas()},
     }
+    if portal:
+        doc["paths"].update(_portal_paths(secured))
     if secured:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         doc["security"] = [{"bearer": []}]

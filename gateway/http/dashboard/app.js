@@ -257,6 +257,265 @@ async function loadCatalog() {
   root.dataset.types = String(catalog.types.length);
 }
 
+// -- the event portal --------------------------------------------------------------------------------
+// Types searched and grouped by version (side by side, changes marked), the subscription tester,
+// applications beside learned traffic, and the definition form (errors shown next to their fields).
+
+const CATALOG_FIELD_TYPES = ["number", "integer", "string", "boolean", "datetime"];
+
+function badge(text, kind) { return el("span", { class: `badge ${kind}` }, text); }
+
+function who(list, declaredKey) {
+  if (!list.length) return el("span", { class: "hint" }, "none seen");
+  return el("span", {}, ...list.map((x, i) => el("span", { "data-client": x.client },
+    i ? ", " : "", x.client + (x.filter ? ` (${x.filter})` : ""),
+    x[declaredKey] === false ? badge("undeclared", "warn") : "")));
+}
+
+function declaredList(list) {
+  if (!list.length) return el("span", { class: "hint" }, "no application declares it");
+  return el("span", {}, ...list.map((d, i) => el("span", { "data-application": d.application }, i ? ", " : "",
+    d.application, d.seen ? badge("seen", "ok") : badge("never seen", "warn"))));
+}
+
+function fieldCell(f) {
+  if (!f) return "–";
+  const range = f.minimum !== null || f.maximum !== null ? ` ${f.minimum ?? ""}..${f.maximum ?? ""}` : "";
+  return `${f.type}${f.required ? "" : "?"}${f.unit ? " [" + f.unit + "]" : ""}${range}`;
+}
+
+function versionsTable(group) {
+  const names = [];
+  for (const v of group.versions) for (const f of v.fields) if (!names.includes(f.name)) names.push(f.name);
+  const changes = new Map(); // "version/field" -> kind
+  for (const step of group.steps) for (const c of step.changes) changes.set(`${step.after}/${c.field}`, c.kind);
+  const head = el("tr", {}, el("th", { scope: "col" }, "field"),
+    ...group.versions.map((v) => el("th", { scope: "col", "data-version": v.version, class: v.matched ? "hit" : "" },
+      `${v.version}${v.builtin ? " (built-in)" : ""}`)));
+  const rows = names.map((name) => el("tr", { "data-field-name": name }, el("th", { scope: "row" }, name),
+    ...group.versions.map((v) => {
+      const f = v.fields.find((x) => x.name === name);
+      const kind = changes.get(`${v.version}/${name}`) || (f ? "" : (changes.get(`${v.version}/${name}`) || ""));
+      return el("td", { class: kind, "data-version": v.version, title: f ? f.description : "" },
+        f ? fieldCell(f) : (kind === "removed" ? "removed" : "–"));
+    })));
+  return el("table", { class: "versions" }, el("caption", {}, "Data fields by version"), el("thead", {}, head),
+    el("tbody", {}, ...rows));
+}
+
+function stepList(group) {
+  if (!group.steps.length) return el("p", { class: "hint" }, "One version.");
+  return el("ul", { class: "steps" }, ...group.steps.map((step) => el("li", { "data-step": `${step.before}>${step.after}` },
+    `${step.before} → ${step.after} `, step.compatible ? badge("compatible", "ok") : badge("new major", "warn"), ": ",
+    step.changes.length ? step.changes.map((c) => c.kind === "added" ? `+ ${c.field} ${c.after}` :
+      c.kind === "removed" ? `− ${c.field}` : `${c.field}: ${c.before} → ${c.after}`).join("; ") : "no field changes")));
+}
+
+function groupView(group) {
+  const latest = group.versions[group.versions.length - 1];
+  const matched = group.versions.some((v) => v.matched);
+  const perVersion = group.versions.map((v) => el("div", { class: "who", "data-version": v.version },
+    el("h4", {}, `${v.version} · `, el("code", {}, v.topic)), el("p", { class: "hint" }, `${v.description} — from ${v.source}`),
+    el("dl", {}, el("dt", {}, "Producers seen"), el("dd", {}, who(v.producers, "declared")),
+      el("dt", {}, "Declared producers"), el("dd", {}, declaredList(v.declared_producers)),
+      el("dt", {}, "Consumers seen"), el("dd", {}, who(v.consumers, "declared")),
+      el("dt", {}, "Declared consumers"), el("dd", {}, declaredList(v.declared_consumers)))));
+  const details = el("details", { "data-type-group": group.name, class: matched ? "matched" : "" },
+    el("summary", {}, `${group.name} `, el("span", { class: "hint" }, group.versions.map((v) => v.version).join(", "))),
+    versionsTable(group), stepList(group), ...perVersion);
+  if (!latest.builtin && latest.metric) {
+    const next = el("button", { type: "button", "data-new-version": group.name }, "New version of this type…");
+    next.addEventListener("click", () => prefillDefinition(latest));
+    details.append(next);
+  }
+  return details;
+}
+
+let portalQuery = "";
+async function loadPortal() {
+  const q = document.getElementById("portal-q").value.trim();
+  const [types, apps] = await Promise.all([api(`/api/v1/portal/types?q=${encodeURIComponent(q)}`),
+    api("/api/v1/portal/applications")]);
+  portalQuery = types.query;
+  const root = document.getElementById("portal-types");
+  const open = new Set([...root.querySelectorAll("details[open]")].map((d) => d.dataset.typeGroup));
+  root.replaceChildren(...types.types.map(groupView));
+  root.querySelectorAll("details").forEach((d) => { if (open.has(d.dataset.typeGroup) || (q && d.classList.contains("matched"))) d.open = true; });
+  root.dataset.groups = String(types.types.length);
+  root.dataset.query = portalQuery;
+  document.getElementById("portal-count").textContent = `${types.types.length} type(s)`;
+  document.getElementById("define-where").textContent = types.portal_file ?
+    `Definitions are checked as catalog files are, written to ${types.portal_file} and applied at once.` :
+    "This gateway takes no definitions here (no [catalog] portal_file).";
+  renderApps(apps);
+}
+
+function renderApps(apps) {
+  const rows = apps.applications.map((a) => [
+    el("span", { "data-app": a.name }, a.name, a.owner ? el("span", { class: "hint" }, ` (${a.owner})`) : ""),
+    a.clients.join(", ") || "–",
+    el("span", {}, ...a.events.filter((e) => e.role === "produces").map((e, i) => el("span", { "data-app-event": `${a.name}/produces/${e.type}` },
+      i ? ", " : "", e.type, e.seen ? badge("seen", "ok") : badge("declared, never seen", "warn")))),
+    el("span", {}, ...a.events.filter((e) => e.role === "consumes").map((e, i) => el("span", { "data-app-event": `${a.name}/consumes/${e.type}` },
+      i ? ", " : "", e.type, e.seen ? badge("seen", "ok") : badge("declared, never seen", "warn")))),
+  ]);
+  const root = document.getElementById("portal-apps");
+  root.replaceChildren(
+    rows.length ? table("Declared applications", ["application", "clients", "produces", "consumes"], rows)
+      : el("p", { class: "hint" }, "No applications declared."),
+    apps.undeclared.length ? table("Seen, but declared by no application", ["client", "role", "event type", "its application"],
+      apps.undeclared.map((u) => [el("span", { "data-undeclared": `${u.client}/${u.role}/${u.type}` }, u.client), u.role, u.type,
+        u.application || "none"])) : el("p", { class: "hint" }, "Everything seen is declared."));
+  root.dataset.apps = String(apps.applications.length);
+  root.dataset.undeclared = String(apps.undeclared.length);
+}
+
+async function testSubscription(ev) {
+  ev.preventDefault();
+  const filter = document.getElementById("sub-filter").value.trim();
+  const syntax = document.getElementById("sub-syntax").value;
+  const root = document.getElementById("sub-result");
+  const headers = state.token ? { Authorization: "Bearer " + state.token } : {};
+  const response = await fetch(`/api/v1/portal/subscriptions?filter=${encodeURIComponent(filter)}&syntax=${syntax}`,
+    { headers, cache: "no-store" });
+  const body = await response.json();
+  if (!response.ok) {
+    root.replaceChildren(el("p", { class: "error", "data-error-for": "filter" }, body.detail));
+    root.dataset.types = "0"; root.dataset.topics = "0";
+    return;
+  }
+  root.replaceChildren(
+    el("p", {}, `Read as ${body.syntax === "smf" ? "Solace/NATS" : "MQTT"} syntax: ${body.types.length} event type(s), ` +
+      `${body.topics.length} live topic(s).`),
+    table("Event types it receives", ["type", "version", "topic pattern"],
+      body.types.map((t) => [el("span", { "data-match-type": t.key }, t.type), t.version, el("code", {}, t.topic)])),
+    table("Live topics it matches (newest first)", ["topic", "event type", "messages", "last seen"],
+      body.topics.map((t) => [el("code", { "data-match-topic": t.topic }, t.topic), t.type || "none", t.messages, ago(t.last_seen)])));
+  root.dataset.types = String(body.types.length);
+  root.dataset.topics = String(body.topics.length);
+}
+
+// -- the definition form ---------------------------------------------------------------------------
+
+function fieldRow(spec = {}) {
+  const row = el("div", { class: "field-row" });
+  const input = (attr, label, attrs = {}) => {
+    const id = `d-f-${Math.random().toString(36).slice(2)}`;
+    const node = attr === "type" ? el("select", { id, "data-attr": attr, ...attrs },
+      ...CATALOG_FIELD_TYPES.map((t) => el("option", { value: t }, t))) : el("input", { id, "data-attr": attr, ...attrs });
+    if (attr === "required") node.type = "checkbox";
+    row.append(el("label", { for: id }, label), node, el("span", { class: "error", "data-attr-error": attr, role: "alert" }));
+    return node;
+  };
+  input("name", "name", { size: 12 }).value = spec.name || "";
+  input("type", "type").value = spec.type || "number";
+  input("unit", "unit", { size: 6 }).value = spec.unit || "";
+  input("required", "required").checked = Boolean(spec.required);
+  input("minimum", "min", { size: 6, inputmode: "decimal" }).value = spec.minimum ?? "";
+  input("maximum", "max", { size: 6, inputmode: "decimal" }).value = spec.maximum ?? "";
+  input("description", "description", { size: 20 }).value = spec.description || "";
+  const remove = el("button", { type: "button" }, "Remove");
+  remove.addEventListener("click", () => row.remove());
+  row.append(remove);
+  document.getElementById("d-field-rows").append(row);
+  return row;
+}
+
+const number = (text) => (text.trim() === "" ? null : (Number.isFinite(Number(text)) ? Number(text) : text.trim()));
+
+function definitionBody() {
+  const v = (id) => document.getElementById(id).value.trim();
+  const value = { unit: v("d-unit") || null, minimum: number(v("d-min")), maximum: number(v("d-max")) };
+  const fields = {};
+  for (const row of document.querySelectorAll("#d-field-rows .field-row")) {
+    const get = (attr) => row.querySelector(`[data-attr="${attr}"]`);
+    const name = get("name").value.trim();
+    if (!name) continue;
+    fields[name] = { type: get("type").value, unit: get("unit").value.trim() || null, required: get("required").checked,
+      minimum: number(get("minimum").value), maximum: number(get("maximum").value), description: get("description").value.trim() };
+  }
+  return { name: v("d-name"), version: v("d-version"), metric: v("d-metric"),
+    device_classes: v("d-classes").split(",").map((x) => x.trim()).filter(Boolean), description: v("d-description"),
+    value, fields };
+}
+
+function clearErrors() {
+  const form = document.getElementById("define-form");
+  form.querySelectorAll(".error").forEach((e) => { e.textContent = ""; });
+  form.querySelectorAll("[aria-invalid]").forEach((e) => e.removeAttribute("aria-invalid"));
+}
+
+function showError(field, message) {
+  // fields.<name>.<attr>: the row of that extra field; fields.<name>: its name; else the named input
+  const match = /^fields\.([^.]+)(?:\.(\w+))?$/.exec(field);
+  if (match) {
+    const row = [...document.querySelectorAll("#d-field-rows .field-row")]
+      .find((r) => r.querySelector('[data-attr="name"]').value.trim() === match[1]);
+    if (row) {
+      const attr = match[2] || "name";
+      row.querySelector(`[data-attr-error="${attr}"]`).textContent = message;
+      row.querySelector(`[data-attr="${attr}"]`)?.setAttribute("aria-invalid", "true");
+      return;
+    }
+  }
+  const span = document.querySelector(`#define-form [data-error-for="${field}"]`) ||
+    document.querySelector('#define-form [data-error-for=""]');
+  span.textContent += (span.textContent ? " " : "") + message;
+  document.querySelector(`#define-form [data-field="${field}"]`)?.setAttribute("aria-invalid", "true");
+}
+
+async function submitDefinition(ev) {
+  ev.preventDefault();
+  clearErrors();
+  const result = document.getElementById("define-result");
+  result.textContent = "checking…"; result.className = ""; delete result.dataset.key;
+  const headers = { "Content-Type": "application/json" };
+  if (state.token) headers.Authorization = "Bearer " + state.token;
+  const response = await fetch("/api/v1/portal/types", { method: "POST", headers, body: JSON.stringify(definitionBody()) });
+  const body = await response.json();
+  if (response.status === 201) {
+    result.textContent = `${body.type} ${body.version} defined in ${body.file} and applied.`;
+    result.className = "ok"; result.dataset.key = body.key;
+    await Promise.all([loadPortal(), loadCatalog()]);
+    return;
+  }
+  result.textContent = response.status === 422 ? "Not defined: see the problems next to the fields." : body.detail;
+  result.className = "bad";
+  for (const problem of body.errors || []) showError(problem.field, problem.message);
+}
+
+function prefillDefinition(v) {
+  const [major, minor] = v.version.split(".").map(Number);
+  const set = (id, value) => { document.getElementById(id).value = value ?? ""; };
+  const valueField = v.fields.find((f) => f.name === "value") || {};
+  set("d-name", v.type); set("d-version", `${major}.${minor + 1}`); set("d-metric", v.metric);
+  set("d-classes", v.device_classes.join(", ")); set("d-description", v.description);
+  set("d-unit", valueField.unit); set("d-min", valueField.minimum); set("d-max", valueField.maximum);
+  document.getElementById("d-field-rows").replaceChildren();
+  for (const name of v.extra_fields) {
+    const f = v.fields.find((x) => x.name === name);
+    fieldRow({ name, type: f.type.includes("date-time") ? "datetime" : f.type.split(/[ |]/)[0], unit: f.unit,
+      required: f.required, minimum: f.minimum, maximum: f.maximum, description: f.description });
+  }
+  clearErrors();
+  document.getElementById("define-form").scrollIntoView();
+}
+
+let searchTimer = null;
+function setupPortal() {
+  document.getElementById("portal-q").addEventListener("input", () => {
+    clearTimeout(searchTimer); searchTimer = setTimeout(() => loadPortal().catch(portalFailed), 250);
+  });
+  document.getElementById("sub-form").addEventListener("submit", (ev) => testSubscription(ev).catch(portalFailed));
+  document.getElementById("define-form").addEventListener("submit", (ev) => submitDefinition(ev).catch(portalFailed));
+  document.getElementById("d-add-field").addEventListener("click", () => fieldRow());
+}
+
+function portalFailed(err) {
+  const result = document.getElementById("define-result");
+  result.textContent = err.message; result.className = "bad";
+}
+
 // -- the loop --------------------------------------------------------------------------------------
 
 let timer = null;
@@ -265,7 +524,7 @@ async function refresh() {
   try {
     const latest = await loadDevices();
     const jobs = [loadCharts(latest), loadAlerts(), loadHealth()];
-    if (state.polls % CATALOG_EVERY === 0) jobs.push(loadCatalog());
+    if (state.polls % CATALOG_EVERY === 0) jobs.push(loadCatalog(), loadPortal());
     await Promise.all(jobs);
     state.polls += 1;
     document.body.dataset.rendered = String(state.polls);
@@ -278,6 +537,7 @@ async function refresh() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  setupPortal();
   document.querySelectorAll("[data-range]").forEach((b) => b.addEventListener("click", () => {
     state.span = RANGES[b.dataset.range]; state.fit = false; setWindow(true);
   }));

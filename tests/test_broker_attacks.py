@@ -83,7 +83,6 @@ def _limits(gw: GatewayThread) -> dict[str, int]:
 # -- 1. wills ----------------------------------------------------------------------------------------
 
 
-@OPEN
 def test_a_will_is_checked_against_the_write_acl(tmp_path: Path, port: int) -> None:
     """bwriter may write b/# only: a will on a/..., on another device's raw telemetry or on a $ topic
     is refused with the CONNECT, so it is never delivered, retained or stored."""
@@ -117,7 +116,6 @@ def test_a_will_is_checked_against_the_write_acl(tmp_path: Path, port: int) -> N
 # -- 2. client-id takeover ------------------------------------------------------------------------------
 
 
-@OPEN
 def test_another_user_cannot_take_over_a_persistent_session(tmp_path: Path, port: int) -> None:
     with GatewayThread(_secure(tmp_path, port)) as gw:
         owner = Client(port, "dev-1", username="alice", password="a", clean=False)
@@ -139,7 +137,6 @@ def test_another_user_cannot_take_over_a_persistent_session(tmp_path: Path, port
     assert denied["client_id"] == 1
 
 
-@OPEN
 def test_another_user_cannot_take_over_a_live_session(tmp_path: Path, port: int) -> None:
     with GatewayThread(_secure(tmp_path, port)):
         owner = Client(port, "dev-2", username="alice", password="a")
@@ -155,7 +152,6 @@ def test_another_user_cannot_take_over_a_live_session(tmp_path: Path, port: int)
     assert got[-1][0] == "t/after"
 
 
-@OPEN
 def test_the_same_user_taking_over_disconnects_the_old_connection(tmp_path: Path, port: int) -> None:
     """[MQTT-3.1.4-2]: the server disconnects the existing client; what the old socket sends after that
     is neither acknowledged nor relayed."""
@@ -187,7 +183,6 @@ def test_the_same_user_taking_over_disconnects_the_old_connection(tmp_path: Path
 # -- 3. restored sessions keep their identity -----------------------------------------------------------
 
 
-@OPEN
 def test_restored_sessions_keep_their_owner(tmp_path: Path, port: int) -> None:
     """After a restart, messages for an offline persistent session are checked against its owner's
     rights (not an anonymous client's), and only its owner may resume it."""
@@ -210,7 +205,6 @@ def test_restored_sessions_keep_their_owner(tmp_path: Path, port: int) -> None:
     assert got == [("d/x", b"while away", False)]
 
 
-@OPEN
 def test_an_anonymous_loopback_device_resumes_its_session_after_a_restart(tmp_path: Path, port: int) -> None:
     config = _config(tmp_path, port, allow_anonymous="loopback")
     with GatewayThread(config):
@@ -255,7 +249,6 @@ def _ws_offend(ws_port: int, frames: list[bytes], *, timeout: float = 10) -> boo
     return False
 
 
-@OPEN
 def test_websocket_clients_go_through_the_packet_firewall(ws_gateway: tuple[GatewayThread, int]) -> None:
     gw, ws_port = ws_gateway
     watcher = Paho(gw.port, "ws-watch", subscribe=[("#", 0)])
@@ -278,7 +271,6 @@ def test_websocket_clients_go_through_the_packet_firewall(ws_gateway: tuple[Gate
 # -- 5. stalled CONNECTs and connection floods -----------------------------------------------------------
 
 
-@OPEN
 def test_a_connect_must_arrive_whole_within_the_deadline(tmp_path: Path, port: int) -> None:
     with GatewayThread(_config(tmp_path, port, allow_anonymous=True, connect_timeout_s=1)) as gw:
         one_byte = RawClient(port, timeout=6)
@@ -298,7 +290,6 @@ def test_a_connect_must_arrive_whole_within_the_deadline(tmp_path: Path, port: i
     assert offences.get("connect_timeout") == 2
 
 
-@OPEN
 def test_connections_are_capped_in_total_and_per_address(tmp_path: Path, port: int) -> None:
     config = _config(tmp_path, port, allow_anonymous=True, max_connections=6, max_connections_per_address=4,
                      connect_timeout_s=30)
@@ -336,7 +327,6 @@ def _relay_rate(port: int, sub: RawClient, topic: str, count: int) -> float:
     return count / elapsed
 
 
-@OPEN
 def test_unrelated_filters_do_not_slow_delivery(tmp_path: Path, port: int) -> None:
     with GatewayThread(_config(tmp_path, port, allow_anonymous=True, max_filters_per_client=20_000)):
         sub = RawClient(port)
@@ -358,7 +348,6 @@ def test_unrelated_filters_do_not_slow_delivery(tmp_path: Path, port: int) -> No
     assert after >= 0.5 * before, f"{after:.0f} msg/s with 20,000 unrelated filters, {before:.0f} without"
 
 
-@OPEN
 def test_filters_per_client_are_capped(tmp_path: Path, port: int) -> None:
     with GatewayThread(_config(tmp_path, port, allow_anonymous=True, max_filters_per_client=3)) as gw:
         client = Paho(port, "greedy")
@@ -373,7 +362,6 @@ def test_filters_per_client_are_capped(tmp_path: Path, port: int) -> None:
 # -- 7. ghost sessions ----------------------------------------------------------------------------------
 
 
-@OPEN
 def test_ghost_sessions_are_bounded_and_expire(tmp_path: Path, port: int) -> None:
     """Persistent sessions nobody resumes: their number, the bytes they hold (memory and
     sessions.sqlite3) and their lifetime are bounded."""
@@ -414,7 +402,6 @@ def test_ghost_sessions_are_bounded_and_expire(tmp_path: Path, port: int) -> Non
 # -- 8. retained messages -------------------------------------------------------------------------------
 
 
-@OPEN
 def test_retained_messages_are_bounded_and_survive_kill_9(
     tmp_path: Path, port: int, gateway_process: type[GatewayProcess]
 ) -> None:
@@ -439,7 +426,6 @@ def test_retained_messages_are_bounded_and_survive_kill_9(
     assert got == [("ret/0", b"replaced 0")] + [(f"ret/{i}", f"kept {i}".encode()) for i in range(1, 5)]
 
 
-@OPEN
 def test_retained_refusals_are_counted(tmp_path: Path, port: int) -> None:
     config = _config(tmp_path, port, allow_anonymous=True, max_retained_messages=2, max_retained_bytes=10_000)
     with GatewayThread(config) as gw:
@@ -457,7 +443,6 @@ def test_retained_refusals_are_counted(tmp_path: Path, port: int) -> None:
 # -- 9. QoS 2 ------------------------------------------------------------------------------------------
 
 
-@OPEN
 def test_a_qos2_message_answered_with_pubrec_survives_kill_9(
     tmp_path: Path, port: int, gateway_process: type[GatewayProcess]
 ) -> None:
@@ -490,7 +475,6 @@ def test_a_qos2_message_answered_with_pubrec_survives_kill_9(
     assert got == [("q2/x", b"exactly once")]
 
 
-@OPEN
 def test_a_reconnecting_qos2_publisher_is_read_at_once(tmp_path: Path, port: int) -> None:
     with GatewayThread(_config(tmp_path, port, allow_anonymous=True)):
         raw = RawClient(port)
@@ -514,9 +498,8 @@ def test_a_reconnecting_qos2_publisher_is_read_at_once(tmp_path: Path, port: int
 # -- 11. login floods ------------------------------------------------------------------------------------
 
 
-@OPEN
 def test_a_login_flood_from_one_address_does_not_delay_other_logins(tmp_path: Path, port: int) -> None:
-    iterations = 50_000
+    iterations = 400_000  # about 0.3 s a hash here; a Pi's core takes that long at the default 50,000
     started = time.perf_counter()
     hash_password("probe", iterations=iterations)
     one_hash = time.perf_counter() - started
@@ -539,7 +522,8 @@ def test_a_login_flood_from_one_address_does_not_delay_other_logins(tmp_path: Pa
             raw.close()
         limits = _limits(gw)
     assert alice.accepted
-    assert waited < 4 * one_hash + 1, f"a real login waited {waited:.1f} s (one hash: {one_hash:.2f} s)"
+    # behind the flood's two hashes at most (and its own), not behind forty
+    assert waited < 5 * one_hash + 0.5, f"a real login waited {waited:.1f} s (one hash: {one_hash:.2f} s)"
     assert set(answers) <= {NOT_AUTHORIZED - 130, SERVER_UNAVAILABLE}
     assert limits["logins_throttled"] >= 30
 
@@ -547,7 +531,6 @@ def test_a_login_flood_from_one_address_does_not_delay_other_logins(tmp_path: Pa
 # -- 12. smaller ---------------------------------------------------------------------------------------
 
 
-@OPEN
 def test_databases_are_not_readable_by_others(tmp_path: Path, port: int) -> None:
     import os  # noqa: PLC0415
 

@@ -137,7 +137,7 @@ class AmqttProtocol:
         answered with a refusing CONNACK where the protocol has one)."""
         try:
             handler, session = await _Handler.init_from_connect(reader, transport, _NO_PLUGINS)
-        except (AMQTTError, MQTTError, NoDataError) as exc:
+        except (AMQTTError, MQTTError, NoDataError, ValueError) as exc:  # ValueError: a password amqtt cannot decode
             log.debug("no usable CONNECT: %s", exc)
             return None
         will = None

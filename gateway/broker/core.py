@@ -177,6 +177,12 @@ _DISCONNECT, _CLOSED = _End(), _End()
 _Item = _Publish | _Pubrel | _Subscribe | _Unsubscribe | _End
 
 
+class _Claim:
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class ConnectionLimits:
     """``max_connections`` and ``max_connections_per_address``, counted when hit."""
 
@@ -403,7 +409,7 @@ class BrokerCore:
         self.draining = asyncio.Event()
         self.in_tap = 0
         self.tapped = 0
-        self._claims: dict[str, asyncio.Lock] = {}
+        self._claims: dict[str, _Claim] = {}
         self._tasks: dict[asyncio.Task[Any], wire.Transport] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -512,12 +518,14 @@ class BrokerCore:
     @contextlib.asynccontextmanager
     async def _claim(self, client_id: str) -> AsyncIterator[None]:
         """One CONNECT at a time per client id."""
-        lock = self._claims.setdefault(client_id, asyncio.Lock())
+        claim = self._claims.setdefault(client_id, _Claim())
+        claim.users += 1
         try:
-            async with lock:
+            async with claim.lock:
                 yield
         finally:
-            if not lock.locked() and self._claims.get(client_id) is lock and not lock._waiters:
+            claim.users -= 1
+            if not claim.users:
                 del self._claims[client_id]
 
     async def _connect(self, request: ConnectRequest, channel: Channel, transport: wire.Transport, *, address: str,

@@ -118,7 +118,7 @@ class _Sink:
 
 async def test_every_packet_reaches_the_sink_in_order() -> None:
     wire_in = (
-        connect("pin-1", clean=False, will=("w/t", b"bye", 1), username="u", password="p")
+        connect("pin-1", clean=False, will=("w/t", b"bye", 1), username="u", password="p")  # noqa: S106
         + publish("a/b", b"x", qos=1, packet_id=3) + publish("a/c", b"", qos=0) + pubrel(4)
         + packet(0x40, b"\x00\x05") + packet(0x50, b"\x00\x06") + packet(0x70, b"\x00\x07")
         + subscribe("s/#", 2, packet_id=8) + packet(0xA2, b"\x00\x09" + string("s/#")) + b"\xc0\x00" + b"\xe0\x00"

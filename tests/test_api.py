@@ -268,7 +268,7 @@ def test_non_loopback_bind_without_token_is_a_config_error() -> None:
         "(token, token_file or token_env)"
     ]
     # a token satisfies it; a disabled API needs none
-    parse_config({"http": {"enabled": True, "host": "0.0.0.0", "token": "s3cret"}})  # noqa: S104
+    parse_config({"http": {"enabled": True, "host": "0.0.0.0", "token": "s3cret-0123456789"}})  # noqa: S104
     parse_config({"http": {"host": "0.0.0.0"}})  # noqa: S104
     # --http-port turns the API on: the same check, the same kind of message
     with pytest.raises(ConfigError) as info:
@@ -313,7 +313,7 @@ async def test_token_required_401_without_and_200_with(
     host = "127.0.0.1" if where.startswith("loopback") else _own_address()
     if host is None:
         pytest.skip("this machine has no non-loopback address")
-    token = "t0ken-" + where
+    token = "t0ken-0123456789-" + where
     config = parse_config({
         "storage": {"data_dir": str(tmp_path)}, "broker": {"port": 0, "allow_anonymous": True},
         "http": {"enabled": True, "host": host, "port": 0, "token": token, "require_token": where != "own-address"},

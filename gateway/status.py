@@ -97,7 +97,8 @@ class SessionsStatus(_Status):
     connected: int
     queued: int
     bytes: int = Field(description="topics and payloads queued in all sessions (bounded by max_queued_bytes)")
-    dropped: dict[str, int]
+    dropped: dict[str, int] = Field(description="client id -> messages its session dropped (sessions that last)")
+    dropped_total: int = Field(description="messages dropped from sessions, ended ones included")
     commits: int
 
 

@@ -216,6 +216,9 @@ def test_metrics_parse_as_prometheus_text(demo: DemoWithHttp) -> None:
     assert set(readings) == set(before["drivers"]) == {"serial:pm-1", "ble"}
     assert all(readings[k] >= before["drivers"][k]["readings"] > 0 for k in readings)
     assert families["iotgw_queue_capacity"].samples[0].value == 1000
+    limits = {s.labels["limit"] for s in families["iotgw_broker_limit_hits"].samples if s.name.endswith("_total")}
+    assert limits == set(before["broker"]["limits"])  # every bound of [broker], counted
+    assert families["iotgw_broker_clients"].samples[0].value >= 1  # the demo's MQTT sensor
     assert all(name.startswith("iotgw_") for name in families)  # a private registry: no process_/python_ metrics
 
 

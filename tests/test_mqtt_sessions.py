@@ -306,16 +306,16 @@ def test_persistent_sessions_survive_kill_9(tmp_path: Path, port: int, gateway_p
 def test_a_message_delivered_within_one_commit_costs_no_write() -> None:
     conn = sqlite3.connect(":memory:")
     conn.executescript(_SCHEMA)
-    _apply(conn, [_Op("session", "c", number=1.0), _Op("subscribe", "c", text="a/#", qos=1)])
+    _apply(conn, [[_Op("session", "c", number=1.0), _Op("subscribe", "c", text="a/#", qos=1)]])
     before = conn.total_changes
-    _apply(conn, [_Op("body", text="a/b", payload=b"x", number=1), _Op("message", "c", 1, qos=1, number=1),
-                  _Op("sent", "c", 1, packet_id=7), _Op("done", "c", 1), _Op("unbody", number=1),
-                  _Op("body", text="a/b", payload=b"y", number=2), _Op("message", "c", 2, qos=1, number=2),
-                  _Op("sent", "c", 2, packet_id=8)])
+    _apply(conn, [[_Op("body", text="a/b", payload=b"x", number=1), _Op("message", "c", 1, qos=1, number=1),
+                   _Op("sent", "c", 1, packet_id=7), _Op("done", "c", 1), _Op("unbody", number=1)],
+                  [_Op("body", text="a/b", payload=b"y", number=2), _Op("message", "c", 2, qos=1, number=2),
+                   _Op("sent", "c", 2, packet_id=8)]])
     assert conn.total_changes - before == 2  # only the message still in flight is written, with its body
     assert conn.execute("SELECT seq, packet_id FROM queued").fetchall() == [(2, 8)]
     assert conn.execute("SELECT id, payload FROM body").fetchall() == [(2, b"y")]
-    _apply(conn, [_Op("released", "c", 2), _Op("done", "c", 2), _Op("unbody", number=2), _Op("drop_session", "c")])
+    _apply(conn, [[_Op("released", "c", 2), _Op("done", "c", 2), _Op("unbody", number=2), _Op("drop_session", "c")]])
     for table in ("queued", "body", "subscription", "session"):
         assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,), table  # noqa: S608
 

@@ -23,8 +23,10 @@ matches, not the number of filters; at most ``max_filters_per_client`` per clien
 min(publish QoS, the highest granted QoS of its matching filters) [MQTT-3.3.5-1], [MQTT-3.8.4-6];
 retains it (gateway/broker/retained.py); and hands it to the gateway's ingest. A QoS 1 PUBACK (QoS 2
 PUBREC) is sent once what it was handed to is durable: journal, outboxes, offline sessions, retained.
-A connection's packets are handled in order, one at a time; while the pipeline is full, or the
-connection has packets waiting, nothing more is read from it.
+A connection's packets are handled in order, one at a time. Nothing more is read from it while the
+pipeline's queue is full, while sessions.sqlite3 has more writes waiting than it commits, while the
+connection has :data:`INBOX_MAX` packets waiting, or :data:`UNACKED_MAX` QoS 1/2 messages whose
+acknowledgement waits for durability: memory follows the bounds, not the clients' pace.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 LIMITS = ("connections_refused", "connections_refused_per_address", "logins_throttled", "filters_refused",
           "sessions_refused", "sessions_expired", "queued_bytes_evicted", "retained_refused")  # status: broker.limits
 INBOX_MAX = 16  # packets read from one connection and not handled yet; then its reads wait
+UNACKED_MAX = 100  # QoS 1/2 PUBLISHes of one connection waiting for durability before their PUBACK/PUBREC; ditto
 _TAKEOVER_WAIT_S = 5.0
 _CLOSE_WAIT_S = 2.0
 
@@ -249,6 +252,8 @@ class Connection:
         self.kicked = False
         self.ended = False
         self.finished = asyncio.Event()
+        self.unacked = 0
+        self._acked = asyncio.Event()
         self._flush: asyncio.Future[None] | None = None
         self._buffered = isinstance(transport, wire.WebSocketTransport)
 
@@ -303,6 +308,9 @@ class Connection:
     async def wait_room(self) -> None:
         while not self._room.is_set():
             await self._room.wait()
+        while self.unacked >= UNACKED_MAX:
+            self._acked.clear()
+            await self._acked.wait()
 
     def kick(self) -> None:
         """End this connection from the broker's side (a takeover, a shutdown)."""
@@ -367,8 +375,11 @@ class Connection:
             self.post(ack)
             return None
         gathered = asyncio.gather(*futures)
+        self.unacked += 1
 
         def done(g: asyncio.Future[Any]) -> None:
+            self.unacked -= 1
+            self._acked.set()
             if g.cancelled() or g.exception() is not None:
                 if on_fail is not None:
                     on_fail()
@@ -459,6 +470,7 @@ class BrokerCore:
         if self.draining.is_set():
             await asyncio.Future()  # read nothing more; the connection ends with the broker
         await self._room()
+        await self.sessions.store.wait_room()
 
     def count_offence(self, reason: str) -> None:
         if reason not in self.offences:
@@ -681,6 +693,7 @@ class BrokerCore:
             if granted > targets.get(client_id, -1):
                 targets[client_id] = granted
         futures: list[asyncio.Future[None]] = []
+        last = None  # the sessions' writes of one turn share one future
         queues = self.sessions.queues
         for client_id, granted in targets.items():
             queue = queues.get(client_id)
@@ -691,8 +704,9 @@ class BrokerCore:
                 continue  # [MQTT-3.1.2-5]: only QoS 1 and 2 wait for a disconnected persistent session
             if not self.security.allowed("read", body.topic, client_id, queue.owner):
                 continue
-            if (future := queue.enqueue(body, effective)) is not None:
+            if (future := queue.enqueue(body, effective)) is not None and future is not last:
                 futures.append(future)
+                last = future
         return futures
 
     # -- status -------------------------------------------------------------------------------------------

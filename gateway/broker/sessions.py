@@ -36,6 +36,7 @@ write. Retained messages are in the same file (gateway/broker/retained.py).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import sqlite3
@@ -52,6 +53,7 @@ from pipeline.db import GroupCommit, SqliteThread
 
 log = logging.getLogger(__name__)
 SESSIONS_NAME = "sessions.sqlite3"
+MAX_PENDING_OPS = 100_000  # writes waiting for a commit before the broker stops reading from clients
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS session (
     client_id TEXT PRIMARY KEY, username TEXT, owner_known INTEGER NOT NULL DEFAULT 0, address TEXT,
@@ -85,10 +87,10 @@ class Body:
     payload: bytes
     id: int = 0  # its row in sessions.sqlite3 once a persistent session holds it
     refs: int = 0  # stored deliveries that refer to it
+    size: int = field(init=False)  # what it counts for in max_queued_bytes
 
-    @property
-    def size(self) -> int:
-        return len(self.topic) + len(self.payload)
+    def __post_init__(self) -> None:
+        self.size = len(self.topic) + len(self.payload)
 
 
 @dataclass(slots=True)
@@ -133,11 +135,16 @@ _Row = list[Any]
 
 
 class _Batch:
-    """Rows a batch adds, kept aside so that what is added and removed within it is never written."""
+    """Rows a batch adds, kept aside so that what is added and removed within it is never written; and
+    the changes to rows of earlier batches, made together at its end."""
 
     def __init__(self) -> None:
         self.messages: dict[tuple[str, int], _Row] = {}
         self.bodies: dict[int, _Row] = {}
+        self.sent: list[tuple[int | None, str, int]] = []
+        self.released: list[tuple[str, int]] = []
+        self.done: list[tuple[str, int]] = []
+        self.unbodies: list[tuple[int]] = []
 
 
 def _apply_session(conn: sqlite3.Connection, op: _Op, batch: _Batch) -> None:
@@ -179,10 +186,10 @@ def _apply_other(conn: sqlite3.Connection, op: _Op, batch: _Batch) -> None:
             batch.bodies[int(op.number)] = [int(op.number), op.text, op.payload]
         case "unbody":
             if batch.bodies.pop(int(op.number), None) is None:
-                conn.execute("DELETE FROM body WHERE id = ?", (int(op.number),))
+                batch.unbodies.append((int(op.number),))
 
 
-def _apply_message(conn: sqlite3.Connection, op: _Op, batch: _Batch) -> None:
+def _apply_message(op: _Op, batch: _Batch) -> None:
     key = (op.client_id, op.seq)
     row = batch.messages.get(key)
     match op.kind:
@@ -191,25 +198,29 @@ def _apply_message(conn: sqlite3.Connection, op: _Op, batch: _Batch) -> None:
         case "sent" if row is not None:
             row[4] = op.packet_id
         case "sent":
-            conn.execute("UPDATE queued SET packet_id = ? WHERE client_id = ? AND seq = ?", (op.packet_id, *key))
+            batch.sent.append((op.packet_id, *key))
         case "released" if row is not None:
             row[5] = 1
         case "released":
-            conn.execute("UPDATE queued SET released = 1 WHERE client_id = ? AND seq = ?", key)
+            batch.released.append(key)
         case "done" if row is not None:
             del batch.messages[key]
         case "done":
-            conn.execute("DELETE FROM queued WHERE client_id = ? AND seq = ?", key)
+            batch.done.append(key)
 
 
-def _apply(conn: sqlite3.Connection, ops: list[_Op]) -> None:
-    """Applies a batch in order; a message (or body) added and removed within the batch is never written."""
+def _apply(conn: sqlite3.Connection, batches: list[list[_Op]]) -> None:
+    """Applies the operations in order; a message (or body) added and removed within them is never written."""
     batch = _Batch()
-    for op in ops:
+    for op in itertools.chain.from_iterable(batches):
         if op.kind in _MESSAGE_OPS:
-            _apply_message(conn, op, batch)
+            _apply_message(op, batch)
         else:
             _apply_session(conn, op, batch)
+    conn.executemany("UPDATE queued SET packet_id = ? WHERE client_id = ? AND seq = ?", batch.sent)
+    conn.executemany("UPDATE queued SET released = 1 WHERE client_id = ? AND seq = ?", batch.released)
+    conn.executemany("DELETE FROM queued WHERE client_id = ? AND seq = ?", batch.done)
+    conn.executemany("DELETE FROM body WHERE id = ?", batch.unbodies)
     if batch.bodies:
         conn.executemany("INSERT OR REPLACE INTO body (id, topic, payload) VALUES (?, ?, ?)",
                          list(batch.bodies.values()))
@@ -253,9 +264,15 @@ class SessionStore:
         # A checkpoint every 1 MiB of WAL, and the WAL cut back to 1 MiB after it: the file stays about the
         # size of what it holds (bounded by max_queued_bytes and max_retained_bytes).
         self._db = SqliteThread(self.path, mode=0o600, pragmas=("wal_autocheckpoint=256", "journal_size_limit=1048576"))
-        self._commit: GroupCommit[_Op] = GroupCommit(self._db, _apply, window_s=window_s)
+        # Operations go to the group commit in lists, one per turn of the event loop (a future each):
+        # a message queued for a thousand sessions is a thousand operations, not a thousand futures.
+        self._commit: GroupCommit[list[_Op]] = GroupCommit(self._db, _apply, window_s=window_s)
         self._seq = itertools.count(1)
         self._body_ids = itertools.count(1)
+        self._ops: list[_Op] = []
+        self._ops_done: asyncio.Future[None] | None = None  # resolves when self._ops are committed
+        self._uncommitted = 0
+        self._last: asyncio.Future[None] | None = None
 
     async def open(self) -> Restored:
         await self._db.open(_SCHEMA)
@@ -292,14 +309,52 @@ class SessionStore:
         self._body_ids = itertools.count(max(by_id, default=0) + 1)
         self._commit.start("sessions-commit")
         for body_id in unused:
-            self._commit.submit(_Op("unbody", number=body_id))
+            self._submit(_Op("unbody", number=body_id))
         return Restored(stored, {topic: (bytes(payload), qos) for topic, payload, qos in retained})
 
     def next_seq(self) -> int:
         return next(self._seq)
 
     def submit(self, kind: OpKind, client_id: str = "", **fields: Any) -> asyncio.Future[None]:
-        return self._commit.submit(_Op(kind, client_id, **fields))
+        return self._submit(_Op(kind, client_id, **fields))
+
+    def _submit(self, op: _Op) -> asyncio.Future[None]:
+        """Queue ``op``; the future resolves once it is committed (with the others of this turn)."""
+        self._ops.append(op)
+        if self._ops_done is None:
+            loop = asyncio.get_running_loop()
+            self._ops_done = loop.create_future()
+            loop.call_soon(self._hand_over)
+        return self._ops_done
+
+    def _hand_over(self) -> None:
+        ops, done = self._ops, self._ops_done
+        self._ops, self._ops_done = [], None
+        if done is None:
+            return
+        self._uncommitted += len(ops)
+        committed = self._commit.submit(ops)
+        self._last = committed
+
+        def settle(f: asyncio.Future[None]) -> None:
+            self._uncommitted -= len(ops)
+            if done.done():
+                return
+            if f.cancelled():
+                done.cancel()
+            elif (exc := f.exception()) is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+        committed.add_done_callback(settle)
+
+    async def wait_room(self) -> None:
+        """Wait while more than :data:`MAX_PENDING_OPS` writes wait for their commit (the broker reads
+        no more from its clients meanwhile: a disk slower than the clients holds them back, instead of
+        the writes piling up in memory)."""
+        while self._uncommitted > MAX_PENDING_OPS and self._last is not None:
+            await asyncio.shield(self._last)
 
     def add(self, client_id: str, d: Delivery) -> asyncio.Future[None]:
         """Store a delivery (and its body, the first time a session holds it)."""
@@ -307,25 +362,26 @@ class SessionStore:
         if not body.refs:
             if not body.id:
                 body.id = next(self._body_ids)
-            self._commit.submit(_Op("body", text=body.topic, payload=body.payload, number=body.id))
+            self._submit(_Op("body", text=body.topic, payload=body.payload, number=body.id))
         body.refs += 1
         d.stored = True
-        return self._commit.submit(_Op("message", client_id, d.seq, qos=d.qos, number=body.id, flag=d.retain))
+        return self._submit(_Op("message", client_id, d.seq, qos=d.qos, number=body.id, flag=d.retain))
 
     def remove(self, client_id: str, d: Delivery) -> None:
         if not d.stored:
             return
         d.stored = False
-        self._commit.submit(_Op("done", client_id, d.seq))
+        self._submit(_Op("done", client_id, d.seq))
         d.body.refs -= 1
         if not d.body.refs:
-            self._commit.submit(_Op("unbody", number=d.body.id))
+            self._submit(_Op("unbody", number=d.body.id))
 
     @property
     def commits(self) -> int:
         return self._commit.commits
 
     async def close(self) -> None:
+        self._hand_over()
         await self._commit.stop()
         await self._db.close()
 
@@ -346,19 +402,34 @@ class QueueBudget:
         self.used = 0
         self.evicted = 0
         self._queues = queues
+        self._full = False
 
     def make_room(self, size: int) -> bool:
-        """Drop the oldest messages of the session that holds the most bytes until ``size`` more fit;
-        False when it never can (a message larger than the bound)."""
+        """Room for ``size`` more bytes; False when there never can be (a message larger than the bound).
+        When the bound is reached, the sessions that hold the most lose their oldest messages until 90 %
+        of it is used: one sweep (a heap of the sessions by size) pays for many messages."""
         if size > self.limit:
             return False
-        while self.used + size > self.limit:
-            victim = max(self._queues.values(), key=lambda q: q.bytes, default=None)
-            if victim is None or not victim.bytes:
-                return False
+        if self.used + size <= self.limit:
+            if self._full and self.used < self.limit // 2:
+                self._full = False
+                log.info("MQTT sessions: back under half of max_queued_bytes (%d message(s) evicted so far)",
+                         self.evicted)
+            return True
+        if not self._full:
+            self._full = True
+            log.warning("MQTT sessions: max_queued_bytes (%d) reached: the sessions holding the most lose their "
+                        "oldest messages (counted as queued_bytes_evicted; logged again once under half)", self.limit)
+        target = min(self.limit * 9 // 10, self.limit - size)
+        heap = [(-q.bytes, i, q) for i, q in enumerate(self._queues.values()) if q.bytes]
+        heapq.heapify(heap)
+        while self.used > target and heap:
+            _, i, victim = heapq.heappop(heap)
             victim.evict_oldest()
             self.evicted += 1
-        return True
+            if victim.bytes:
+                heapq.heappush(heap, (-victim.bytes, i, victim))
+        return self.used + size <= self.limit
 
 
 class ClientQueue:
@@ -423,7 +494,7 @@ class ClientQueue:
                 return None
             self._forget(self.queued.popleft() if self.queued else self.inflight.popitem(last=False)[1])
         if not self._budget.make_room(body.size):
-            self._count_drop()
+            self._count_drop(log_full=False)
             return None
         d = Delivery(self._store.next_seq(), body, qos, retain)
         self.queued.append(d)
@@ -435,20 +506,19 @@ class ClientQueue:
         return None
 
     def evict_oldest(self) -> None:
-        """The total of queued bytes is reached: this session's oldest message goes."""
+        """The total of queued bytes is reached: this session's oldest message goes (the budget logs it)."""
         if self.queued or self.inflight:
-            self._count_drop()
+            self._count_drop(log_full=False)
             self._forget(self.queued.popleft() if self.queued else self.inflight.popitem(last=False)[1])
 
-    def _count_drop(self) -> None:
+    def _count_drop(self, *, log_full: bool = True) -> None:
         self.dropped += 1
         self._drops[self.client_id] = self._drops.get(self.client_id, 0) + 1
-        if not self._full:
+        if log_full and not self._full:
             self._full = True
             self._dropped_at_full = self.dropped
-            log.warning("MQTT client %s: session queue full (%d messages or the broker's %d queued bytes), dropping "
-                        "the %s from now on", self.client_id, self._limit, self._budget.limit,
-                        "newest" if self._drop_new else "oldest")
+            log.warning("MQTT client %s: session queue full (%d messages), dropping the %s from now on",
+                        self.client_id, self._limit, "newest" if self._drop_new else "oldest")
 
     def _forget(self, d: Delivery) -> None:
         self.bytes -= d.body.size
@@ -563,7 +633,8 @@ class Sessions:
         # No data directory (a broker on its own, in tests): persistent sessions last as long as the process.
         self.store = SessionStore(data_dir / SESSIONS_NAME if data_dir is not None else Path(":memory:"))
         self.queues: dict[str, ClientQueue] = {}
-        self.drops: dict[str, int] = {}  # client id -> messages dropped from its full queue, ever
+        self.drops: dict[str, int] = {}  # client id -> messages dropped from its session (while it lasts)
+        self._dropped_before = 0  # ... from sessions that have ended
         self.budget = QueueBudget(settings.max_queued_bytes, self.queues)
         self.refused = 0  # new persistent sessions refused: max_persistent_sessions reached
         self.expired = 0
@@ -622,6 +693,7 @@ class Sessions:
             return None
         queue.detach(None)
         queue.clear()
+        self._dropped_before += self.drops.pop(client_id, 0)
         self._persistent -= queue.persistent
         if queue.persistent:
             self.store.submit("drop_session", client_id)
@@ -661,5 +733,6 @@ class Sessions:
             "queued": sum(len(q) for q in self.queues.values()),
             "bytes": self.budget.used,
             "dropped": dict(self.drops),
+            "dropped_total": self._dropped_before + sum(self.drops.values()),
             "commits": self.store.commits,
         }

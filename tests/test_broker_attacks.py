@@ -112,6 +112,33 @@ def test_a_will_is_checked_against_the_write_acl(tmp_path: Path, port: int) -> N
     assert stats["broker"]["security"]["denied"]["will"] == 3
 
 
+def test_queued_and_retained_deliveries_are_checked_like_live_ones(tmp_path: Path, port: int) -> None:
+    """The read check is the same for a live delivery, a message queued for an offline persistent
+    session, and a retained message sent for a new subscription."""
+    acl = [{"user": "alice", "topic": "d/secret/#", "access": "deny"},
+           {"user": "alice", "topic": "d/#", "access": "read"}, {"user": "mallory", "topic": "d/#", "access": "write"}]
+    with GatewayThread(_secure(tmp_path, port, acl=acl)) as gw:
+        reader = Client(port, "reader", username="alice", password="a", clean=False)
+        assert reader.subscribe([("d/#", 1)]) == [1]
+        reader.close()
+        writer = Client(port, "writer", username="mallory", password="m")
+        for topic in ("d/secret", "d/open"):
+            writer.publish(topic, b"queued", qos=1)
+            writer.publish(f"{topic}/kept", b"retained", qos=1, retain=True)
+        writer.close()
+        reader = Client(port, "reader", username="alice", password="a", clean=False)
+        queued = reader.wait_for("d/open/kept")
+        assert reader.subscribe([("d/+/kept", 1)]) == [1]
+        wait_for(lambda: len(reader.topics()) > len(queued), "the retained message")
+        time.sleep(0.3)  # a retained d/secret/kept would have come by now
+        retained = reader.messages[len(queued):]
+        reader.close()
+        denied = gw.stats()["broker"]["security"]["denied"]["receive"]
+    assert [t for t, _, _ in queued] == ["d/open", "d/open/kept"]
+    assert retained == [("d/open/kept", b"retained", True)]
+    assert denied >= 3  # d/secret and d/secret/kept queued, d/secret/kept retained
+
+
 # -- 2. client-id takeover ------------------------------------------------------------------------------
 
 

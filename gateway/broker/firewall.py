@@ -15,7 +15,7 @@ amqtt 0.12.1 falls short of MQTT 3.1.1 here (each check names the section it enf
   topic filter [MQTT-3.8.3-3] or with a requested QoS above 2 [MQTT-3.8.3-4];
 - there is no packet size limit (``[broker] max_packet_bytes`` here);
 - a client that sends nothing for one and a half times its keep-alive is not disconnected, so its
-  will is never published [MQTT-3.1.2-24]; the firewall closes it, and amqtt then publishes the
+  will is never published [MQTT-3.1.2-24]; the firewall closes it, and the broker then publishes the
   will as for any connection that ends without DISCONNECT [MQTT-3.1.2-8];
 - a connection that never sends its whole CONNECT is held open forever ([broker] connect_timeout_s
   here: the deadline covers the whole packet, not its first byte, so one byte, or most of a large

@@ -244,6 +244,21 @@ def test_an_anonymous_loopback_device_resumes_its_session_after_a_restart(tmp_pa
         device.close()
 
 
+def test_a_session_created_anonymously_is_resumed_once_logins_are_required(tmp_path: Path, port: int) -> None:
+    """Turning on a password file does not lock devices out of the sessions they made anonymously."""
+    with GatewayThread(_config(tmp_path, port, allow_anonymous=True)):
+        device = Client(port, "dev-7", clean=False)
+        assert device.subscribe([("cmd/dev-7", 1)]) == [1]
+        device.close()
+    with GatewayThread(_secure(tmp_path, port)):
+        raw, answer = _raw_login(port, "dev-7", "meter", clean=False)
+        raw.close()
+        thief, (_, rc) = _raw_login(port, "dev-7", "mallory", clean=False)  # now it is meter's
+        thief.close()
+    assert answer == (1, 0)
+    assert rc == IDENTIFIER_REJECTED
+
+
 # -- 4. WebSocket listeners go through the packet firewall ----------------------------------------------
 
 

@@ -12,7 +12,8 @@ Connections. A connection is admitted only under ``max_connections`` (all listen
 (the packet firewall). A login waits for the password hash behind at most ``max_logins_per_address``
 others from its address. A CONNECT is refused (CONNACK) when: its credentials are bad (5); its will is
 on a topic the client may not publish to (5); its client id names a session that belongs to another
-user (2, identifier rejected); it would make one persistent session more than
+user (2, identifier rejected; a session created anonymously belongs to nobody, and without a password
+file usernames prove nothing); it would make one persistent session more than
 ``max_persistent_sessions`` (3, server unavailable). A CONNECT of the session's owner ends the
 connection that has the client id [MQTT-3.1.4-2] (its will is published, as for any connection the
 server closes), then resumes or replaces the session.
@@ -554,7 +555,7 @@ class BrokerCore:
             return None
         async with self._claim(client_id):
             queue = self.sessions.queues.get(client_id)
-            if queue is not None and queue.owner_known and queue.owner != username:
+            if queue is not None and not self._may_resume(queue, username):
                 security.refused("client_id", client_id, client_id, username)
                 await self._refuse(transport, wire.IDENTIFIER_REJECTED)
                 return None
@@ -586,6 +587,13 @@ class BrokerCore:
             await channel.start(conn)
             queue.attach(conn)
             return conn
+
+    def _may_resume(self, queue: ClientQueue, username: str | None) -> bool:
+        """Whether a client logged in as ``username`` may have ``queue``'s client id: its owner, or anyone
+        when the session has no identity to protect (created anonymously, stored before sessions had
+        owners, or the broker has no password file: usernames prove nothing then)."""
+        return (queue.owner == username or queue.owner is None or not queue.owner_known
+                or self.security.password_file is None)
 
     async def _serve(self, conn: Connection) -> None:
         try:

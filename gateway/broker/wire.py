@@ -10,7 +10,6 @@ broker ends is aborted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from typing import Any, Protocol
 
@@ -100,7 +99,7 @@ class StreamTransport:
         self.closed = False
 
     def write(self, data: bytes) -> None:
-        if not self.closed:
+        if not self.closed and not self._writer.transport.is_closing():
             self._writer.write(data)
 
     async def drain(self) -> None:
@@ -146,10 +145,12 @@ class WebSocketTransport:
 
     async def drain(self) -> None:
         async with self._lock:
-            if self._buffer and not self.closed:
+            while self._buffer and not self.closed:  # what is written meanwhile goes too
                 data, self._buffer = bytes(self._buffer), bytearray()
-                with contextlib.suppress(ConnectionClosed):
+                try:
                     await self._ws.send(data)
+                except ConnectionClosed:
+                    self.closed = True
 
     def get_peer_info(self) -> tuple[str, int] | None:
         peer: Any = self._ws.remote_address

@@ -61,6 +61,7 @@ class Listeners:
             plan.append(_Listener(listener.type, listener.host or settings.host, listener.port, context))
         self._plan = plan
         self._servers: list[asyncio.Server | WebSocketServer] = []
+        self._stopped = False
         self._quiet = _QuietHandshakes()
 
     @property
@@ -95,10 +96,13 @@ class Listeners:
 
     @property
     def serving(self) -> bool:
-        return bool(self._servers) and len(self._servers) == len(self._plan) and all(
+        return not self._stopped and len(self._servers) == len(self._plan) and all(
             s.is_serving() for s in self._servers)
 
     def stop_listening(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         for server in self._servers:
             if isinstance(server, WebSocketServer):
                 server.close(close_connections=False)  # the broker ends its connections itself

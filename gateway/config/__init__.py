@@ -155,6 +155,12 @@ class GatewayConfig(Model):
 
     @model_validator(mode="after")
     def _broker_inside_the_disk_budget(self) -> GatewayConfig:
+        budget, broker = self.storage.max_bytes, self.broker
+        scaled = {name: min(getattr(broker, name), budget // part)  # defaults shrink with a small budget
+                  for name, part in (("max_queued_bytes", 16), ("max_retained_bytes", 64))
+                  if name not in broker.model_fields_set}
+        if any(getattr(broker, name) != value for name, value in scaled.items()):
+            object.__setattr__(self, "broker", broker.model_copy(update=scaled))  # still being validated
         share = self.broker.disk_share()
         if share > self.storage.max_bytes // 2:
             raise ValueError(

@@ -79,11 +79,13 @@ class BrokerSettings(Model):
     session_expiry_s: float = Field(default=7 * 86400, gt=0, description="a persistent session whose client stays "
                                     "away this long ends, with what it holds")
     max_queued_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="topics and payloads waiting in "
-                                  "all sessions together (memory and sessions.sqlite3); then the session holding "
-                                  "the most loses its oldest messages")
+                                  "all sessions together (memory and sessions.sqlite3); then the sessions holding "
+                                  "the most lose their oldest messages. Default: 64 MiB, or 1/16 of [storage] "
+                                  "max_bytes if that is less")
     max_retained_messages: int = Field(default=10_000, ge=0, description="topics with a retained message")
     max_retained_bytes: int = Field(default=16 * 1024 * 1024, ge=0, description="topics and payloads of the "
-                                    "retained messages together")
+                                    "retained messages together. Default: 16 MiB, or 1/64 of [storage] max_bytes "
+                                    "if that is less")
     allow_anonymous: bool | Literal["loopback"] | None = Field(
         default=None,
         description='clients without a username; "loopback": only from this machine; unset: as Mosquitto 2 '

@@ -81,7 +81,7 @@ class Gateway:
         gateway_id, site, data_dir = config.effective_gateway_id, config.site, config.storage.data_dir
         self.journal = Journal(data_dir)
         self.queue: BatchQueue[RawMessage] = BatchQueue(config.pipeline.queue_size)
-        self.store = SqliteStore(data_dir, config.storage.store_limits())
+        self.store = SqliteStore(data_dir, config.storage.store_limits(reserved=config.broker.disk_share()))
         self.catalog = Catalog(template, config.catalog.all_types, strict=config.catalog.strict)
         self.traffic = TrafficLearner(self.catalog, data_dir, gateway_id=gateway_id,
                                       flush_interval_s=config.catalog.flush_interval_s)

@@ -73,7 +73,7 @@ def _apply(conn: sqlite3.Connection, ops: list[_Op]) -> None:
 class Journal:
     def __init__(self, data_dir: Path, *, window_s: float = 0.005) -> None:
         self.path = data_dir / JOURNAL_NAME
-        self._db = SqliteThread(self.path)
+        self._db = SqliteThread(self.path, mode=0o600)  # raw messages: for the gateway only
         self._commit: GroupCommit[_Op] = GroupCommit(self._db, _apply, window_s=window_s)
         self.appended = 0
         self.replayed = 0

@@ -83,7 +83,10 @@ class PipelineStatus(_Status):
 class SecurityStatus(_Status):
     logins_accepted: int
     logins_refused: int
-    denied: dict[str, int]
+    logins_throttled: int = Field(description="logins refused at once: too many from one address waiting for the "
+                                  "password hash (max_logins_per_address)")
+    denied: dict[str, int] = Field(description="refusals by the ACL or ownership: publish, subscribe, receive, will, "
+                                   "client_id (a session of another user)")
 
 
 class SessionsStatus(_Status):
@@ -93,17 +96,40 @@ class SessionsStatus(_Status):
     persistent: int
     connected: int
     queued: int
-    dropped: dict[str, int]
+    bytes: int = Field(description="topics and payloads queued in all sessions (bounded by max_queued_bytes)")
+    dropped: dict[str, int] = Field(description="client id -> messages its session dropped (sessions that last)")
+    dropped_total: int = Field(description="messages dropped from sessions, ended ones included")
     commits: int
+
+
+class RetainedStatus(_Status):
+    messages: int
+    bytes: int = Field(description="topics and payloads (bounded by max_retained_bytes)")
+
+
+class BrokerLimitsStatus(_Status):
+    """Times each bound of ``[broker]`` was hit."""
+
+    connections_refused: int = Field(description="connections closed at once: max_connections open")
+    connections_refused_per_address: int = Field(description="... max_connections_per_address open from its address")
+    logins_throttled: int = Field(description="CONNECTs refused: max_logins_per_address waiting for the hash")
+    filters_refused: int = Field(description="subscriptions refused: max_filters_per_client")
+    sessions_refused: int = Field(description="new persistent sessions refused: max_persistent_sessions")
+    sessions_expired: int = Field(description="persistent sessions ended after session_expiry_s away")
+    queued_bytes_evicted: int = Field(description="queued messages dropped to stay within max_queued_bytes")
+    retained_refused: int = Field(description="retained messages not kept: max_retained_messages or _bytes")
 
 
 class BrokerStatus(_Status):
     port: int
     serving: bool = Field(description="taking clients on every listener")
     clients: int = Field(description="connected clients")
+    connections: int = Field(description="open connections, clients before their CONNECT included")
     tapped: int
     security: SecurityStatus | None = Field(description="null before the broker started")
     sessions: SessionsStatus
+    retained: RetainedStatus
+    limits: BrokerLimitsStatus
     offences: dict[str, int] = Field(description="connections closed for bad input, by reason")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,15 +45,19 @@ class SqliteThread:
             is written), as ``"name=value"``.
         readonly: open an existing file read-only (no WAL switch, no schema); :class:`DatabaseError`
             if there is none.
+        mode: the file's permission bits (None: the process umask's). SQLite gives its -wal and -shm
+            files the same; a file that already exists loses any bit outside ``mode``.
     """
 
     def __init__(
         self, path: Path, *, synchronous: Synchronous = "FULL", pragmas: Sequence[str] = (), readonly: bool = False,
+        mode: int | None = None,
     ) -> None:
         self.path = path
         self._synchronous = synchronous
         self._pragmas = tuple(pragmas)
         self._readonly = readonly
+        self._mode = mode
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{path.stem}")
         self._conn: sqlite3.Connection | None = None
 
@@ -74,6 +79,8 @@ class SqliteThread:
                 conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                if self._mode is not None and str(self.path) != ":memory:":
+                    self._restrict(self._mode)
                 conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             for pragma in self._pragmas:
                 conn.execute(f"PRAGMA {pragma}")
@@ -85,6 +92,15 @@ class SqliteThread:
         except (OSError, sqlite3.Error) as exc:
             raise DatabaseError(f"cannot open {self.path}: {exc}") from exc
         self._conn = conn
+
+    def _restrict(self, mode: int) -> None:
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, mode))  # created with ``mode`` if it is new
+        name = self.path.name
+        for path in (self.path, self.path.with_name(f"{name}-wal"), self.path.with_name(f"{name}-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                current = path.stat().st_mode & 0o7777
+                if current & ~mode:
+                    path.chmod(current & mode)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         def call() -> T:

@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Final, Literal, NoReturn, TypeAlias
+from typing import Final, Generic, Literal, NoReturn, TypeAlias, TypeVar
 
 from pipeline.errors import TopicError
 
@@ -52,6 +52,7 @@ __all__ = [
     "FilterSyntax",
     "TopicFields",
     "TopicFilter",
+    "TopicIndex",
     "TopicTemplate",
     "compile_filter",
     "filter_covers",
@@ -333,6 +334,111 @@ def filter_covers(rule: str, requested: str) -> bool:
         return mqtt_filter(rule).covers(mqtt_filter(requested))
     except TopicError:
         return False
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Node(Generic[K, V]):
+    __slots__ = ("children", "entries")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node[K, V]] = {}  # a level's text, or "+" and "#" for the wildcards
+        self.entries: dict[K, V] = {}  # who subscribed with a filter that ends here
+
+
+class TopicIndex(Generic[K, V]):
+    """MQTT filters (each with a key, say a client id, and a value, say a granted QoS), looked up by
+    topic: a tree of filter levels, so a lookup costs the topic's levels and the matches, whatever the
+    number of filters that cannot match.
+
+    Matching is :meth:`TopicFilter.matches`' for ``syntax="mqtt"`` (a test holds the two to the same
+    answers): ``+`` is one level, ``#`` the rest (the parent level included), and a wildcard in the
+    first level does not match a topic that starts with ``$``.
+    """
+
+    __slots__ = ("_root", "_size")
+
+    def __init__(self) -> None:
+        self._root: _Node[K, V] = _Node()
+        self._size = 0
+
+    def __len__(self) -> int:
+        """The (filter, key) pairs held."""
+        return self._size
+
+    def add(self, topic_filter: str, key: K, value: V) -> bool:
+        """Hold ``value`` for ``key`` under ``topic_filter`` (replacing what ``key`` had there); True
+        when the pair is new.
+
+        Raises:
+            TopicError: if ``topic_filter`` is not an MQTT filter.
+        """
+        mqtt_filter(topic_filter)
+        node = self._root
+        for level in topic_filter.split(_SEP):
+            child = node.children.get(level)
+            if child is None:
+                child = node.children[level] = _Node()
+            node = child
+        new = key not in node.entries
+        node.entries[key] = value
+        self._size += new
+        return new
+
+    def remove(self, topic_filter: str, key: K) -> bool:
+        """Forget ``key`` under ``topic_filter``; True when it was there. Emptied branches go."""
+        path = [self._root]
+        for level in topic_filter.split(_SEP):
+            child = path[-1].children.get(level)
+            if child is None:
+                return False
+            path.append(child)
+        if path[-1].entries.pop(key, _MISSING) is _MISSING:
+            return False
+        self._size -= 1
+        levels = topic_filter.split(_SEP)
+        for depth in range(len(levels), 0, -1):
+            node = path[depth]
+            if node.entries or node.children:
+                break
+            del path[depth - 1].children[levels[depth - 1]]
+        return True
+
+    def get(self, topic_filter: str, key: K) -> V | None:
+        """What ``key`` holds under exactly ``topic_filter`` (no matching), or None."""
+        node: _Node[K, V] | None = self._root
+        for level in topic_filter.split(_SEP):
+            node = node.children.get(level) if node is not None else None
+        return node.entries.get(key) if node is not None else None
+
+    def match(self, topic: str) -> Iterator[tuple[K, V]]:
+        """Every (key, value) whose filter matches ``topic``; a key comes once per matching filter."""
+        levels = topic.split(_SEP)
+        last = len(levels)
+        dollar = topic[:1] == "$"
+        stack = [(self._root, 0)]
+        while stack:
+            node, i = stack.pop()
+            children = node.children
+            wild = i > 0 or not dollar
+            if wild and (rest := children.get("#")) is not None:
+                yield from rest.entries.items()
+            if i == last:
+                yield from node.entries.items()
+                continue
+            if (exact := children.get(levels[i])) is not None:
+                stack.append((exact, i + 1))
+            if wild and (one := children.get("+")) is not None:
+                stack.append((one, i + 1))
+
+    def matched(self, topic: str) -> bool:
+        """Whether any filter matches ``topic``."""
+        return next(self.match(topic), None) is not None
+
+
+_MISSING: Final = object()
 
 
 def compile_filter(pattern: str, syntax: Literal["auto", "mqtt", "smf"] = "auto") -> TopicFilter:

@@ -38,9 +38,12 @@ def packet(first: int, body: bytes) -> bytes:
 
 
 def connect(client_id: str, *, clean: bool = True, keepalive: int = 60,
-            will: tuple[str, bytes, int] | None = None) -> bytes:
-    flags = (0x02 if clean else 0) | ((0x04 | will[2] << 3) if will else 0)
+            will: tuple[str, bytes, int] | None = None, will_retain: bool = False,
+            username: str | None = None, password: str | None = None) -> bytes:
+    flags = (0x02 if clean else 0) | ((0x04 | will[2] << 3 | (0x20 if will_retain else 0)) if will else 0)
+    flags |= (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
     payload = string(client_id) + (string(will[0]) + string(will[1]) if will else b"")
+    payload += (string(username) if username is not None else b"") + (string(password) if password is not None else b"")
     return packet(0x10, string("MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big") + payload)
 
 
@@ -56,6 +59,10 @@ def puback(packet_id: int) -> bytes:
     return packet(0x40, packet_id.to_bytes(2, "big"))
 
 
+def pubrel(packet_id: int) -> bytes:
+    return packet(0x62, packet_id.to_bytes(2, "big"))
+
+
 class RawPacket(NamedTuple):
     first: int
     body: bytes
@@ -68,8 +75,10 @@ class RawPacket(NamedTuple):
 class RawClient:
     """A bare TCP connection speaking MQTT bytes, packet by packet."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    def __init__(self, port: int, *, source: str | None = None, timeout: float = 20) -> None:
+        """``source``: the local address to connect from (any of 127.0.0.0/8 reaches the broker)."""
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self._buf = b""
 
     def send(self, data: bytes) -> None:
@@ -104,7 +113,7 @@ class RawClient:
         return RawPacket(first, body)
 
     def closed_by_server(self) -> bool:
-        """Reads until the server closes (True) or 20 s pass without that (False)."""
+        """Reads until the server closes (True) or the socket's timeout passes without that (False)."""
         try:
             while self.read() is not None:
                 pass

@@ -216,6 +216,9 @@ def test_metrics_parse_as_prometheus_text(demo: DemoWithHttp) -> None:
     assert set(readings) == set(before["drivers"]) == {"serial:pm-1", "ble"}
     assert all(readings[k] >= before["drivers"][k]["readings"] > 0 for k in readings)
     assert families["iotgw_queue_capacity"].samples[0].value == 1000
+    limits = {s.labels["limit"] for s in families["iotgw_broker_limit_hits"].samples if s.name.endswith("_total")}
+    assert limits == set(before["broker"]["limits"])  # every bound of [broker], counted
+    assert families["iotgw_broker_clients"].samples[0].value >= 1  # the demo's MQTT sensor
     assert all(name.startswith("iotgw_") for name in families)  # a private registry: no process_/python_ metrics
 
 
@@ -268,7 +271,7 @@ def test_non_loopback_bind_without_token_is_a_config_error() -> None:
         "(token, token_file or token_env)"
     ]
     # a token satisfies it; a disabled API needs none
-    parse_config({"http": {"enabled": True, "host": "0.0.0.0", "token": "s3cret"}})  # noqa: S104
+    parse_config({"http": {"enabled": True, "host": "0.0.0.0", "token": "s3cret-0123456789"}})  # noqa: S104
     parse_config({"http": {"host": "0.0.0.0"}})  # noqa: S104
     # --http-port turns the API on: the same check, the same kind of message
     with pytest.raises(ConfigError) as info:
@@ -313,7 +316,7 @@ async def test_token_required_401_without_and_200_with(
     host = "127.0.0.1" if where.startswith("loopback") else _own_address()
     if host is None:
         pytest.skip("this machine has no non-loopback address")
-    token = "t0ken-" + where
+    token = "t0ken-0123456789-" + where
     config = parse_config({
         "storage": {"data_dir": str(tmp_path)}, "broker": {"port": 0, "allow_anonymous": True},
         "http": {"enabled": True, "host": host, "port": 0, "token": token, "require_token": where != "own-address"},

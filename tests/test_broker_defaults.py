@@ -81,3 +81,17 @@ def test_serial_only_gateway_starts_without_a_password_file(tmp_path: Path) -> N
     result = iotgw("run", "--config", str(config), "--seconds", "1")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_brokers_share_comes_out_of_the_disk_budget() -> None:
+    mib = 1024 * 1024
+    default = parse_config({})
+    assert (default.broker.max_queued_bytes, default.broker.max_retained_bytes) == (64 * mib, 16 * mib)
+    assert default.storage.store_limits(reserved=default.broker.disk_share()).max_bytes == 1024 * mib - 80 * mib
+    small = parse_config({"storage": {"max_bytes": 64 * mib}})  # the defaults shrink with the budget
+    assert (small.broker.max_queued_bytes, small.broker.max_retained_bytes) == (4 * mib, 1 * mib)
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"broker": {"max_queued_bytes": 40 * mib}, "storage": {"max_bytes": 64 * mib}})
+    assert caught.value.problems == [
+        f"(root): broker.max_queued_bytes + broker.max_retained_bytes ({41 * mib} bytes) come out of storage.max_bytes "
+        f"({64 * mib}) and may take half of it at most: lower them or raise the budget"]

@@ -5,6 +5,7 @@ per-client queues are bounded by a counted policy, and persistent sessions survi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sqlite3
@@ -15,7 +16,7 @@ import pytest
 from conftest import GatewayProcess
 from mqttwire import GatewayThread, Paho, RawClient, RawPacket, connect, packet, puback, subscribe, wait_for
 
-from gateway.broker.sessions import _SCHEMA, _apply, _Op
+from gateway.broker.sessions import _SCHEMA, Restored, SessionStore, _apply, _Op
 from gateway.config import BrokerSettings, GatewayConfig, StorageSettings
 
 
@@ -305,12 +306,47 @@ def test_persistent_sessions_survive_kill_9(tmp_path: Path, port: int, gateway_p
 def test_a_message_delivered_within_one_commit_costs_no_write() -> None:
     conn = sqlite3.connect(":memory:")
     conn.executescript(_SCHEMA)
-    _apply(conn, [_Op("session", "c"), _Op("subscribe", "c", text="a/#", qos=1)])
+    _apply(conn, [[_Op("session", "c", number=1.0), _Op("subscribe", "c", text="a/#", qos=1)]])
     before = conn.total_changes
-    _apply(conn, [_Op("message", "c", 1, "a/b", 1, b"x"), _Op("sent", "c", 1, packet_id=7), _Op("done", "c", 1),
-                  _Op("message", "c", 2, "a/b", 1, b"y"), _Op("sent", "c", 2, packet_id=8)])
-    assert conn.total_changes - before == 1  # only the message still in flight is written
-    assert conn.execute("SELECT seq, packet_id FROM message").fetchall() == [(2, 8)]
-    _apply(conn, [_Op("released", "c", 2), _Op("done", "c", 2), _Op("drop_session", "c")])
-    assert conn.execute("SELECT count(*) FROM message").fetchone() == (0,)
-    assert conn.execute("SELECT count(*) FROM subscription").fetchone() == (0,)
+    _apply(conn, [[_Op("body", text="a/b", payload=b"x", number=1), _Op("message", "c", 1, qos=1, number=1),
+                   _Op("sent", "c", 1, packet_id=7), _Op("done", "c", 1), _Op("unbody", number=1)],
+                  [_Op("body", text="a/b", payload=b"y", number=2), _Op("message", "c", 2, qos=1, number=2),
+                   _Op("sent", "c", 2, packet_id=8)]])
+    assert conn.total_changes - before == 2  # only the message still in flight is written, with its body
+    assert conn.execute("SELECT seq, packet_id FROM queued").fetchall() == [(2, 8)]
+    assert conn.execute("SELECT id, payload FROM body").fetchall() == [(2, b"y")]
+    _apply(conn, [[_Op("released", "c", 2), _Op("done", "c", 2), _Op("unbody", number=2), _Op("drop_session", "c")]])
+    for table in ("queued", "body", "subscription", "session"):
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,), table  # noqa: S608
+
+
+def test_sessions_files_of_the_previous_layout_are_migrated(tmp_path: Path) -> None:
+    """Sessions stored before they had owners and shared bodies keep their messages; their owner is
+    unknown until their client next logs in (it then claims them)."""
+    path = tmp_path / "sessions.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE session (client_id TEXT PRIMARY KEY) WITHOUT ROWID;"
+        "CREATE TABLE subscription (client_id TEXT NOT NULL, filter TEXT NOT NULL, qos INTEGER NOT NULL,"
+        " PRIMARY KEY (client_id, filter)) WITHOUT ROWID;"
+        "CREATE TABLE message (client_id TEXT NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL,"
+        " payload BLOB NOT NULL, qos INTEGER NOT NULL, packet_id INTEGER, released INTEGER NOT NULL DEFAULT 0,"
+        " PRIMARY KEY (client_id, seq)) WITHOUT ROWID;"
+        "INSERT INTO session VALUES ('old');"
+        "INSERT INTO subscription VALUES ('old', 'a/#', 1);"
+        "INSERT INTO message VALUES ('old', 1, 'a/b', x'6869', 1, NULL, 0), ('old', 2, 'a/c', x'21', 2, 5, 1);")
+    conn.commit()
+    conn.close()
+
+    async def load() -> Restored:
+        store = SessionStore(path)
+        try:
+            return await store.open()
+        finally:
+            await store.close()
+
+    restored = asyncio.run(load())
+    old = restored.sessions["old"]
+    assert (old.username, old.owner_known, old.subscriptions) == (None, False, {"a/#": 1})
+    assert [(d.seq, d.body.topic, d.body.payload, d.qos, d.packet_id, d.released) for d in old.messages] == [
+        (1, "a/b", b"hi", 1, None, False), (2, "a/c", b"!", 2, 5, True)]

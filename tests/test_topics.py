@@ -18,6 +18,7 @@ from pipeline.topics import (
     STAGES,
     TopicFields,
     TopicFilter,
+    TopicIndex,
     TopicTemplate,
     compile_filter,
     filter_covers,
@@ -382,6 +383,46 @@ def test_matches_agrees_with_reference(case: tuple[str, Syntax, str]) -> None:
     pattern, syntax, topic = case
     f = compile_filter(pattern, syntax)
     assert f.matches(topic) == ref_matches(pattern, syntax, topic)
+
+
+@PROPERTY
+@given(st.lists(filter_levels("mqtt").map("/".join), max_size=12), st.lists(small_topic, min_size=1, max_size=8),
+       st.data())
+def test_topic_index_agrees_with_matches(filters: list[str], topics: list[str], data: st.DataObject) -> None:
+    """The index answers what TopicFilter.matches answers, filter by filter, also after removals."""
+    index: TopicIndex[int, str] = TopicIndex()
+    held: dict[int, str] = {}
+    for key, pattern in enumerate(filters):
+        assert index.add(pattern, key, pattern)
+        held[key] = pattern
+    for key in data.draw(st.lists(st.sampled_from(sorted(held)), unique=True)) if held else []:
+        assert index.remove(held.pop(key), key)
+    assert len(index) == len(held)
+    for topic in topics:
+        expected = sorted(key for key, pattern in held.items() if mqtt_filter(pattern).matches(topic))
+        assert sorted(key for key, _ in index.match(topic)) == expected
+        assert index.matched(topic) == bool(expected)
+
+
+def test_topic_index_keys_values_and_pruning() -> None:
+    index: TopicIndex[str, int] = TopicIndex()
+    assert index.add("a/+/c", "x", 1)
+    assert not index.add("a/+/c", "x", 2)  # the same key again: its value is replaced
+    assert index.add("a/#", "y", 0)
+    assert index.add("#", "z", 1)
+    assert sorted(index.match("a/b/c")) == [("x", 2), ("y", 0), ("z", 1)]
+    assert sorted(index.match("a")) == [("y", 0), ("z", 1)]  # '#' also matches the parent level
+    assert list(index.match("$SYS/a")) == []
+    assert index.get("a/+/c", "x") == 2
+    assert index.get("a/+", "x") is None
+    assert not index.remove("a/+/c", "y")
+    assert not index.remove("a/+/d", "x")
+    assert index.remove("a/+/c", "x")
+    assert index.remove("a/#", "y")
+    assert index.remove("#", "z")
+    assert (len(index), index._root.children) == (0, {})  # nothing left behind
+    with pytest.raises(TopicError):
+        index.add("a/#/b", "x", 1)
 
 
 # Levels of realistic topics (no '/', '+', '#', NUL; not a wildcard level).

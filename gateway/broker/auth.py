@@ -1,5 +1,5 @@
-"""Broker security: the password file, password hashes, topic ACLs, TLS listeners, and the amqtt
-plugins that apply them.
+"""Broker security: the password file, password hashes, topic ACLs and TLS listeners; the broker
+(gateway/broker/core.py) asks :class:`BrokerSecurity` every question, for every client.
 
 Passwords
     ``[broker] password_file`` holds ``user:hash`` lines, written by ``iotgw passwd``. Hashes are
@@ -10,7 +10,10 @@ Passwords
     a line carries. Mosquitto 1.x ``$6$`` lines (one salted SHA-512: weak) are accepted with a warning.
     Verification runs in a worker thread, one at a time, so a storm of logins never stalls the event
     loop; a verified (user, password) pair is remembered (as an HMAC under a per-process random key)
-    until the file changes, so reconnecting devices do not pay the hash again. The file is re-read
+    until the file changes, so reconnecting devices do not pay the hash again. One address may have at
+    most ``[broker] max_logins_per_address`` logins waiting for the hash: a flood of bogus CONNECTs from
+    one machine is refused at once (CONNACK 3, server unavailable; counted as ``logins_throttled``)
+    instead of delaying everyone else's logins behind it. The file is re-read
     when its modification time or size changes: ``iotgw passwd`` takes effect without a restart.
 
 Authentication
@@ -36,12 +39,19 @@ ACLs (``[[broker.acl]]``)
 
     - PUBLISH: the topic is checked for write. A denied message is dropped (not delivered, not
       ingested) and counted; MQTT 3.1.1 has no negative PUBACK, so a QoS 1/2 message is still
-      acknowledged, or the client would resend it forever.
+      acknowledged, or the client would resend it forever. A topic starting with ``$`` is the broker's
+      [MQTT-4.7.2-1]: no client may publish there, whatever the rules say.
+    - Will: the will topic is checked as a PUBLISH, when the client connects; a will the client could
+      not publish refuses the CONNECT (return code 5, not authorized), as Mosquitto does. The same
+      check runs again when the will is published.
+    - Client id: a session belongs to the username that created it; another user's CONNECT with that
+      client id is refused (return code 2, identifier rejected), so ``%c`` rules cannot be claimed.
     - SUBSCRIBE: a filter is granted when the first deciding rule *covers* it (every topic the filter
       can match, the rule matches too) and allows read; rules that only overlap the filter do not
       decide. A denied filter gets return code 0x80 in the SUBACK.
-    - Delivery: every message, live or retained, is checked for read against its topic before it
-      goes to a subscriber, so a wildcard subscription never carries what the client may not read.
+    - Delivery: every message, live, retained or queued for an offline session, is checked for read
+      against its topic and the session owner's rights before it goes to the session, so a wildcard
+      subscription never carries what the client may not read.
     - In-process publishes by the gateway's drivers and pipeline bypass the write check.
 """
 
@@ -61,19 +71,14 @@ import ssl
 import stat
 import tempfile
 from collections.abc import Iterable
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from amqtt.contexts import Action
-from amqtt.plugins.base import BaseAuthPlugin
-from amqtt.session import Session
-
 from gateway.config import AclRule, BrokerSettings, BrokerTls
 from gateway.errors import ConfigError, GatewayError
 from pipeline.errors import TopicError
-from pipeline.topics import mqtt_filter, topic_matches
+from pipeline.topics import mqtt_filter
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,7 @@ SALT_BYTES = 12  # as mosquitto_passwd
 _DIGEST_BYTES = 64
 _MAX_TRACKED = 1024  # usernames / clients whose failures are tracked one by one (then aggregated)
 ANONYMOUS = None
+Login = Literal["ok", "refused", "throttled"]
 
 
 class AuthError(GatewayError):
@@ -266,7 +272,7 @@ class Acl:
         try:
             requested = mqtt_filter(topic) if action == "subscribe" else None
         except TopicError:
-            return False  # not a filter (amqtt refuses it before asking)
+            return False  # not a filter
         for rule in self.rules:
             if rule.access not in relevant or (rule.user is not None and rule.user != username):
                 continue
@@ -284,14 +290,16 @@ class Acl:
         return self.default in (_WRITES if action == "write" else _READS) and self.default != "deny"
 
 
-# -- the security state the plugins share --------------------------------------------------------
+# -- the security state the broker shares --------------------------------------------------------
 
 
 @dataclass
 class SecurityStats:
     logins_accepted: int = 0
     logins_refused: int = 0
-    denied: dict[str, int] = field(default_factory=lambda: {"publish": 0, "subscribe": 0, "receive": 0})
+    logins_throttled: int = 0
+    denied: dict[str, int] = field(default_factory=lambda: {
+        "publish": 0, "subscribe": 0, "receive": 0, "will": 0, "client_id": 0})
 
 
 class _FirstOfRun:
@@ -343,6 +351,8 @@ class BrokerSecurity:
         self._verified: set[bytes] = set()
         self._cache_key = secrets.token_bytes(32)
         self._hashing = asyncio.Semaphore(1)
+        self._waiting: dict[str, int] = {}  # address -> logins waiting for (or in) the hash
+        self._max_waiting = settings.max_logins_per_address
         self._login_runs = _FirstOfRun()
         self._denial_runs = _FirstOfRun()
         if self.password_file is not None:
@@ -406,71 +416,84 @@ class BrokerSecurity:
         return ok
 
     async def authenticate(self, client_id: str | None, username: str | None, password: str | None,
-                           remote_address: str | None) -> bool:
+                           remote_address: str | None) -> Login:
+        """Whether the CONNECT may go on (``"ok"``), has bad credentials or is anonymous where that is not
+        allowed (``"refused"``), or came from an address with too many logins waiting already
+        (``"throttled"``)."""
         self._reload_if_changed()
         if username is not None and self.password_file is None:
             username = None  # nothing to check it against: the client counts as anonymous
+        address = remote_address or ""
         if username is None:
             ok = self.allow_anonymous is True or (self.allow_anonymous == "loopback" and _is_loopback(remote_address))
             reason = "anonymous clients are not allowed" + (" from other machines" if self.allow_anonymous else "")
+        elif not self._remembered(username, password or "") and self._waiting.get(address, 0) >= self._max_waiting:
+            self.stats.logins_throttled += 1
+            if self._login_runs.fail(f"throttled:{address}"):
+                log.warning("broker: more than %d logins at once from %s: refused until one is done (further ones "
+                            "are counted, not logged)", self._max_waiting, address)
+            return "throttled"
         else:
-            ok = await self._password_ok(username, password or "")
+            self._waiting[address] = self._waiting.get(address, 0) + 1
+            try:
+                ok = await self._password_ok(username, password or "")
+            finally:
+                if (left := self._waiting[address] - 1) > 0:
+                    self._waiting[address] = left
+                else:
+                    del self._waiting[address]
             reason = "bad username or password"
         key = f"user:{username}"
         if ok:
             self.stats.logins_accepted += 1
             if failures := self._login_runs.succeed(key):
                 log.warning("broker: %s logged in after %d refused attempt(s)", _shown(username), failures)
+            self._login_runs.succeed(f"throttled:{address}")
         else:
             self.stats.logins_refused += 1
             if self._login_runs.fail(key):
                 log.warning("broker: login refused for %s (client %s from %s): %s; further refusals for this "
                             "username are counted, not logged", _shown(username), _shown(client_id),
                             remote_address, reason)
-        return ok
+        return "ok" if ok else "refused"
+
+    def _remembered(self, username: str, password: str) -> bool:
+        encoded = self._users.get(username)
+        token = hmac.new(self._cache_key, f"{username}\0{encoded}\0{password}".encode(), "sha256").digest()
+        return encoded is not None and token in self._verified
 
     def client_username(self, username: str | None) -> str | None:
         """The username the ACL sees (None: anonymous)."""
         return username if self.password_file is not None else None
 
     def allowed(self, action: Literal["read", "write", "subscribe"], topic: str, client_id: str | None,
-                username: str | None) -> bool:
-        if self.acl.open:
+                username: str | None, *, counter: str | None = None) -> bool:
+        """The ACL's answer for this client (``username`` as the client gave it), counted under
+        ``counter`` (default: the action's) when it is no. Writing to a ``$`` topic is always refused."""
+        if action == "write" and topic.startswith("$"):
+            ok = False
+            user = self.client_username(username)
+        elif self.acl.open:
             return True
-        user = self.client_username(username)
-        ok = self.acl.allows(action, topic, client_id, user)
+        else:
+            user = self.client_username(username)
+            ok = self.acl.allows(action, topic, client_id, user)
         if not ok:
-            counter = {"write": "publish", "subscribe": "subscribe", "read": "receive"}[action]
-            self.stats.denied[counter] += 1
-            if self._denial_runs.fail(f"{counter}:{client_id}"):
-                log.warning("broker: ACL denied %s on %r to client %s (user %s); further denials are counted",
-                            counter, topic[:200], _shown(client_id), _shown(user))
+            self.refused(counter or {"write": "publish", "subscribe": "subscribe", "read": "receive"}[action],
+                         topic, client_id, user)
         return ok
+
+    def refused(self, counter: str, what: str, client_id: str | None, username: str | None) -> None:
+        """Count (and log the first of a run per client) a refusal: publish, subscribe, receive, will,
+        client_id."""
+        self.stats.denied[counter] = self.stats.denied.get(counter, 0) + 1
+        if self._denial_runs.fail(f"{counter}:{client_id}"):
+            log.warning("broker: ACL denied %s on %r to client %s (user %s); further denials are counted",
+                        counter, what[:200], _shown(client_id), _shown(username))
 
     def snapshot(self) -> dict[str, Any]:
         return {"logins_accepted": self.stats.logins_accepted, "logins_refused": self.stats.logins_refused,
-                "denied": dict(self.stats.denied)}
-
-
-# -- amqtt plugins and broker hooks ----------------------------------------------------------
-
-
-class SecurityAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
-    """amqtt authentication through :class:`BrokerSecurity`."""
-
-    @dataclass
-    class Config:
-        security: Any = None
-
-    async def authenticate(self, *, session: Any) -> bool:
-        security: BrokerSecurity = self.context.config.security
-        return await security.authenticate(session.client_id, session.username, session.password,
-                                           session.remote_address)
-
-
-_ACTIONS: dict[Any, Literal["read", "write", "subscribe"]] = {
-    Action.PUBLISH: "write", Action.SUBSCRIBE: "subscribe", Action.RECEIVE: "read",
-}
+                "logins_throttled": self.stats.logins_throttled, "denied": dict(self.stats.denied)}
 
 
 def listener_ssl_context(tls: BrokerTls, where: str) -> ssl.SSLContext:
@@ -491,143 +514,3 @@ def listener_ssl_context(tls: BrokerTls, where: str) -> ssl.SSLContext:
     else:
         context.verify_mode = ssl.CERT_NONE
     return context
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerPlan:
-    """What amqtt is built from: its config dict, and the TLS context of each listener by name."""
-
-    config: dict[str, Any]
-    ssl_contexts: dict[str, ssl.SSLContext]
-    names: dict[str, str]  # listener name -> "type host:port", for the log
-
-
-def broker_plan(settings: BrokerSettings, security: BrokerSecurity) -> BrokerPlan:
-    listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{settings.host}:{settings.port}"}}
-    contexts: dict[str, ssl.SSLContext] = {}
-    names = {"default": f"tcp {settings.host}:{settings.port}"}
-    for i, listener in enumerate(settings.listeners):
-        name = f"listener-{i}"
-        host = listener.host or settings.host
-        listeners[name] = {"type": "ws" if listener.type in ("ws", "wss") else "tcp", "bind": f"{host}:{listener.port}"}
-        names[name] = f"{listener.type} {host}:{listener.port}"
-        if listener.type in ("tls", "wss"):
-            tls = listener.tls or settings.tls
-            assert tls is not None  # BrokerSettings checks this
-            where = f"broker.listeners[{i}].tls" if listener.tls else "broker.tls"
-            contexts[name] = listener_ssl_context(tls, where)
-    # Name the plugins: amqtt's defaults (packet logger, $SYS...) cost a third of throughput. The ACL
-    # is not a topic plugin: amqtt runs plugin calls as tasks, ~400 us per delivered message (bench/auth.py).
-    plugins: dict[str, Any] = {f"{__name__}.SecurityAuthPlugin": {"security": security}}
-    return BrokerPlan({"listeners": listeners, "plugins": plugins}, contexts, names)
-
-
-_PREAUTHENTICATED = "iotgw.authenticated"
-_DEFERRED_DELETES = "iotgw.deferred_deletes"
-_PREVIOUS_FIELDS = "iotgw.previous_fields"
-# What amqtt copies from a CONNECT onto an existing persistent session before authenticating it.
-_CONNECT_FIELDS = ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive", "username",
-                   "password")
-_CONNECTING: ContextVar[list[str] | None] = ContextVar("iotgw_connecting", default=None)
-
-
-class SecureBrokerMixin:
-    """Hooks for amqtt's ``Broker`` (mixed in before it):
-
-    - a refused client leaves the session under its client id as it was: amqtt deletes that session
-      (clean-session CONNECT), or copies the CONNECT's username, password and will onto it, before it
-      authenticates, and then takes over (disconnects) a client connected under that id;
-    - retained messages go to a new subscription only where the client may read their topic;
-    - TLS listeners use our own context (amqtt's never requires a client certificate);
-    - topic checks (publish, subscribe, every delivery) go straight to :attr:`security`'s ACL.
-    """
-
-    listener_ssl: dict[str, ssl.SSLContext]
-    security: BrokerSecurity | None = None
-
-    async def _topic_filtering(self, session: Any, topic: str, action: Any) -> bool:
-        security = self.security
-        if security is None:
-            result: bool = await super()._topic_filtering(session, topic, action)  # type: ignore[misc]
-            return result
-        act = _ACTIONS.get(action)
-        if act is None or session is None or topic is None:
-            return False
-        return security.allowed(act, topic, session.client_id, session.username)
-
-    async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str, remote_port: int
-                                         ) -> tuple[Any, Any]:
-        deferred: list[str] = []
-        sessions: dict[str, tuple[Any, Any]] = self._sessions  # type: ignore[attr-defined]
-        before = {cid: tuple(getattr(s, f) for f in _CONNECT_FIELDS) for cid, (s, _) in sessions.items()}
-        token = _CONNECTING.set(deferred)
-        try:
-            handler, session = await super()._initialize_client_session(  # type: ignore[misc]
-                reader, writer, remote_address, remote_port)
-        finally:
-            _CONNECTING.reset(token)
-        session.attributes[_DEFERRED_DELETES] = deferred
-        if session.parent and session.client_id in before:  # an existing session, updated from this CONNECT
-            session.attributes[_PREVIOUS_FIELDS] = before[session.client_id]
-        return handler, session
-
-    async def _delete_session(self, client_id: str) -> None:
-        deferred = _CONNECTING.get()
-        if deferred is not None:  # a CONNECT not yet authenticated: delete only once it is
-            deferred.append(client_id)
-            return
-        await super()._delete_session(client_id)  # type: ignore[misc]
-
-    async def _handle_client_session(  # noqa: PLR0917  (amqtt's signature)
-        self, reader: Any, writer: Any, client_session: Any, handler: Any, server: Any, listener_name: str
-    ) -> None:
-        parent: Any = super()
-        config = self.listeners_config[listener_name]  # type: ignore[attr-defined]
-        deferred = client_session.attributes.pop(_DEFERRED_DELETES, [])
-        previous = client_session.attributes.pop(_PREVIOUS_FIELDS, None)
-        if not await parent._authenticate(client_session, config):
-            if previous is not None:  # the refused CONNECT must not change another connection's session
-                for name, value in zip(_CONNECT_FIELDS, previous, strict=True):
-                    setattr(client_session, name, value)
-            refused = Session()
-            refused.client_id = client_session.client_id  # parent 0: no session present [MQTT-3.2.2-4]
-            handler.attach(refused, reader, writer)
-            await handler.mqtt_connack_authorize(False)
-            await writer.close()
-            return
-        for client_id in deferred:
-            await self._delete_session(client_id)
-        client_session.attributes[_PREAUTHENTICATED] = True
-        await parent._handle_client_session(reader, writer, client_session, handler, server, listener_name)
-
-    async def _authenticate(self, session: Any, listener: Any) -> bool:
-        if session.attributes.pop(_PREAUTHENTICATED, False):
-            return True
-        result: bool = await super()._authenticate(session, listener)  # type: ignore[misc]
-        return result
-
-    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
-        broker: Any = self
-        topic_filter, qos = subscription
-        handler = broker._get_handler(session)
-        if handler is None:
-            return
-        tasks = []
-        for topic, retained in list(broker._retained_messages.items()):
-            if not topic_matches(topic, topic_filter):
-                continue
-            if not await broker._topic_filtering(session, topic=topic, action=Action.RECEIVE):
-                continue
-            out_qos = min(qos, retained.qos if retained.qos is not None else qos)
-            tasks.append(asyncio.ensure_future(handler.mqtt_publish(retained.topic, retained.data, out_qos,
-                                                                    retain=True)))
-        if tasks:
-            await asyncio.wait(tasks)
-
-    async def _create_server_instance(
-        self, listener_name: str, listener_type: Any, address: str | None, port: int,
-        ssl_context: ssl.SSLContext | None,
-    ) -> Any:
-        context = getattr(self, "listener_ssl", {}).get(listener_name, ssl_context)
-        return await super()._create_server_instance(  # type: ignore[misc]
-            listener_name, listener_type, address, port, context)

@@ -15,12 +15,18 @@ amqtt 0.12.1 falls short of MQTT 3.1.1 here (each check names the section it enf
   topic filter [MQTT-3.8.3-3] or with a requested QoS above 2 [MQTT-3.8.3-4];
 - there is no packet size limit (``[broker] max_packet_bytes`` here);
 - a client that sends nothing for one and a half times its keep-alive is not disconnected, so its
-  will is never published [MQTT-3.1.2-24]; the firewall closes it, and amqtt then publishes the
+  will is never published [MQTT-3.1.2-24]; the firewall closes it, and the broker then publishes the
   will as for any connection that ends without DISCONNECT [MQTT-3.1.2-8];
-- a connection that never sends CONNECT is held open forever ([broker] connect_timeout_s here).
+- a connection that never sends its whole CONNECT is held open forever ([broker] connect_timeout_s
+  here: the deadline covers the whole packet, not its first byte, so one byte, or most of a large
+  CONNECT, does not hold a connection either); likewise each later packet must arrive whole within
+  one and a half keep-alive periods.
+
+WebSocket clients go through the same firewall (:class:`gateway.broker.wire.WebSocketSource`): a
+message in a text frame [MQTT-6.0.0-1] or larger than the largest packet closes the connection too.
 
 :func:`check_packet` is a pure function (bytes in, a frozen :class:`PacketCheck` out);
-:class:`PacketFirewall` does the socket reads.
+:class:`PacketFirewall` does the reads.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from amqtt.adapters import ReaderAdapter
+from gateway.broker.wire import OversizedMessage, TextFrame
 
 log = logging.getLogger(__name__)
 
@@ -184,20 +191,26 @@ class _Closed(Exception):
     pass
 
 
-class PacketFirewall(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
-    """amqtt's reader for one client connection: whole, checked packets only.
+class Source(Protocol):
+    """Where a connection's bytes come from (``asyncio.StreamReader``, or a WebSocket's messages)."""
 
-    A packet is read off the socket by a task of its own, so amqtt cancelling a read (its keep-alive
-    timer does) never loses half a packet. ``gate`` is awaited before each packet is read (the
-    pipeline's backpressure); the keep-alive clock starts after it.
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+class PacketFirewall:
+    """A client connection's reader: whole, checked packets only (amqtt's protocol handler reads it).
+
+    A packet is read off the socket by a task of its own, so amqtt cancelling a read never loses half
+    a packet. ``gate`` is awaited before each packet is read (the pipeline's backpressure, and room in
+    the connection's own queue); the deadlines do not count the time spent there.
     """
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, max_packet_bytes: int,
+        self, source: Source, abort: Callable[[], None], *, max_packet_bytes: int,
         connect_timeout_s: float, gate: Callable[[], Awaitable[None]], offence: Callable[[str], None],
     ) -> None:
-        self._reader = reader
-        self._writer = writer
+        self._source = source
+        self._abort = abort
         self._max = max_packet_bytes
         self._gate = gate
         self._offence = offence
@@ -237,19 +250,22 @@ class PacketFirewall(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
 
     def feed_eof(self) -> None:
         self._eof = True
-        self._reader.feed_eof()
+
+    def close(self) -> None:
+        """Stop reading (the connection is ending)."""
+        self._eof = True
+        if self._pending is not None:
+            self._pending.cancel()
 
     def _refuse(self, reason: str) -> None:
         self._offence(reason)
-        self._writer.transport.abort()
+        self._abort()
         raise _Closed(reason)
 
     async def _next_packet(self) -> bytes | None:
         try:
             return await self._read_packet()
-        except _Closed:
-            return None
-        except (ConnectionError, OSError):
+        except (_Closed, ConnectionError, OSError):
             return None
 
     async def _read_packet(self) -> bytes | None:
@@ -262,12 +278,24 @@ class PacketFirewall(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         if self._deadline is not None:  # time spent held back by the gate is not the client's silence
             self._deadline += self._loop.time() - started
         try:
-            async with asyncio.timeout_at(self._deadline):
-                first = await self._reader.readexactly(1)
-        except asyncio.IncompleteReadError:
-            return None  # closed between packets
+            async with asyncio.timeout_at(self._deadline):  # the whole packet, not only its first byte
+                packet = await self._read_whole()
         except TimeoutError:
             self._refuse("keepalive_expired" if self._connected else "connect_timeout")
+        except OversizedMessage:
+            self._refuse("oversized")
+        except TextFrame:
+            self._refuse("text_frame")
+        if packet is None:
+            return None
+        self._deadline = self._loop.time() + self._keep_alive_s if self._keep_alive_s else None
+        return packet
+
+    async def _read_whole(self) -> bytes | None:
+        try:
+            first = await self._source.readexactly(1)
+        except asyncio.IncompleteReadError:
+            return None  # closed between packets
         header = bytearray(first)
         length, multiplier = 0, 1
         for _ in range(4):
@@ -288,12 +316,11 @@ class PacketFirewall(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         if check.packet_type == CONNECT:
             self._connected = True
             self._keep_alive_s = check.keep_alive * KEEPALIVE_FACTOR if check.keep_alive else None
-        self._deadline = self._loop.time() + self._keep_alive_s if self._keep_alive_s else None
         return bytes(header) + body
 
     async def _read(self, n: int) -> bytes:
         try:
-            return await self._reader.readexactly(n)
+            return await self._source.readexactly(n)
         except asyncio.IncompleteReadError:
             self._refuse("truncated")
             raise  # unreachable: _refuse raises

@@ -94,7 +94,11 @@ def _print_stats(status: GatewayStatus, seconds: float) -> None:
     sessions = broker.sessions
     bad = " ".join(f"{k}={v}" for k, v in broker.offences.items()) or "none"
     print(f"  mqtt sessions={sessions.clients} persistent={sessions.persistent} queued={sessions.queued}"
-          f" dropped={sum(sessions.dropped.values())} closed for bad input: {bad}", file=out)
+          f" dropped={sessions.dropped_total} retained={broker.retained.messages}"
+          f" closed for bad input: {bad}", file=out)
+    hits = " ".join(f"{k}={v}" for k, v in broker.limits.model_dump().items() if v)
+    if hits:
+        print(f"  mqtt bounds hit: {hits}", file=out)
     for name, s in status.stages.items():
         rejected = " ".join(f"{k}={v}" for k, v in s.rejected.items())
         print(f"  {name:<8} in={s.in_:<7} out={s.out:<7} rejected: {rejected or 'none'}", file=out)

@@ -158,6 +158,21 @@ class GatewayConfig(Model):
             raise ValueError("rule names must be unique")
         return self
 
+    @model_validator(mode="after")
+    def _broker_inside_the_disk_budget(self) -> GatewayConfig:
+        budget, broker = self.storage.max_bytes, self.broker
+        scaled = {name: min(getattr(broker, name), budget // part)  # defaults shrink with a small budget
+                  for name, part in (("max_queued_bytes", 16), ("max_retained_bytes", 64))
+                  if name not in broker.model_fields_set}
+        if any(getattr(broker, name) != value for name, value in scaled.items()):
+            object.__setattr__(self, "broker", broker.model_copy(update=scaled))  # still being validated
+        share = self.broker.disk_share()
+        if share > self.storage.max_bytes // 2:
+            raise ValueError(
+                f"broker.max_queued_bytes + broker.max_retained_bytes ({share} bytes) come out of storage.max_bytes "
+                f"({self.storage.max_bytes}) and may take half of it at most: lower them or raise the budget")
+        return self
+
     @property
     def effective_gateway_id(self) -> str:
         return self.gateway_id or f"{self.site}-{_LEVEL_UNSAFE.sub('-', socket.gethostname())}"

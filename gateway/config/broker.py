@@ -64,7 +64,28 @@ class BrokerSettings(Model):
     # The largest MQTT packet a client may send (whole packet, header included); bigger ones close
     # the connection (gateway/broker/firewall.py).
     max_packet_bytes: int = Field(default=262_144, ge=64, le=268_435_455)
-    connect_timeout_s: float = Field(default=10.0, gt=0)  # a connection must send CONNECT within this
+    connect_timeout_s: float = Field(default=10.0, gt=0, description="a connection must send its whole CONNECT "
+                                     "within this (TLS and WebSocket handshakes included)")
+    # Bounds (gateway/broker/core.py); each one hit is counted in the broker's status (`limits`).
+    max_connections: int = Field(default=1000, ge=1, description="open connections, all listeners together; "
+                                 "more are closed at once")
+    max_connections_per_address: int = Field(default=100, ge=1, description="open connections from one address")
+    max_logins_per_address: int = Field(default=2, ge=1, description="logins from one address waiting for the "
+                                        "password hash at once; more are refused (CONNACK 3) until one is done")
+    max_filters_per_client: int = Field(default=1000, ge=1, description="subscriptions of one client; more get "
+                                        "return code 0x80")
+    max_persistent_sessions: int = Field(default=1000, ge=1, description="CleanSession 0 sessions kept; a new one "
+                                         "beyond is refused (CONNACK 3)")
+    session_expiry_s: float = Field(default=7 * 86400, gt=0, description="a persistent session whose client stays "
+                                    "away this long ends, with what it holds")
+    max_queued_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="topics and payloads waiting in "
+                                  "all sessions together (memory and sessions.sqlite3); then the sessions holding "
+                                  "the most lose their oldest messages. Default: 64 MiB, or 1/16 of [storage] "
+                                  "max_bytes if that is less")
+    max_retained_messages: int = Field(default=10_000, ge=0, description="topics with a retained message")
+    max_retained_bytes: int = Field(default=16 * 1024 * 1024, ge=0, description="topics and payloads of the "
+                                    "retained messages together. Default: 16 MiB, or 1/64 of [storage] max_bytes "
+                                    "if that is less")
     allow_anonymous: bool | Literal["loopback"] | None = Field(
         default=None,
         description='clients without a username; "loopback": only from this machine; unset: as Mosquitto 2 '
@@ -77,6 +98,11 @@ class BrokerSettings(Model):
     )
     tls: BrokerTls | None = None
     listeners: list[BrokerListener] = Field(default_factory=list)
+
+    def disk_share(self) -> int:
+        """What sessions.sqlite3 may hold at most (queued and retained messages): taken out of the disk
+        budget ``[storage] max_bytes``, the store keeps to the rest."""
+        return self.max_queued_bytes + self.max_retained_bytes
 
     @model_validator(mode="after")
     def _listener_tls(self) -> BrokerSettings:

@@ -112,6 +112,10 @@ class BleDevice(_Device):
     scale: float = Field(default=1.0, description="gatt: value = raw * scale + offset")
     offset: float = 0.0
 
+    def log_secrets(self) -> list[str]:
+        """The BTHome bindkey decrypts the sensor's advertisements: never in a log (gateway/ops/logs.py)."""
+        return [self.bindkey] if self.bindkey else []
+
     @field_validator("address")
     @classmethod
     def _mac(cls, value: str) -> str:

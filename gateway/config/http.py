@@ -15,6 +15,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway.settings import Model
 
+MIN_TOKEN_CHARS = 16  # a bearer token anyone on the network may guess at: `openssl rand -hex 16` makes 32
+
 
 def is_loopback(host: str) -> bool:
     """True for ``localhost``, 127.0.0.0/8 and ``::1``; anything else (``0.0.0.0`` too) is exposed."""
@@ -72,12 +74,24 @@ class HttpSettings(Model):
 
     @model_validator(mode="after")
     def _token_where_needed(self) -> HttpSettings:
-        if self.enabled and self.needs_token and self.resolve_token() is None:
+        if not self.enabled:
+            return self
+        token = self.resolve_token()
+        if token is None and self.needs_token:
             raise ValueError(
                 f"host {self.host!r} is not a loopback address (or require_token is set): "
                 "configure a bearer token (token, token_file or token_env)"
             )
+        value = token.get_secret_value() if token is not None else ""
+        if token is not None and (len(value) < MIN_TOKEN_CHARS or any(c.isspace() for c in value)):
+            raise ValueError(f"the bearer token (token, token_file or token_env) must be {MIN_TOKEN_CHARS} characters "
+                             "or more, without spaces (`openssl rand -hex 16` makes one)")
         return self
+
+    def log_secrets(self) -> list[str]:
+        """Secrets the log must never show that are not a ``SecretStr`` field (gateway/ops/logs.py)."""
+        token = self.resolve_token() if self.token_file is not None or self.token_env is not None else None
+        return [token.get_secret_value()] if token is not None else []
 
     @property
     def needs_token(self) -> bool:

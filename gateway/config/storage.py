@@ -18,6 +18,7 @@ class StorageSettings(Model):
     max_bytes: int = Field(default=1024**3, ge=1024 * 1024, description="disk budget of the store (WAL aside)")
     maintenance_interval_s: float = Field(default=60.0, gt=0, description="retention and budget pass period")
 
-    def store_limits(self) -> StoreLimits:
+    def store_limits(self, reserved: int = 0) -> StoreLimits:
+        """The store's limits; ``reserved``: bytes of the budget taken by others (the broker's sessions)."""
         return StoreLimits(self.raw_retention_days, self.rollup_1m_retention_days, self.rollup_1h_retention_days,
-                           self.max_bytes)
+                           self.max_bytes - reserved)

@@ -45,7 +45,7 @@ from gateway.http.portal import PortalRoutes
 from gateway.http.views import AlertView, CatalogView, NoSignal, SignalView
 from gateway.portal import Portal
 from gateway.query import AGGREGATES, QueryError, iso_ms, parse_duration, parse_time, query_series
-from gateway.status import StatusSource
+from gateway.status import BrokerStatus, StatusSource
 from pipeline.db import SqliteThread
 from pipeline.store import READER_PRAGMAS, StoreReader, db_path
 
@@ -117,6 +117,26 @@ def _alert_out(alert: Alert) -> m.AlertOut:
     )
 
 
+def _broker_metrics(broker: BrokerStatus) -> Iterator[Metric]:
+    """The embedded broker: clients, what its sessions hold, and each bound hit (gateway/config/broker.py)."""
+    yield GaugeMetricFamily("iotgw_broker_clients", "Connected MQTT clients", value=broker.clients)
+    yield GaugeMetricFamily("iotgw_broker_connections", "Open MQTT connections, before CONNECT included",
+                            value=broker.connections)
+    yield GaugeMetricFamily("iotgw_broker_queued_bytes", "Topics and payloads queued in MQTT sessions",
+                            value=broker.sessions.bytes)
+    yield GaugeMetricFamily("iotgw_broker_retained_messages", "Retained MQTT messages", value=broker.retained.messages)
+    limits = CounterMetricFamily("iotgw_broker_limit_hits", "Times a [broker] bound was hit", labels=["limit"])
+    for name, count in broker.limits.model_dump().items():
+        limits.add_metric([name], count)
+    denied = CounterMetricFamily("iotgw_broker_denied", "Refusals by the ACL or session ownership", labels=["what"])
+    for name, count in (broker.security.denied if broker.security else {}).items():
+        denied.add_metric([name], count)
+    offences = CounterMetricFamily("iotgw_broker_offences", "Connections closed for bad input", labels=["reason"])
+    for name, count in broker.offences.items():
+        offences.add_metric([name], count)
+    yield from (limits, denied, offences)
+
+
 class StatsCollector(Collector):
     """Prometheus metrics read from the gateway's status at scrape time (registered on a private registry)."""
 
@@ -167,6 +187,7 @@ class StatsCollector(Collector):
         yield published
         yield CounterMetricFamily("iotgw_journal_appended", "Raw messages written to the ingest journal",
                                   value=s.journal.appended)
+        yield from _broker_metrics(s.broker)
 
         gauges = {key: GaugeMetricFamily(f"iotgw_outbox_{key}", help_, labels=["destination"]) for key, help_ in (
             ("depth", "Events waiting in the outbox"), ("bytes", "Bytes waiting in the outbox"),

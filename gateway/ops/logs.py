@@ -5,8 +5,9 @@ each line starts with its syslog priority (``<4>`` for a warning), so ``journalc
 filters by level. JSON lines (``--log-format json`` or ``[logging] format = "json"``): one object a
 line with time, level, logger, message (and the exception), for log shippers.
 
-Every secret the configuration holds (``SecretStr`` values: backbone passwords, tokens) is replaced
-by ``***`` in every record before it is written, whatever logged it.
+Every secret the configuration holds (``SecretStr`` values: backbone passwords, tokens; and what a
+settings model's ``log_secrets()`` adds: the HTTP token read from ``token_file`` or ``token_env``,
+BTHome bindkeys) is replaced by ``***`` in every record before it is written, whatever logged it.
 """
 
 from __future__ import annotations
@@ -101,13 +102,17 @@ def redact(secrets: Iterable[str]) -> None:
 
 
 def secret_values(model: BaseModel) -> list[str]:
-    """Every ``SecretStr`` value inside a (nested) pydantic model."""
+    """Every ``SecretStr`` value inside a (nested) pydantic model, and what a model's ``log_secrets()``
+    names besides (a token read from a file or the environment, a BTHome bindkey)."""
     found: list[str] = []
 
     def walk(value: object) -> None:
         if isinstance(value, SecretStr):
             found.append(value.get_secret_value())
         elif isinstance(value, BaseModel):
+            extra = getattr(value, "log_secrets", None)
+            if callable(extra):
+                found.extend(extra())
             for name in type(value).model_fields:
                 walk(getattr(value, name))
         elif isinstance(value, list | tuple):

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from gateway.alerts import GatewayAlerts
 from gateway.broker.embedded import EmbeddedBroker
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, build_dialects
 from gateway.config.reload import FIXED_FIELDS, ReloadPlan, plan_reload
 from gateway.destinations import Destinations, forward_filters
 from gateway.devices import Devices
@@ -83,7 +83,9 @@ class Gateway:
         self.traffic = TrafficLearner(self.catalog, data_dir, gateway_id=gateway_id,
                                       flush_interval_s=config.catalog.flush_interval_s)
 
-        self.collect = CollectStage(template, {d.id: d.transport for d in config.devices})
+        self.dialects = build_dialects(config.dialects, template, site=site, version=config.topics.version,
+                                       own=(config.status_topic,))
+        self.collect = CollectStage(template, {d.id: d.transport for d in config.devices}, self.dialects)
         self.clean = CleanStage({})
         self._configure_clean(config)
         self.define = DefineStage(template, catalog=self.catalog)
@@ -104,7 +106,7 @@ class Gateway:
             on_inbound=lambda name, message: self.downlink.inbound(name, message),  # noqa: PLW0108 (late-bound)
             on_drop=lambda name, count: self.alerts.dropped(name, count),  # noqa: PLW0108 (late-bound)
         )
-        self.ingest = Ingest(template, self.journal, self.queue, self.destinations)
+        self.ingest = Ingest(template, self.journal, self.queue, self.destinations, self.dialects)
         self.broker = EmbeddedBroker(config.broker, self.ingest, self.queue.wait_for_room, port_option=port_option,
                                      traffic=self.traffic, data_dir=data_dir)
         self.publisher = Publisher(self.broker, self.pipeline.reject_event)

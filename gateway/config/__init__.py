@@ -34,7 +34,9 @@ from gateway.config.devices import (
     MqttDevice,
     SerialDevice,
 )
+from gateway.config.dialects import DialectMetric, DialectSettings, build_dialects
 from gateway.config.http import HttpSettings
+from gateway.config.liveness import LivenessSettings
 from gateway.config.logs import LoggingSettings
 from gateway.config.pipeline import (
     DEFAULT_METRIC_RULES,
@@ -61,6 +63,8 @@ from gateway.forward.nats.settings import NatsForward
 from gateway.forward.registry import FORWARD_TYPES, Forward, ForwardSettings
 from gateway.forward.settings import ForwardSettingsBase, forward_topics
 from gateway.settings import Level, Model, SecretEnv, SecretFile
+from pipeline.errors import TopicError
+from pipeline.topics import TopicTemplate
 
 __all__ = [
     "BAUDRATES",
@@ -87,6 +91,8 @@ __all__ = [
     "CleanSettings",
     "ConfigError",
     "Device",
+    "DialectMetric",
+    "DialectSettings",
     "Forward",
     "ForwardSettings",
     "ForwardSettingsBase",
@@ -96,6 +102,7 @@ __all__ = [
     "InfluxTag",
     "KafkaForward",
     "Level",
+    "LivenessSettings",
     "LoggingSettings",
     "MetricRules",
     "ModbusRegister",
@@ -115,6 +122,7 @@ __all__ = [
     "TlsSettings",
     "TopicSettings",
     "ZScoreRuleSettings",
+    "build_dialects",
     "forward_topics",
     "load_config",
     "parse_config",
@@ -137,6 +145,8 @@ class GatewayConfig(Model):
     forward: list[Forward] = Field(default_factory=list)
     rules: list[RuleSettings] = Field(default_factory=list)
     catalog: CatalogSettings = CatalogSettings()
+    dialects: list[DialectSettings] = Field(default_factory=list, description="foreign MQTT dialects, in order")
+    liveness: LivenessSettings = LivenessSettings()
 
     @model_validator(mode="after")
     def _unique_devices(self) -> GatewayConfig:
@@ -151,11 +161,25 @@ class GatewayConfig(Model):
         rule_names = [r.name for r in self.rules]
         if len(rule_names) != len(set(rule_names)):
             raise ValueError("rule names must be unique")
+        dialects = [d.effective_name for d in self.dialects]
+        if len(dialects) != len(set(dialects)):
+            raise ValueError("dialect names must be unique (give a second use of a preset a name)")
+        try:
+            template = TopicTemplate(self.topics.template)
+            for dialect in self.dialects:
+                dialect.to_dialect(template)
+        except TopicError as exc:
+            raise ValueError(f"dialects: {exc}") from None
         return self
 
     @property
     def effective_gateway_id(self) -> str:
         return self.gateway_id or f"{self.site}-{_LEVEL_UNSAFE.sub('-', socket.gethostname())}"
+
+    @property
+    def status_topic(self) -> str:
+        """Where the gateway's retained online/offline status goes (``[liveness]``)."""
+        return self.liveness.topic(self.site, self.effective_gateway_id)
 
     def device_class(self, device: SerialDevice | BleDevice | MqttDevice) -> str:
         return device.device_class or DEFAULT_DEVICE_CLASS[device.transport]

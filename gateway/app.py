@@ -33,7 +33,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from gateway.alerts import GatewayAlerts
-from gateway.broker.embedded import EmbeddedBroker
+from gateway.broker.base import GatewayBroker, build_broker
 from gateway.config import GatewayConfig, build_dialects
 from gateway.config.reload import FIXED_FIELDS, ReloadPlan, plan_reload
 from gateway.destinations import Destinations, forward_filters
@@ -107,8 +107,11 @@ class Gateway:
             on_drop=lambda name, count: self.alerts.dropped(name, count),  # noqa: PLW0108 (late-bound)
         )
         self.ingest = Ingest(template, self.journal, self.queue, self.destinations, self.dialects)
-        self.broker = EmbeddedBroker(config.broker, self.ingest, self.queue.wait_for_room, port_option=port_option,
-                                     traffic=self.traffic, data_dir=data_dir)
+        raw = template.stage_filter("raw").pattern
+        self.broker: GatewayBroker = build_broker(
+            config, self.ingest, self.queue.wait_for_room, filters=[raw, *(d.filter for d in self.dialects.dialects)],
+            raw_filter=raw, port_option=port_option, traffic=self.traffic, data_dir=data_dir,
+        )
         self.publisher = Publisher(self.broker, self.pipeline.reject_event)
         self.devices = Devices(config, template, ble_source=ble_source)
         self.downlink = Downlink(self.broker, self.publisher, self.devices.serial_driver, site=site,
@@ -121,7 +124,7 @@ class Gateway:
         # What the HTTP API shows (gateway/http/views.py): replaceable by richer sources before start.
         self.alert_view: AlertView = StoredAlerts(data_dir, self.alerts.log)
         self.catalog_view: CatalogView = LearnedCatalog(data_dir, lambda: self.catalog, site=site,
-                                                        host=config.broker.host, port=lambda: self.broker.port)
+                                                        host=config.broker.server_host, port=lambda: self.broker.port)
         self.signal: SignalView = self.devices
         self._http_options = (http_port_option, http_any_port_if_taken)
         self.http: HttpApi | None = None

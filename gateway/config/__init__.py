@@ -35,6 +35,7 @@ from gateway.config.devices import (
     SerialDevice,
 )
 from gateway.config.dialects import DialectMetric, DialectSettings, build_dialects
+from gateway.config.external import ExternalBrokerSettings
 from gateway.config.http import HttpSettings
 from gateway.config.liveness import LivenessSettings
 from gateway.config.logs import LoggingSettings
@@ -93,6 +94,7 @@ __all__ = [
     "Device",
     "DialectMetric",
     "DialectSettings",
+    "ExternalBrokerSettings",
     "Forward",
     "ForwardSettings",
     "ForwardSettingsBase",

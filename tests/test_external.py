@@ -39,7 +39,7 @@ async def until(check: Any, timeout: float, what: str | Any) -> None:
 
 
 def get_json(port: int, path: str) -> Any:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
         return json.loads(resp.read())
 
 
@@ -130,7 +130,7 @@ async def test_published_while_the_gateway_was_away_is_read_when_it_is_back(
     async with Gateway(config):
         pass
     await asyncio.to_thread(mqtt_publish, mosquitto.url, [
-        (f"telemetry/raw/1.0/s1/meter/m-2/power", json.dumps({"value": i, "seq": i}).encode()) for i in range(50)
+        ("telemetry/raw/1.0/s1/meter/m-2/power", json.dumps({"value": i, "seq": i}).encode()) for i in range(50)
     ], client_id="while-away")
     async with Gateway(config) as gw:
         await until(lambda: gw.store.rows_written >= 50, 10, "the 50 readings queued while away")
@@ -154,7 +154,8 @@ async def test_an_outage_of_the_broker_is_survived_and_logged_once(
         await asyncio.to_thread(mqtt_publish, mosquitto.url, [(raw, b'{"value": 2, "seq": 2}')], client_id="after")
         await until(lambda: gw.store.rows_written >= 2, 10, "the reading after the outage")
         external = gw.status().broker.external
-        assert external is not None and external.disconnects == 1
+        assert external is not None
+        assert external.disconnects == 1
     lines = [r.getMessage() for r in caplog.records if r.name == "gateway.broker.external"]
     assert sum("lost" in line for line in lines) == 1, lines
     assert sum("connected to" in line for line in lines) == 2, lines  # at start, and once back

@@ -33,7 +33,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from broker_ingest import _free_port, _peak_rss_kib, _run_load, _wait_listening, run_bare, run_gateway  # noqa: E402
+from broker_ingest import _free_port, _peak_rss_kib, _run_load, _wait_listening, run_bare, run_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 

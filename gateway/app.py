@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from gateway.alerts import GatewayAlerts
 from gateway.broker.base import GatewayBroker, build_broker
-from gateway.config import GatewayConfig, build_dialects
+from gateway.config import GatewayConfig, build_dialects, inactivity_rules, series_rules
 from gateway.config.reload import FIXED_FIELDS, ReloadPlan, plan_reload
 from gateway.destinations import Destinations, forward_filters
 from gateway.devices import Devices
@@ -43,6 +43,7 @@ from gateway.flow import Flow, Windows, store_housekeeping
 from gateway.http.views import AlertView, CatalogView, LearnedCatalog, SignalView, StoredAlerts
 from gateway.ingest import DriverSink, Ingest
 from gateway.journal import Journal
+from gateway.liveness import InactivityWatch, watch_known_devices
 from gateway.publish import Publisher
 from gateway.status import AnalyzeStatus, BrokerStatus, GatewayStatus, Health, StoreStatus, health
 from pipeline.analyze import AnalyzeStage
@@ -50,6 +51,7 @@ from pipeline.catalog import Catalog
 from pipeline.clean import CleanStage, ClockPolicy
 from pipeline.collect import CollectStage
 from pipeline.define import DefineStage
+from pipeline.liveness import InactivityStage
 from pipeline.queue import BatchQueue
 from pipeline.rules import RuleSet
 from pipeline.runner import Pipeline
@@ -91,11 +93,13 @@ class Gateway:
         self.define = DefineStage(template, catalog=self.catalog)
         self.analyze = AnalyzeStage(
             template, config.topics.version, windows_s=config.pipeline.analyze.windows_s,
-            grace_s=config.pipeline.analyze.grace_s, rules=RuleSet([r.to_rule() for r in config.rules]),
+            grace_s=config.pipeline.analyze.grace_s, rules=RuleSet(series_rules(config.rules)),
             on_alerts=self.store.record_alerts,
         )
+        self.liveness = InactivityStage(inactivity_rules(config.rules), site=site, on_alerts=self.store.record_alerts)
         self.pipeline = Pipeline([self.collect, self.clean, self.define], template, site=site,
-                                 version=config.topics.version, back=[StoreStage(self.store), self.analyze])
+                                 version=config.topics.version,
+                                 back=[StoreStage(self.store), self.analyze, self.liveness])
 
         # Messages go both ways: ingest routes broker messages to the destinations; what a backbone sends
         # back (the downlink) and what a full outbox drops (the alerts) go onto the broker again. Those two
@@ -120,6 +124,7 @@ class Gateway:
         self.flow = Flow(self.pipeline, self.queue, self.journal, self.publisher, self.destinations,
                          batch_size=config.pipeline.batch_size, max_latency_s=config.pipeline.max_latency_s)
         self.windows = Windows(self.analyze, self.publisher)
+        self.inactivity = InactivityWatch(self.liveness, self.publisher)
 
         # What the HTTP API shows (gateway/http/views.py): replaceable by richer sources before start.
         self.alert_view: AlertView = StoredAlerts(data_dir, self.alerts.log)
@@ -153,7 +158,10 @@ class Gateway:
             stack.push_async_callback(self.journal.close)
             await stack.enter_async_context(self.store)
             await self._close_unconfigured_alerts()
-            self.analyze.rules.seed(await self.store.active_alerts())
+            active = await self.store.active_alerts()
+            self.analyze.rules.seed(active)
+            self.liveness.seed(active)
+            watch_known_devices(self.liveness, config, config.storage.data_dir)
             await stack.enter_async_context(self.destinations)
             await stack.enter_async_context(self.traffic)
             for consumer, topic_filter in forward_filters(config):  # destinations consume what they forward
@@ -176,6 +184,7 @@ class Gateway:
         self._loops = [
             asyncio.create_task(self.alerts.run(), name="outbox alerts"),
             asyncio.create_task(self.windows.run(), name="analyze windows"),
+            asyncio.create_task(self.inactivity.run(), name="device inactivity"),
             asyncio.create_task(store_housekeeping(self.store, config.storage.maintenance_interval_s),
                                 name="store housekeeping"),
         ]
@@ -226,7 +235,8 @@ class Gateway:
             self.define.set_catalog(self.catalog)
             self.traffic.set_catalog(self.catalog)
         if plan.pipeline_changed:
-            self.analyze.set_rules(RuleSet([r.to_rule() for r in config.rules]))
+            self.analyze.set_rules(RuleSet(series_rules(config.rules)))
+            self.liveness.set_rules(inactivity_rules(config.rules))
             await self._close_unconfigured_alerts()
         await self.destinations.reload(plan, config)
         log.warning("reloaded: %s", plan.summary())

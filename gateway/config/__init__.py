@@ -48,7 +48,16 @@ from gateway.config.pipeline import (
     TopicSettings,
 )
 from gateway.config.problems import problems
-from gateway.config.rules import RULE_KINDS, RateRuleSettings, RuleSettings, ThresholdRuleSettings, ZScoreRuleSettings
+from gateway.config.rules import (
+    RULE_KINDS,
+    InactivityRuleSettings,
+    RateRuleSettings,
+    RuleSettings,
+    ThresholdRuleSettings,
+    ZScoreRuleSettings,
+    inactivity_rules,
+    series_rules,
+)
 from gateway.config.storage import StorageSettings
 from gateway.errors import ConfigError
 from gateway.forward.influxdb.settings import (
@@ -100,6 +109,7 @@ __all__ = [
     "ForwardSettingsBase",
     "GatewayConfig",
     "HttpSettings",
+    "InactivityRuleSettings",
     "InfluxForward",
     "InfluxTag",
     "KafkaForward",
@@ -126,8 +136,10 @@ __all__ = [
     "ZScoreRuleSettings",
     "build_dialects",
     "forward_topics",
+    "inactivity_rules",
     "load_config",
     "parse_config",
+    "series_rules",
 ]
 
 _LEVEL_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")

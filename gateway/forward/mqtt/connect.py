@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTProtocolVersion
@@ -23,6 +24,14 @@ class Presence:
     topic: str
     online: str = "online"
     offline: str = "offline"
+
+
+@runtime_checkable
+class Announces(Protocol):
+    """A client of an MQTT broker that keeps the gateway's retained status there (the MQTT bridge)."""
+
+    def announce_as(self, presence: Presence) -> None:
+        """Use ``presence`` from the next connection on: birth message and last will."""
 
 
 def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:

@@ -33,13 +33,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from gateway.alerts import GatewayAlerts
-from gateway.broker.base import GatewayBroker, build_broker
+from gateway.broker.base import GatewayBroker, RetainedBroker, build_broker
 from gateway.config import GatewayConfig, build_dialects, inactivity_rules, series_rules
 from gateway.config.reload import FIXED_FIELDS, ReloadPlan, plan_reload
 from gateway.destinations import Destinations, forward_filters
 from gateway.devices import Devices
 from gateway.downlink import Downlink
 from gateway.flow import Flow, Windows, store_housekeeping
+from gateway.homeassistant import HomeAssistantDiscovery
 from gateway.http.views import AlertView, CatalogView, LearnedCatalog, SignalView, StoredAlerts
 from gateway.ingest import DriverSink, Ingest
 from gateway.journal import Journal
@@ -125,6 +126,10 @@ class Gateway:
                          batch_size=config.pipeline.batch_size, max_latency_s=config.pipeline.max_latency_s)
         self.windows = Windows(self.analyze, self.publisher)
         self.inactivity = InactivityWatch(self.liveness, self.publisher)
+        self.homeassistant: HomeAssistantDiscovery | None = None
+        if config.homeassistant.discovery and isinstance(self.broker, RetainedBroker):
+            self.homeassistant = HomeAssistantDiscovery(config, self.broker, template)
+            self.broker.when_connected(self.homeassistant.republish)
 
         # What the HTTP API shows (gateway/http/views.py): replaceable by richer sources before start.
         self.alert_view: AlertView = StoredAlerts(data_dir, self.alerts.log)
@@ -185,6 +190,8 @@ class Gateway:
             asyncio.create_task(self.alerts.run(), name="outbox alerts"),
             asyncio.create_task(self.windows.run(), name="analyze windows"),
             asyncio.create_task(self.inactivity.run(), name="device inactivity"),
+            *([asyncio.create_task(self.homeassistant.run(), name="home assistant discovery")]
+              if self.homeassistant is not None else []),
             asyncio.create_task(store_housekeeping(self.store, config.storage.maintenance_interval_s),
                                 name="store housekeeping"),
         ]
@@ -239,6 +246,8 @@ class Gateway:
             self.liveness.set_rules(inactivity_rules(config.rules))
             await self._close_unconfigured_alerts()
         await self.destinations.reload(plan, config)
+        if self.homeassistant is not None:
+            self.homeassistant.configure(config)  # devices removed from the config leave Home Assistant
         log.warning("reloaded: %s", plan.summary())
         return plan
 

@@ -36,6 +36,7 @@ from gateway.config.devices import (
 )
 from gateway.config.dialects import DialectMetric, DialectSettings, build_dialects
 from gateway.config.external import ExternalBrokerSettings
+from gateway.config.homeassistant import HomeAssistantSettings
 from gateway.config.http import HttpSettings
 from gateway.config.liveness import LivenessSettings
 from gateway.config.logs import LoggingSettings
@@ -108,6 +109,7 @@ __all__ = [
     "ForwardSettings",
     "ForwardSettingsBase",
     "GatewayConfig",
+    "HomeAssistantSettings",
     "HttpSettings",
     "InactivityRuleSettings",
     "InfluxForward",
@@ -161,6 +163,7 @@ class GatewayConfig(Model):
     catalog: CatalogSettings = CatalogSettings()
     dialects: list[DialectSettings] = Field(default_factory=list, description="foreign MQTT dialects, in order")
     liveness: LivenessSettings = LivenessSettings()
+    homeassistant: HomeAssistantSettings = HomeAssistantSettings()
 
     @model_validator(mode="after")
     def _unique_devices(self) -> GatewayConfig:
@@ -175,6 +178,9 @@ class GatewayConfig(Model):
         rule_names = [r.name for r in self.rules]
         if len(rule_names) != len(set(rule_names)):
             raise ValueError("rule names must be unique")
+        if self.homeassistant.discovery and self.broker.mode != "external":
+            raise ValueError('homeassistant.discovery needs [broker] mode = "external" (retained messages on the '
+                             "site's broker, where Home Assistant reads them)")
         dialects = [d.effective_name for d in self.dialects]
         if len(dialects) != len(set(dialects)):
             raise ValueError("dialect names must be unique (give a second use of a preset a name)")

@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -159,3 +160,20 @@ async def test_an_outage_of_the_broker_is_survived_and_logged_once(
     lines = [r.getMessage() for r in caplog.records if r.name == "gateway.broker.external"]
     assert sum("lost" in line for line in lines) == 1, lines
     assert sum("connected to" in line for line in lines) == 2, lines  # at start, and once back
+
+
+def test_the_samples_external_block_is_a_valid_config(tmp_path: Path) -> None:
+    """gateway/sample-config.toml shows [broker.external] commented out: uncommented, it loads (with Home
+    Assistant's discovery, which needs it)."""
+    text = (Path(__file__).parent.parent / "gateway" / "sample-config.toml").read_text()
+    block = text[text.index("# [broker.external]"):text.index("[storage]")]
+    lines = [line[2:] for line in block.splitlines() if line.startswith("# ")]
+    secret = tmp_path / "broker.pass"
+    secret.write_text("s3cret\n")
+    external = tomllib.loads("\n".join(lines).replace("/etc/iotgw/broker.pass", str(secret)))["broker"]["external"]
+    config = parse_config({"broker": {"mode": "external", "external": external}, "homeassistant": {"discovery": True}})
+    assert config.broker.external is not None
+    assert (config.broker.external.host, config.broker.external.port, config.broker.external.tls_on) == (
+        "mosquitto.local", 8883, True)
+    assert config.broker.external.password is not None
+    assert config.broker.external.password.get_secret_value() == "s3cret"

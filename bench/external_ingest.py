@@ -17,9 +17,12 @@ alternate; medians are reported with their ratio.
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing as mp
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -28,14 +31,82 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from broker_ingest import _free_port, _peak_rss_kib, _run_load, _wait_listening, run_bare, run_gateway
-
 ROOT = Path(__file__).resolve().parent.parent
+TOPIC = "telemetry/raw/1.0/bench/meter/m-{p}/power"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process exited: {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("nothing listened")
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _publisher(port: int, index: int, count: int, *, ready: Any, go: Any) -> None:
+    """One device process (as bench/broker_ingest.py's): paho, QoS 1, 100 in flight."""
+    connected = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{index}")
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    client.on_connect = lambda *_: connected.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    connected.wait(10)
+    topic = TOPIC.format(p=index)
+    payloads = [json.dumps({"value": float(i % 500), "unit": "W", "seq": i}) for i in range(count)]
+    ready.release()
+    go.wait()
+    infos = [client.publish(topic, body, qos=1) for body in payloads]
+    for info in infos:
+        info.wait_for_publish(120)
+    client.disconnect()
+    client.loop_stop()
+
+
+def _run_load(port: int, messages: int, publishers: int, done: Any) -> float:
+    """Start publishers, release them together, return seconds until ``done()`` is true."""
+    ctx = mp.get_context("spawn")
+    ready, go = ctx.Semaphore(0), ctx.Event()
+    per = messages // publishers
+    procs = [ctx.Process(target=_publisher, args=(port, i, per), kwargs={"ready": ready, "go": go})
+             for i in range(publishers)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.acquire()
+    start = time.perf_counter()
+    go.set()
+    while not done():
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - start
+    for p in procs:
+        p.join(60)
+    return elapsed
 
 
 class Mosquitto:
@@ -79,7 +150,7 @@ def run_plain_subscriber(messages: int, publishers: int) -> float:
             sub.loop_start()
             subscribed.wait(10)
             target = (messages // publishers) * publishers
-            elapsed = _run_load(broker.port, messages, publishers, 1, lambda: received >= target)
+            elapsed = _run_load(broker.port, messages, publishers, lambda: received >= target)
             sub.disconnect()
             sub.loop_stop()
             return target / elapsed
@@ -119,7 +190,7 @@ def run_external(messages: int, publishers: int, workers: int, protocol: str = "
                 except sqlite3.Error:
                     return 0
 
-            elapsed = _run_load(broker.port, messages, publishers, 1, lambda: sum(map(count, stores)) >= target)
+            elapsed = _run_load(broker.port, messages, publishers, lambda: sum(map(count, stores)) >= target)
             rss = max(_peak_rss_kib(p.pid) for p in procs)
         finally:
             for proc in procs:
@@ -150,20 +221,20 @@ def main() -> None:
         print(f"round {round_no}: Mosquitto -> plain subscriber {plain[-1]:8.0f} msg/s   "
               f"Mosquitto -> gateway ({args.workers} worker(s)) -> SQLite {rate:8.0f} msg/s   "
               f"ratio {rate / plain[-1]:.2f}   peak RSS {peak / 1024:.0f} MiB", flush=True)
-    embedded: list[float] = []
-    bare: list[float] = []
-    for _ in range(args.embedded_rounds):
-        bare.append(run_bare(args.messages, args.publishers, 1))
-        embedded.append(run_gateway(args.messages, args.publishers, 1)[0])
+    embedded = ""
+    if args.embedded_rounds:  # bench/broker_ingest.py, in the same run
+        result = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("broker_ingest.py")), "--messages", str(args.messages),
+             "--publishers", str(args.publishers), "--rounds", str(args.embedded_rounds)],
+            capture_output=True, text=True, check=True)
+        embedded = result.stdout.strip().splitlines()[-1]
     p, e = statistics.median(plain), statistics.median(external)
     print(f"median ({args.messages} messages, {args.publishers} publishers, QoS 1, {args.rounds} rounds):")
     print(f"  Mosquitto relaying to one plain subscriber      {p:8.0f} msg/s")
     print(f"  external mode, {args.workers} worker(s), into SQLite       {e:8.0f} msg/s   ratio {e / p:.2f}"
           f"   peak RSS {max(rss) / 1024:.0f} MiB")
     if embedded:
-        b, g = statistics.median(bare), statistics.median(embedded)
-        print(f"  embedded mode: bare amqtt relay {b:.0f} msg/s, gateway into SQLite {g:.0f} msg/s "
-              f"({args.embedded_rounds} round(s); {g / p:.2f} of the Mosquitto relay)")
+        print(f"  embedded mode (bench/broker_ingest.py, {args.embedded_rounds} round(s)): {embedded}")
 
 
 if __name__ == "__main__":

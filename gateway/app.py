@@ -35,16 +35,18 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from gateway.alerts import GatewayAlerts
-from gateway.broker.embedded import EmbeddedBroker
-from gateway.config import GatewayConfig
+from gateway.broker.base import GatewayBroker, RetainedBroker, build_broker
+from gateway.config import GatewayConfig, build_dialects, inactivity_rules, series_rules
 from gateway.config.reload import FIXED_FIELDS, ReloadPlan, plan_reload
 from gateway.destinations import Destinations, forward_filters
 from gateway.devices import Devices
 from gateway.downlink import Downlink
 from gateway.flow import Flow, Windows, store_housekeeping
+from gateway.homeassistant import HomeAssistantDiscovery
 from gateway.http.views import AlertView, CatalogView, LearnedCatalog, SignalView, StoredAlerts
 from gateway.ingest import DriverSink, Ingest
 from gateway.journal import Journal
+from gateway.liveness import InactivityWatch, watch_known_devices
 from gateway.portal import Portal, RecentTopics
 from gateway.publish import Publisher
 from gateway.status import AnalyzeStatus, BrokerStatus, GatewayStatus, Health, StoreStatus, health
@@ -53,6 +55,7 @@ from pipeline.catalog import Catalog
 from pipeline.clean import CleanStage, ClockPolicy
 from pipeline.collect import CollectStage
 from pipeline.define import DefineStage
+from pipeline.liveness import InactivityStage
 from pipeline.queue import BatchQueue
 from pipeline.rules import RuleSet
 from pipeline.runner import Pipeline
@@ -86,17 +89,21 @@ class Gateway:
         self.traffic = TrafficLearner(self.catalog, data_dir, gateway_id=gateway_id,
                                       flush_interval_s=config.catalog.flush_interval_s)
 
-        self.collect = CollectStage(template, {d.id: d.transport for d in config.devices})
+        self.dialects = build_dialects(config.dialects, template, site=site, version=config.topics.version,
+                                       own=(config.status_topic,))
+        self.collect = CollectStage(template, {d.id: d.transport for d in config.devices}, self.dialects)
         self.clean = CleanStage({})
         self._configure_clean(config)
         self.define = DefineStage(template, catalog=self.catalog)
         self.analyze = AnalyzeStage(
             template, config.topics.version, windows_s=config.pipeline.analyze.windows_s,
-            grace_s=config.pipeline.analyze.grace_s, rules=RuleSet([r.to_rule() for r in config.rules]),
+            grace_s=config.pipeline.analyze.grace_s, rules=RuleSet(series_rules(config.rules)),
             on_alerts=self.store.record_alerts,
         )
+        self.liveness = InactivityStage(inactivity_rules(config.rules), site=site, on_alerts=self.store.record_alerts)
         self.pipeline = Pipeline([self.collect, self.clean, self.define], template, site=site,
-                                 version=config.topics.version, back=[StoreStage(self.store), self.analyze])
+                                 version=config.topics.version,
+                                 back=[StoreStage(self.store), self.analyze, self.liveness])
 
         # Messages go both ways: ingest routes broker messages to the destinations; what a backbone sends
         # back (the downlink) and what a full outbox drops (the alerts) go onto the broker again. Those two
@@ -107,10 +114,13 @@ class Gateway:
             on_inbound=lambda name, message: self.downlink.inbound(name, message),  # noqa: PLW0108 (late-bound)
             on_drop=lambda name, count: self.alerts.dropped(name, count),  # noqa: PLW0108 (late-bound)
         )
-        self.ingest = Ingest(template, self.journal, self.queue, self.destinations)
+        self.ingest = Ingest(template, self.journal, self.queue, self.destinations, self.dialects)
         self.topics = RecentTopics(self.traffic)  # the portal's live topics: the broker tells both
-        self.broker = EmbeddedBroker(config.broker, self.ingest, self.queue.wait_for_room, port_option=port_option,
-                                     traffic=self.topics, data_dir=data_dir)
+        raw = template.stage_filter("raw").pattern
+        self.broker: GatewayBroker = build_broker(
+            config, self.ingest, self.queue.wait_for_room, filters=[raw, *(d.filter for d in self.dialects.dialects)],
+            raw_filter=raw, port_option=port_option, traffic=self.topics, data_dir=data_dir,
+        )
         self.publisher = Publisher(self.broker, self.pipeline.reject_event)
         self.devices = Devices(config, template, ble_source=ble_source)
         self.downlink = Downlink(self.broker, self.publisher, self.devices.serial_driver, site=site,
@@ -119,11 +129,16 @@ class Gateway:
         self.flow = Flow(self.pipeline, self.queue, self.journal, self.publisher, self.destinations,
                          batch_size=config.pipeline.batch_size, max_latency_s=config.pipeline.max_latency_s)
         self.windows = Windows(self.analyze, self.publisher)
+        self.inactivity = InactivityWatch(self.liveness, self.publisher)
+        self.homeassistant: HomeAssistantDiscovery | None = None
+        if config.homeassistant.discovery and isinstance(self.broker, RetainedBroker):
+            self.homeassistant = HomeAssistantDiscovery(config, self.broker, template)
+            self.broker.when_connected(self.homeassistant.republish)
 
         # What the HTTP API shows (gateway/http/views.py): replaceable by richer sources before start.
         self.alert_view: AlertView = StoredAlerts(data_dir, self.alerts.log)
         self.catalog_view: CatalogView = LearnedCatalog(data_dir, lambda: self.catalog, site=site,
-                                                        host=config.broker.host, port=lambda: self.broker.port)
+                                                        host=config.broker.server_host, port=lambda: self.broker.port)
         self.signal: SignalView = self.devices
         self.portal = Portal(settings=lambda: self.config.catalog, catalog=lambda: self.catalog, data_dir=data_dir,
                              topics=self.topics, apply=self.apply_catalog)
@@ -154,7 +169,10 @@ class Gateway:
             stack.push_async_callback(self.journal.close)
             await stack.enter_async_context(self.store)
             await self._close_unconfigured_alerts()
-            self.analyze.rules.seed(await self.store.active_alerts())
+            active = await self.store.active_alerts()
+            self.analyze.rules.seed(active)
+            self.liveness.seed(active)
+            watch_known_devices(self.liveness, config, config.storage.data_dir)
             await stack.enter_async_context(self.destinations)
             await stack.enter_async_context(self.traffic)
             for consumer, topic_filter in forward_filters(config):  # destinations consume what they forward
@@ -177,6 +195,9 @@ class Gateway:
         self._loops = [
             asyncio.create_task(self.alerts.run(), name="outbox alerts"),
             asyncio.create_task(self.windows.run(), name="analyze windows"),
+            asyncio.create_task(self.inactivity.run(), name="device inactivity"),
+            *([asyncio.create_task(self.homeassistant.run(), name="home assistant discovery")]
+              if self.homeassistant is not None else []),
             asyncio.create_task(store_housekeeping(self.store, config.storage.maintenance_interval_s),
                                 name="store housekeeping"),
         ]
@@ -227,9 +248,12 @@ class Gateway:
             self.define.set_catalog(self.catalog)
             self.traffic.set_catalog(self.catalog)
         if plan.pipeline_changed:
-            self.analyze.set_rules(RuleSet([r.to_rule() for r in config.rules]))
+            self.analyze.set_rules(RuleSet(series_rules(config.rules)))
+            self.liveness.set_rules(inactivity_rules(config.rules))
             await self._close_unconfigured_alerts()
         await self.destinations.reload(plan, config)
+        if self.homeassistant is not None:
+            self.homeassistant.configure(config)  # devices removed from the config leave Home Assistant
         log.warning("reloaded: %s", plan.summary())
         return plan
 

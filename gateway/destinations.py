@@ -18,6 +18,7 @@ from typing import Self
 from gateway.config import ForwardSettings, GatewayConfig, forward_topics
 from gateway.config.reload import ReloadPlan
 from gateway.forward.forwarder import Forwarder, InboundHandler, Route
+from gateway.forward.mqtt.connect import Announces, Presence
 from gateway.forward.outbox import Limits
 from gateway.forward.registry import build_destination
 from gateway.status import ForwardStatus
@@ -38,6 +39,7 @@ class Destinations:
     ) -> None:
         self._data_dir = config.storage.data_dir
         self._gateway_id = config.effective_gateway_id
+        self._presence = Presence(config.status_topic, config.liveness.online, config.liveness.offline)
         self._template = template
         self._on_inbound = on_inbound
         self._on_drop = on_drop
@@ -45,7 +47,10 @@ class Destinations:
         self.forwarder: Forwarder | None = self._forwarder(config.forward) if config.forward else None
 
     def _route(self, f: ForwardSettings) -> Route:
-        return Route(build_destination(f, self._gateway_id, self._template),
+        destination = build_destination(f, self._gateway_id, self._template)
+        if isinstance(destination, Announces):  # an MQTT broker: the gateway's online/offline status there too
+            destination.announce_as(self._presence)
+        return Route(destination,
                      tuple(compile_filter(t) for t in forward_topics(f, self._template)),
                      Limits(f.max_bytes, f.when_full), f.batch_size, f.replay == "fresh_first")
 

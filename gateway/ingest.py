@@ -23,6 +23,7 @@ from gateway.broker.embedded import Resend
 from gateway.journal import Journal
 from gateway.publish import Broker, dumps
 from gateway.status import JournalStatus, QueueStatus
+from pipeline.dialects import DialectSet
 from pipeline.model import new_event_id
 from pipeline.queue import BatchQueue
 from pipeline.stage import RawMessage, Reject
@@ -45,9 +46,11 @@ class Ingest:
     """Journal, queue and outboxes for every broker message; see the module docstring."""
 
     def __init__(self, template: TopicTemplate, journal: Journal, queue: BatchQueue[RawMessage],
-                 outboxes: Outboxes) -> None:
+                 outboxes: Outboxes, dialects: DialectSet | None = None) -> None:
+        """``dialects``: the foreign topics a client's message is read on too (pipeline/dialects.py)."""
         self._template = template
         self._raw = template.stage_filter("raw")
+        self._dialects = dialects or None
         self._journal = journal
         self._queue = queue
         self._outboxes = outboxes
@@ -58,7 +61,9 @@ class Ingest:
         futures: list[asyncio.Future[None]] = []
         if resend is not None and resend.dup and origin is not None and event_id is None:
             event_id = self._journal.resent_id(origin, resend.packet_id, topic, payload)  # the same event again
-        if self._raw.matches(topic):
+        if self._raw.matches(topic) or (
+            origin is not None and self._dialects is not None and self._dialects.wants(topic)
+        ):
             message = RawMessage(topic, payload, origin, datetime.now(UTC), event_id or new_event_id())
             event_id = message.event_id
             futures.append(self._journal.append(message, resend.packet_id if resend else None))

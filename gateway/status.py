@@ -120,7 +120,27 @@ class BrokerLimitsStatus(_Status):
     retained_refused: int = Field(description="retained messages not kept: max_retained_messages or _bytes")
 
 
+class ExternalBrokerStatus(_Status):
+    """The site's broker the gateway is a client of (``[broker] mode = "external"``)."""
+
+    url: str
+    client_id: str
+    connected: bool
+    protocol: str = Field(description='"5" or "3.1.1" once connected, "" before')
+    subscriptions: list[str]
+    received: int = Field(description="messages the broker delivered")
+    acknowledged: int = Field(description="of them acknowledged, each once in the journal")
+    retained_skipped: int = Field(description="retained messages (old values sent on subscribing): not readings")
+    pending: int = Field(description="received, not yet handed to the pipeline")
+    published: int
+    publish_failures: int = Field(description="events not published for want of a connection (the outboxes keep "
+                                              "what a destination forwards)")
+    disconnects: int
+
+
 class BrokerStatus(_Status):
+    mode: str = "embedded"
+    external: ExternalBrokerStatus | None = None
     port: int
     serving: bool = Field(description="taking clients on every listener")
     clients: int = Field(description="connected clients")
@@ -219,7 +239,8 @@ def health(status: GatewayStatus, *, stall_s: float) -> Health:
     for busy in status.pipeline.busy_s.values():
         if busy > stall_s:
             problems.append(f"the pipeline has been inside one batch for {busy:.0f} s")
-    if not status.broker.serving:
+    if not status.broker.serving and status.broker.mode == "embedded":
+        # An external broker that is away is not the gateway's fault: it reconnects (and /readyz says so).
         problems.append("the broker is not serving")
     collect = status.stages.get("collect")
     up = sum(d.connected for d in status.drivers.values())

@@ -291,10 +291,10 @@ class CommandAckData(_Data):
 
 
 class AlertData(_Data):
-    """An alert raised or cleared by a rule (threshold, rate of change, z-score)."""
+    """An alert raised or cleared by a rule (threshold, rate of change, z-score, device inactivity)."""
 
     rule: str = Field(description="name of the rule in config")
-    kind: Literal["threshold", "rate", "zscore"]
+    kind: Literal["threshold", "rate", "zscore", "inactivity"]
     device_id: str
     metric: str
     severity: str

@@ -12,18 +12,23 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
+from pipeline.dialects import DialectSet, MappedMessage, derived_event_id
+from pipeline.errors import TopicError
 from pipeline.model import MAX_SEQ
 from pipeline.stage import Draft, Emitter, RawMessage, StageStats
-from pipeline.topics import TopicTemplate
+from pipeline.topics import TopicFields, TopicTemplate
 
 
 class CollectStage:
     name = "collect"
 
-    def __init__(self, template: TopicTemplate, transports: Mapping[str, str]) -> None:
-        """``transports`` maps the ids of in-process (driver) devices to their transport."""
+    def __init__(self, template: TopicTemplate, transports: Mapping[str, str], dialects: DialectSet | None = None
+                 ) -> None:
+        """``transports`` maps the ids of in-process (driver) devices to their transport; ``dialects``
+        read the topics outside the taxonomy."""
         self._template = template
         self._transports = transports
+        self._dialects = dialects or None
         self.stats = StageStats()
 
     def configure(self, transports: Mapping[str, str]) -> None:
@@ -34,7 +39,11 @@ class CollectStage:
         out: list[Draft] = []
         for message in batch:
             draft = self._one(message, emit)
-            if draft is not None:
+            if draft is None:
+                continue
+            if isinstance(draft, list):
+                out += draft
+            else:
                 out.append(draft)
         self.stats.received += len(batch)
         self.stats.passed += len(out)
@@ -44,11 +53,10 @@ class CollectStage:
         self.stats.rejected[reason] += 1
         emit.reject(self.name, reason, detail, message.topic, message.payload)
 
-    def _one(self, message: RawMessage, emit: Emitter) -> Draft | None:
+    def _one(self, message: RawMessage, emit: Emitter) -> Draft | list[Draft] | None:
         fields = self._template.parse(message.topic)
         if fields is None or fields.stage != "raw":
-            self._reject(message, emit, "unknown_topic", f"does not fit {self._template.template}")
-            return None
+            return self._foreign(message, emit)
         configured = self._transports.get(fields.device_id)
         if message.origin is None:
             if configured is None:
@@ -97,6 +105,50 @@ class CollectStage:
             payload=message.payload,
             event_id=message.event_id,
         )
+
+
+    def _foreign(self, message: RawMessage, emit: Emitter) -> list[Draft] | None:
+        """A topic outside the taxonomy's raw stage: a message in a foreign dialect becomes a draft per metric
+        it carries (pipeline/dialects.py; only from clients: in-process drivers speak the taxonomy)."""
+        mapped = None
+        if self._dialects is not None and message.origin is not None:
+            mapped = self._dialects.map(message.topic, message.payload)
+        if mapped is None:
+            self._reject(message, emit, "unknown_topic", f"does not fit {self._template.template}")
+            return None
+        if not isinstance(mapped, MappedMessage):
+            self._reject(message, emit, mapped.reason, mapped.detail)
+            return None
+        configured = self._transports.get(mapped.device_id)
+        if configured is not None and configured != "mqtt":
+            self._reject(message, emit, "device_conflict", f"{mapped.device_id} is a {configured} device")
+            return None
+        seq = mapped.seq
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ):
+            self._reject(message, emit, "invalid_seq", f"{mapped.dialect}: the sequence number must be an integer "
+                                                       "from 0 to 2**63-1")
+            return None
+        device_ts = None
+        if mapped.ts is not None and (device_ts := parse_timestamp(mapped.ts)) is None:
+            self._reject(message, emit, "invalid_ts", f"{mapped.dialect}: the device time must be epoch seconds, "
+                                                      "epoch milliseconds or RFC 3339")
+            return None
+        drafts = []
+        for metric in mapped.metrics:
+            fields = TopicFields("raw", mapped.version, mapped.site, mapped.device_class, mapped.device_id,
+                                 metric.metric)
+            try:
+                topic = self._template.format(fields)
+            except TopicError as exc:
+                self._reject(message, emit, "invalid_name", f"{mapped.dialect}: {exc}")
+                continue
+            drafts.append(Draft(
+                topic=topic, fields=fields, transport="mqtt", value=metric.value, unit=metric.unit,
+                device_ts=device_ts, seq=seq, received_at=message.received_at, payload=message.payload,
+                # One id per reading, the same whenever the message is replayed (the journal keeps its id).
+                event_id=derived_event_id(message.event_id, metric.metric),
+            ))
+        return drafts
 
 
 _RFC3339 = re.compile(

@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from pipeline.model import ALERT_CLEARED_TYPE, ALERT_TYPE, cloudevent, new_event_id
 
 ALERT_VERSION = "1.0"
-Kind = Literal["threshold", "rate", "zscore"]
+Kind = Literal["threshold", "rate", "zscore", "inactivity"]  # inactivity: pipeline/liveness.py
 
 
 @dataclass(frozen=True, slots=True)

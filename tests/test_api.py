@@ -191,7 +191,7 @@ def test_alerts_catalog_and_stats(demo: DemoWithHttp) -> None:
             node = node[part]
 
     stats = get(demo.base + "/api/v1/stats").json()
-    assert set(stats["stages"]) == {"collect", "clean", "define", "store", "analyze"}
+    assert set(stats["stages"]) == {"collect", "clean", "define", "store", "analyze", "liveness"}
     assert stats["stored"] > 0
     assert stats["stages"]["clean"]["rejected"].get("out_of_range", 0) >= 0
     assert {"depth", "max", "high_water"} <= set(stats["queue"])
@@ -203,7 +203,7 @@ def test_metrics_parse_as_prometheus_text(demo: DemoWithHttp) -> None:
     assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     families = {f.name: f for f in text_string_to_metric_families(answer.text)}
     stage_in = {s.labels["stage"]: s.value for s in families["iotgw_stage_in"].samples if s.name.endswith("_total")}
-    assert set(stage_in) == {"collect", "clean", "define", "store", "analyze"}
+    assert set(stage_in) == {"collect", "clean", "define", "store", "analyze", "liveness"}
     assert stage_in["collect"] > 0
     assert families["iotgw_stored_readings"].samples[0].value > 0
     errors = {(s.labels["driver"], s.labels["reason"]): s.value for s in families["iotgw_driver_errors"].samples

@@ -109,7 +109,7 @@ def test_alert_types_declare_exactly_the_rule_fields() -> None:
         assert event_type is not None
         fields = {f["name"]: (f["type"], f["required"]) for f in event_type.schema_fields()}
         assert fields == {
-            "rule": ("string", True), "kind": ("threshold|rate|zscore", True), "device_id": ("string", True),
+            "rule": ("string", True), "kind": ("threshold|rate|zscore|inactivity", True), "device_id": ("string", True),
             "metric": ("string", True), "severity": ("string", True), "value": ("number", True),
             "message": ("string", True), "raised_at": ("string (date-time)", True),
         }

@@ -91,14 +91,19 @@ def _print_stats(status: GatewayStatus, seconds: float) -> None:
         denied = " ".join(f"{k}={v}" for k, v in security.denied.items())
         print(f"  broker logins_accepted={security.logins_accepted} logins_refused={security.logins_refused}"
               f" denied: {denied}", file=out)
-    sessions = broker.sessions
-    bad = " ".join(f"{k}={v}" for k, v in broker.offences.items()) or "none"
-    print(f"  mqtt sessions={sessions.clients} persistent={sessions.persistent} queued={sessions.queued}"
-          f" dropped={sessions.dropped_total} retained={broker.retained.messages}"
-          f" closed for bad input: {bad}", file=out)
-    hits = " ".join(f"{k}={v}" for k, v in broker.limits.model_dump().items() if v)
-    if hits:
-        print(f"  mqtt bounds hit: {hits}", file=out)
+    if (external := broker.external) is not None:
+        print(f"  external broker {external.url} received={external.received} acknowledged={external.acknowledged}"
+              f" retained_skipped={external.retained_skipped} published={external.published}"
+              f" publish_failures={external.publish_failures} disconnects={external.disconnects}", file=out)
+    else:
+        sessions = broker.sessions
+        bad = " ".join(f"{k}={v}" for k, v in broker.offences.items()) or "none"
+        print(f"  mqtt sessions={sessions.clients} persistent={sessions.persistent} queued={sessions.queued}"
+              f" dropped={sessions.dropped_total} retained={broker.retained.messages}"
+              f" closed for bad input: {bad}", file=out)
+        hits = " ".join(f"{k}={v}" for k, v in broker.limits.model_dump().items() if v)
+        if hits:
+            print(f"  mqtt bounds hit: {hits}", file=out)
     for name, s in status.stages.items():
         rejected = " ".join(f"{k}={v}" for k, v in s.rejected.items())
         print(f"  {name:<8} in={s.in_:<7} out={s.out:<7} rejected: {rejected or 'none'}", file=out)
@@ -168,7 +173,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         setup_logging(verbose=args.verbose, fmt=config.logging.format)
 
     def announce(gw: Gateway) -> None:
-        print(f"iotgw: MQTT broker on {config.broker.host}:{gw.broker.port}, data in {config.storage.data_dir}"
+        external = config.broker.external if config.broker.mode == "external" else None
+        where = (f"attached to the MQTT broker {external.url}" if external is not None
+                 else f"MQTT broker on {config.broker.host}:{gw.broker.port}")
+        print(f"iotgw: {where}, data in {config.storage.data_dir}"
               + (f"\n  dashboard: {gw.http.url}" if gw.http else ""), flush=True)
 
     async def reload(gw: Gateway) -> None:

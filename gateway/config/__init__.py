@@ -34,7 +34,11 @@ from gateway.config.devices import (
     MqttDevice,
     SerialDevice,
 )
+from gateway.config.dialects import DialectMetric, DialectSettings, build_dialects
+from gateway.config.external import ExternalBrokerSettings
+from gateway.config.homeassistant import HomeAssistantSettings
 from gateway.config.http import HttpSettings
+from gateway.config.liveness import LivenessSettings
 from gateway.config.logs import LoggingSettings
 from gateway.config.pipeline import (
     DEFAULT_METRIC_RULES,
@@ -45,7 +49,16 @@ from gateway.config.pipeline import (
     TopicSettings,
 )
 from gateway.config.problems import problems
-from gateway.config.rules import RULE_KINDS, RateRuleSettings, RuleSettings, ThresholdRuleSettings, ZScoreRuleSettings
+from gateway.config.rules import (
+    RULE_KINDS,
+    InactivityRuleSettings,
+    RateRuleSettings,
+    RuleSettings,
+    ThresholdRuleSettings,
+    ZScoreRuleSettings,
+    inactivity_rules,
+    series_rules,
+)
 from gateway.config.storage import StorageSettings
 from gateway.errors import ConfigError
 from gateway.forward.influxdb.settings import (
@@ -63,6 +76,8 @@ from gateway.forward.redis.settings import RedisForward
 from gateway.forward.registry import FORWARD_TYPES, Forward, ForwardSettings
 from gateway.forward.settings import ForwardSettingsBase, forward_topics
 from gateway.settings import Level, Model, SecretEnv, SecretFile
+from pipeline.errors import TopicError
+from pipeline.topics import TopicTemplate
 
 __all__ = [
     "BAUDRATES",
@@ -90,15 +105,21 @@ __all__ = [
     "CleanSettings",
     "ConfigError",
     "Device",
+    "DialectMetric",
+    "DialectSettings",
+    "ExternalBrokerSettings",
     "Forward",
     "ForwardSettings",
     "ForwardSettingsBase",
     "GatewayConfig",
+    "HomeAssistantSettings",
     "HttpSettings",
+    "InactivityRuleSettings",
     "InfluxForward",
     "InfluxTag",
     "KafkaForward",
     "Level",
+    "LivenessSettings",
     "LoggingSettings",
     "MetricRules",
     "ModbusRegister",
@@ -120,9 +141,12 @@ __all__ = [
     "TlsSettings",
     "TopicSettings",
     "ZScoreRuleSettings",
+    "build_dialects",
     "forward_topics",
+    "inactivity_rules",
     "load_config",
     "parse_config",
+    "series_rules",
 ]
 
 _LEVEL_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -142,6 +166,9 @@ class GatewayConfig(Model):
     forward: list[Forward] = Field(default_factory=list)
     rules: list[RuleSettings] = Field(default_factory=list)
     catalog: CatalogSettings = CatalogSettings()
+    dialects: list[DialectSettings] = Field(default_factory=list, description="foreign MQTT dialects, in order")
+    liveness: LivenessSettings = LivenessSettings()
+    homeassistant: HomeAssistantSettings = HomeAssistantSettings()
 
     @model_validator(mode="after")
     def _unique_devices(self) -> GatewayConfig:
@@ -156,6 +183,18 @@ class GatewayConfig(Model):
         rule_names = [r.name for r in self.rules]
         if len(rule_names) != len(set(rule_names)):
             raise ValueError("rule names must be unique")
+        if self.homeassistant.discovery and self.broker.mode != "external":
+            raise ValueError('homeassistant.discovery needs [broker] mode = "external" (retained messages on the '
+                             "site's broker, where Home Assistant reads them)")
+        dialects = [d.effective_name for d in self.dialects]
+        if len(dialects) != len(set(dialects)):
+            raise ValueError("dialect names must be unique (give a second use of a preset a name)")
+        try:
+            template = TopicTemplate(self.topics.template)
+            for dialect in self.dialects:
+                dialect.to_dialect(template)
+        except TopicError as exc:
+            raise ValueError(f"dialects: {exc}") from None
         return self
 
     @model_validator(mode="after")
@@ -176,6 +215,11 @@ class GatewayConfig(Model):
     @property
     def effective_gateway_id(self) -> str:
         return self.gateway_id or f"{self.site}-{_LEVEL_UNSAFE.sub('-', socket.gethostname())}"
+
+    @property
+    def status_topic(self) -> str:
+        """Where the gateway's retained online/offline status goes (``[liveness]``)."""
+        return self.liveness.topic(self.site, self.effective_gateway_id)
 
     def device_class(self, device: SerialDevice | BleDevice | MqttDevice) -> str:
         return device.device_class or DEFAULT_DEVICE_CLASS[device.transport]

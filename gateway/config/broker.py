@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from gateway.config.external import ExternalBrokerSettings
 from gateway.config.http import is_loopback
 from gateway.errors import ConfigError
 from gateway.settings import Model
@@ -54,6 +55,10 @@ class BrokerListener(Model):
 
 
 class BrokerSettings(Model):
+    # embedded: the gateway's own broker (amqtt) on host/port; external: the site's broker ([broker.external]),
+    # which the gateway attaches to as a client (gateway/broker/external.py).
+    mode: Literal["embedded", "external"] = "embedded"
+    external: ExternalBrokerSettings | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=0, le=65535)
     # MQTT 3.1.1 sessions (gateway/broker/sessions.py): messages a client's session may hold, queued and
@@ -105,11 +110,24 @@ class BrokerSettings(Model):
         return self.max_queued_bytes + self.max_retained_bytes
 
     @model_validator(mode="after")
+    def _mode(self) -> BrokerSettings:
+        if self.mode == "external" and self.external is None:
+            raise ValueError('mode = "external" needs [broker.external] (url, and credentials or TLS as needed)')
+        if self.mode == "embedded" and self.external is not None:
+            raise ValueError('[broker.external] is read only with mode = "external"')
+        return self
+
+    @model_validator(mode="after")
     def _listener_tls(self) -> BrokerSettings:
         for i, listener in enumerate(self.listeners):
             if listener.type in ("tls", "wss") and listener.tls is None and self.tls is None:
                 raise ValueError(f"listeners[{i}]: type {listener.type} needs [broker.tls] or its own tls")
         return self
+
+    @property
+    def server_host(self) -> str:
+        """Where clients reach the broker the gateway uses (the site's, in external mode)."""
+        return self.external.host if self.mode == "external" and self.external is not None else self.host
 
     def exposed_listener(self) -> str | None:
         """The first setting that binds a non-loopback address (``broker.host = "0.0.0.0"``), or None."""

@@ -20,6 +20,7 @@ _FIXED = (
     ("site", "the site (a level of every topic)"),
     ("gateway_id", "the gateway id"),
     ("ble", "the BLE backend"),
+    ("dialects", "the foreign dialects (what the gateway subscribes to and journals)"),
 )
 
 

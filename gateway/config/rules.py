@@ -1,4 +1,5 @@
-"""``[[rules]]``: alert rules (threshold, rate of change, z-score, by ``kind``) over selected series."""
+"""``[[rules]]``: alert rules (threshold, rate of change, z-score, by ``kind``) over selected series, and
+device inactivity (``kind = "inactivity"``, pipeline/liveness.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from gateway.settings import Model
-from pipeline.rules import RateRule, Selector, ThresholdRule, ZScoreRule
+from pipeline.liveness import InactivityRule
+from pipeline.rules import RateRule, Rule, Selector, ThresholdRule, ZScoreRule
 
 
 class _Rule(Model):
@@ -85,5 +87,29 @@ class ZScoreRuleSettings(_Rule):
         return ZScoreRule(self.name, self._selector(), self.k, self.window, self.clear_k, self.severity)
 
 
-RuleSettings = Annotated[ThresholdRuleSettings | RateRuleSettings | ZScoreRuleSettings, Field(discriminator="kind")]
-RULE_KINDS = ("threshold", "rate", "zscore")
+class InactivityRuleSettings(_Rule):
+    """No reading from a selected device (of ``metric``, when it names one) for ``after_s`` raises an alert;
+    its next reading clears it."""
+
+    kind: Literal["inactivity"]
+    after_s: float = Field(gt=0, description="seconds without a reading")
+
+    def to_rule(self) -> InactivityRule:
+        return InactivityRule(self.name, self._selector(), self.after_s, self.severity)
+
+
+RuleSettings = Annotated[
+    ThresholdRuleSettings | RateRuleSettings | ZScoreRuleSettings | InactivityRuleSettings,
+    Field(discriminator="kind"),
+]
+RULE_KINDS = ("threshold", "rate", "zscore", "inactivity")
+
+
+def series_rules(rules: list[RuleSettings]) -> list[Rule]:
+    """The rules the analyze stage evaluates on each reading (pipeline/rules.py)."""
+    return [r.to_rule() for r in rules if not isinstance(r, InactivityRuleSettings)]
+
+
+def inactivity_rules(rules: list[RuleSettings]) -> list[InactivityRule]:
+    """The rules the liveness stage watches devices by (pipeline/liveness.py)."""
+    return [r.to_rule() for r in rules if isinstance(r, InactivityRuleSettings)]

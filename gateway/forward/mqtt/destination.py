@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from gateway.forward.base import (
     UnsendableEventError,
     acknowledged_prefix,
 )
+from gateway.forward.mqtt.connect import Presence, announce, set_will, tls_context
 from gateway.forward.mqtt.settings import RewriteRule
 from pipeline.queue import DropOldestQueue
 
@@ -81,6 +81,7 @@ class MqttDestination:
         self._inbound: DropOldestQueue[InboundMessage] = DropOldestQueue(settings.inbound_queue)
         self._connected = False
         self._closing = False
+        self._presence: Presence | None = None
         self.protocol_in_use: str = ""
         self.sent = 0
         self.acked = 0
@@ -89,6 +90,11 @@ class MqttDestination:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    def announce_as(self, presence: Presence) -> None:
+        """The gateway's retained online/offline status on this broker, under the destination's topic
+        mapping (prefix, rewrites): a birth message on each connect, a last will, and offline at a close."""
+        self._presence = Presence(self.map_topic(presence.topic), presence.online, presence.offline)
 
     def _make_client(self) -> mqtt.Client:
         s = self._settings
@@ -100,10 +106,8 @@ class MqttDestination:
         if s.username:
             client.username_pw_set(s.username, s.password)
         if self._tls:
-            context = ssl.create_default_context(cafile=s.ca_file)
-            if s.cert_file:
-                context.load_cert_chain(s.cert_file, s.key_file)
-            client.tls_set_context(context)
+            client.tls_set_context(tls_context(s.ca_file, s.cert_file, s.key_file))
+        set_will(client, self._presence)
         client.max_inflight_messages_set(100)
         # paho counts in-flight messages as queued; the outbox hands over at most one batch at a time,
         # so this bound only stops paho from buffering beyond that (the outbox is the buffer).
@@ -166,6 +170,7 @@ class MqttDestination:
         self.protocol_in_use = "5" if self._version == MQTTProtocolVersion.MQTTv5 else "3.1.1"
         if self._settings.subscribe:
             client.subscribe([(f, int(self._settings.qos)) for f in self._settings.subscribe])
+        announce(client, self._presence, online=True)
         self._call(self._set_connected, True)
 
     def _reconnect_as_311(self) -> None:
@@ -277,6 +282,8 @@ class MqttDestination:
         self._closing = True
         client = self._client
         if client is not None:
+            if self._connected and (info := announce(client, self._presence, online=False)) is not None:
+                await asyncio.to_thread(info.wait_for_publish, 2.0)  # a clean disconnect sends no will
             client.disconnect()
             await asyncio.to_thread(client.loop_stop)
         with contextlib.suppress(Exception):

@@ -1,0 +1,241 @@
+"""Messages per second from MQTT publishers through a site's Mosquitto into the gateway's store (external
+broker mode), beside the same Mosquitto relaying the same load to one plain subscriber, in the same run;
+and the embedded broker's figures (bench/broker_ingest.py) beside them.
+
+    .venv/bin/python bench/external_ingest.py [--messages 20000] [--publishers 4] [--rounds 5] [--workers 1]
+                                              [--embedded-rounds 1]
+
+Mosquitto (Debian's, 2.0.x) runs in its own process, started afresh for each round; the publishers
+(paho, QoS 1) in other processes. The plain subscriber is a paho client subscribed at QoS 1 that
+acknowledges as it reads; its figure counts a message when it has it. The gateway's counts a message
+when it is in SQLite: acknowledged to Mosquitto only after its journal commit, then through collect,
+clean, define, store and analyze, with its valid event published back to Mosquitto. ``--workers 2``
+runs two gateway processes on one shared subscription (each with its own data directory). Rounds
+alternate; medians are reported with their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPIC = "telemetry/raw/1.0/bench/meter/m-{p}/power"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process exited: {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("nothing listened")
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _publisher(port: int, index: int, count: int, *, ready: Any, go: Any) -> None:
+    """One device process (as bench/broker_ingest.py's): paho, QoS 1, 100 in flight."""
+    connected = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{index}")
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    client.on_connect = lambda *_: connected.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    connected.wait(10)
+    topic = TOPIC.format(p=index)
+    payloads = [json.dumps({"value": float(i % 500), "unit": "W", "seq": i}) for i in range(count)]
+    ready.release()
+    go.wait()
+    infos = [client.publish(topic, body, qos=1) for body in payloads]
+    for info in infos:
+        info.wait_for_publish(120)
+    client.disconnect()
+    client.loop_stop()
+
+
+def _run_load(port: int, messages: int, publishers: int, done: Any) -> float:
+    """Start publishers, release them together, return seconds until ``done()`` is true."""
+    ctx = mp.get_context("spawn")
+    ready, go = ctx.Semaphore(0), ctx.Event()
+    per = messages // publishers
+    procs = [ctx.Process(target=_publisher, args=(port, i, per), kwargs={"ready": ready, "go": go})
+             for i in range(publishers)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.acquire()
+    start = time.perf_counter()
+    go.set()
+    while not done():
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - start
+    for p in procs:
+        p.join(60)
+    return elapsed
+
+
+class Mosquitto:
+    """A fresh Mosquitto on a free loopback port, in a temporary directory."""
+
+    def __init__(self, directory: Path) -> None:
+        exe = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+        if exe is None:
+            raise SystemExit("mosquitto is not installed (Debian: apt-get install mosquitto)")
+        self.port = _free_port()
+        conf = directory / "mosquitto.conf"
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true",
+                 "max_queued_messages 1000000", "max_queued_bytes 0", f"log_dest file {directory / 'm.log'}"]
+        if os.geteuid() == 0:
+            lines.append("user root")
+        conf.write_text("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_listening(self.port, self.proc)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def run_plain_subscriber(messages: int, publishers: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = Mosquitto(Path(tmp))
+        try:
+            received = 0
+            subscribed = threading.Event()
+
+            def on_message(*_: object) -> None:
+                nonlocal received
+                received += 1
+
+            sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-plain-sub")
+            sub.on_connect = lambda c, *_: c.subscribe("telemetry/raw/#", 1)
+            sub.on_subscribe = lambda *_: subscribed.set()
+            sub.on_message = on_message
+            sub.connect("127.0.0.1", broker.port)
+            sub.loop_start()
+            subscribed.wait(10)
+            target = (messages // publishers) * publishers
+            elapsed = _run_load(broker.port, messages, publishers, lambda: received >= target)
+            sub.disconnect()
+            sub.loop_stop()
+            return target / elapsed
+        finally:
+            broker.close()
+
+
+def run_external(messages: int, publishers: int, workers: int, protocol: str = "auto") -> tuple[float, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = Mosquitto(Path(tmp))
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            stores = []
+            for n in range(workers):
+                data = Path(tmp) / f"data-{n}"
+                http = _free_port()
+                config = Path(tmp) / f"gw-{n}.toml"
+                shared = 'shared_group = "bench"\n' if workers > 1 else ""
+                config.write_text(
+                    f'site = "bench"\ngateway_id = "bench-{n}"\n[storage]\ndata_dir = "{data}"\n'
+                    f'[http]\nenabled = true\nport = {http}\n'
+                    f'[broker]\nmode = "external"\n[broker.external]\nurl = "mqtt://127.0.0.1:{broker.port}"\n{shared}'
+                    f'protocol = "{protocol}"\n'
+                )
+                proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)], cwd=ROOT,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                procs.append(proc)
+                _wait_listening(http, proc)
+                stores.append(data / "iotgw.sqlite3")
+            time.sleep(0.5)  # subscribed
+            target = (messages // publishers) * publishers
+
+            def count(path: Path) -> int:
+                try:
+                    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+                        return int(db.execute("SELECT count(*) FROM readings").fetchone()[0])
+                except sqlite3.Error:
+                    return 0
+
+            elapsed = _run_load(broker.port, messages, publishers, lambda: sum(map(count, stores)) >= target)
+            rss = max(_peak_rss_kib(p.pid) for p in procs)
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                proc.wait(60)
+            broker.close()
+        return target / elapsed, rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--publishers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=1, help="gateway processes on one shared subscription")
+    parser.add_argument("--protocol", choices=("auto", "5", "3.1.1"), default="auto")
+    parser.add_argument("--embedded-rounds", type=int, default=1, help="rounds of the embedded broker's figures")
+    args = parser.parse_args()
+    plain: list[float] = []
+    external: list[float] = []
+    rss: list[int] = []
+    for round_no in range(1, args.rounds + 1):
+        plain.append(run_plain_subscriber(args.messages, args.publishers))
+        rate, peak = run_external(args.messages, args.publishers, args.workers, args.protocol)
+        external.append(rate)
+        rss.append(peak)
+        print(f"round {round_no}: Mosquitto -> plain subscriber {plain[-1]:8.0f} msg/s   "
+              f"Mosquitto -> gateway ({args.workers} worker(s)) -> SQLite {rate:8.0f} msg/s   "
+              f"ratio {rate / plain[-1]:.2f}   peak RSS {peak / 1024:.0f} MiB", flush=True)
+    embedded = ""
+    if args.embedded_rounds:  # bench/broker_ingest.py, in the same run
+        result = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("broker_ingest.py")), "--messages", str(args.messages),
+             "--publishers", str(args.publishers), "--rounds", str(args.embedded_rounds)],
+            capture_output=True, text=True, check=True)
+        embedded = result.stdout.strip().splitlines()[-1]
+    p, e = statistics.median(plain), statistics.median(external)
+    print(f"median ({args.messages} messages, {args.publishers} publishers, QoS 1, {args.rounds} rounds):")
+    print(f"  Mosquitto relaying to one plain subscriber      {p:8.0f} msg/s")
+    print(f"  external mode, {args.workers} worker(s), into SQLite       {e:8.0f} msg/s   ratio {e / p:.2f}"
+          f"   peak RSS {max(rss) / 1024:.0f} MiB")
+    if embedded:
+        print(f"  embedded mode (bench/broker_ingest.py, {args.embedded_rounds} round(s)): {embedded}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""What the composition root asks of a broker, whichever it is: the embedded one (gateway/broker/embedded.py,
+the default) or the site's own, attached to as a client (gateway/broker/external.py, ``[broker] mode =
+"external"``). :func:`build_broker` picks one by mode."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self, runtime_checkable
+
+from gateway.broker.auth import BrokerSecurity
+from gateway.broker.embedded import EmbeddedBroker, Ingest, Traffic
+from gateway.broker.external import ExternalBroker
+from gateway.config import GatewayConfig
+from gateway.forward.mqtt.connect import Presence
+
+
+class GatewayBroker(Protocol):
+    """Where devices' messages come from and the gateway's events go (gateway/publish.py ``Broker``)."""
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def serving(self) -> bool: ...
+
+    @property
+    def clients(self) -> int: ...
+
+    @property
+    def tapped(self) -> int: ...
+
+    @property
+    def security(self) -> BrokerSecurity | None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    async def publish(
+        self, topic: str, payload: bytes, *, event_id: str | None = None, origin: str | None = None, qos: int = 0
+    ) -> None: ...
+
+    def has_subscriber(self, topic: str) -> bool: ...
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop taking messages; wait until those taken reached the pipeline; return how many had not."""
+        ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class RetainedBroker(Protocol):
+    """A broker the gateway can leave retained messages on (Home Assistant's discovery): the external one."""
+
+    async def publish_retained(self, topic: str, payload: bytes) -> bool: ...
+
+    def when_connected(self, callback: Callable[[], Awaitable[None]]) -> None: ...
+
+
+def build_broker(
+    config: GatewayConfig, ingest: Ingest, room: Callable[[], Awaitable[None]], *, filters: Sequence[str],
+    raw_filter: str, port_option: str, traffic: Traffic | None, data_dir: Path,
+) -> GatewayBroker:
+    """The broker ``config.broker.mode`` names; ``filters``: what the pipeline reads (an external broker
+    subscribes to them)."""
+    settings = config.broker
+    if settings.mode == "embedded" or settings.external is None:
+        return EmbeddedBroker(settings, ingest, room, port_option=port_option, traffic=traffic, data_dir=data_dir)
+    external = settings.external
+    liveness = config.liveness
+    return ExternalBroker(
+        external, ingest, client_id=external.client_id or f"iotgw-{config.effective_gateway_id}", filters=filters,
+        raw_filter=raw_filter, presence=Presence(config.status_topic, liveness.online, liveness.offline),
+        traffic=traffic,
+    )

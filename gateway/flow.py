@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -38,7 +39,7 @@ class Outboxes(Protocol):
         ...
 
 
-_Job = tuple[list[RawMessage], Emitter, list[Any]]  # the batch, what it emitted, what the front passed on
+_Job = tuple[list[RawMessage], Emitter, Sequence[Any]]  # the batch, what it emitted, what the front passed on
 
 
 class Flow:

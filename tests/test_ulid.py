@@ -28,7 +28,7 @@ def test_encoding_matches_the_definition() -> None:
 @pytest.mark.parametrize("start", [0, (1 << 20) - 3, (1 << 40) - 2, (1 << 79) - 3], ids=["zero", "tail-carry",
                                                                                         "head-carry", "top"])
 def test_ids_in_one_millisecond_count_up_across_carries(start: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model.os, "urandom", lambda n: (start << 1).to_bytes(n, "big"))
+    monkeypatch.setattr("pipeline.model.os.urandom", lambda n: (start << 1).to_bytes(n, "big"))
     generator = _UlidGenerator()
     ids = [generator.new(1_700_000_000_000) for _ in range(8)]
     assert ids == [reference((1_700_000_000_000 << 80) | (start + i)) for i in range(8)]

@@ -39,6 +39,7 @@ from gateway.config.reload import FIXED_FIELDS, ReloadPlan, plan_reload
 from gateway.destinations import Destinations, forward_filters
 from gateway.devices import Devices
 from gateway.downlink import Downlink
+from gateway.errors import GatewayError
 from gateway.flow import Flow, Windows, store_housekeeping
 from gateway.http.views import AlertView, CatalogView, LearnedCatalog, SignalView, StoredAlerts
 from gateway.ingest import DriverSink, Ingest
@@ -107,7 +108,7 @@ class Gateway:
         self.ingest = Ingest(template, self.journal, self.queue, self.destinations)
         self.broker = EmbeddedBroker(config.broker, self.ingest, self.queue.wait_for_room, port_option=port_option,
                                      traffic=self.traffic, data_dir=data_dir)
-        self.publisher = Publisher(self.broker, self.pipeline.reject_event)
+        self.publisher = Publisher(self.broker, self.pipeline.reject_event, wanted=self._consumed)
         self.devices = Devices(config, template, ble_source=ble_source)
         self.downlink = Downlink(self.broker, self.publisher, self.devices.serial_driver, site=site,
                                  gateway_id=gateway_id)
@@ -127,6 +128,14 @@ class Gateway:
         self.undrained = 0  # messages left in the broker when the stop gave up draining it
         self._stack = AsyncExitStack()
         self._loops: list[asyncio.Task[None]] = []
+
+    def _consumed(self, topic: str) -> bool:
+        """Whether a subscriber of the broker or a forward destination takes events on ``topic``."""
+        try:
+            subscribed = self.broker.has_subscriber(topic)
+        except GatewayError:  # not started yet: no subscriber
+            subscribed = False
+        return subscribed or self.destinations.wants(topic, None)
 
     def _configure_clean(self, config: GatewayConfig) -> None:
         clean = config.pipeline.clean

@@ -77,7 +77,7 @@ class Gateway:
         self.config = config
         self._template = template = TopicTemplate(config.topics.template)
         gateway_id, site, data_dir = config.effective_gateway_id, config.site, config.storage.data_dir
-        self.journal = Journal(data_dir)
+        self.journal = Journal(data_dir, interval_s=config.storage.commit_interval_s)
         self.queue: BatchQueue[RawMessage] = BatchQueue(config.pipeline.queue_size)
         self.store = SqliteStore(data_dir, config.storage.store_limits())
         self.catalog = Catalog(template, config.catalog.all_types, strict=config.catalog.strict)

@@ -80,11 +80,12 @@ InboundHandler = Callable[[str, InboundMessage], Awaitable[None]]
 class Forwarder:
     def __init__(
         self, data_dir: Path, routes: Sequence[Route], *, gateway_id: str, on_inbound: InboundHandler,
-        on_drop: Callable[[str, int], None],
+        on_drop: Callable[[str, int], None], commit_interval_s: float = 0.0,
     ) -> None:
         self.routes = {r.destination.name: r for r in routes}
         self.gateway_id = gateway_id
-        self.outbox = Outbox(data_dir, {name: r.limits for name, r in self.routes.items()}, on_drop=on_drop)
+        self.outbox = Outbox(data_dir, {name: r.limits for name, r in self.routes.items()}, on_drop=on_drop,
+                             interval_s=commit_interval_s)
         self._on_inbound = on_inbound
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()  # ids we sent: an echo of one is dropped
@@ -159,6 +160,9 @@ class Forwarder:
 
     async def flush(self) -> None:
         await self.outbox.flush()
+
+    async def committed(self) -> None:
+        await self.outbox.committed()
 
     async def _sender(self, route: Route) -> None:
         """Send the outbox in order, removing what the destination acknowledged."""

@@ -112,11 +112,12 @@ def _apply(conn: sqlite3.Connection, ops: list[_Op]) -> None:
 class Outbox:
     def __init__(
         self, data_dir: Path, limits: dict[str, Limits], *, on_drop: Callable[[str, int], None] | None = None,
-        window_s: float = 0.005,
+        window_s: float = 0.005, interval_s: float = 0.0,
     ) -> None:
+        """``interval_s``: commits at most this often under light load (``[storage] commit_interval_s``)."""
         self.path = data_dir / OUTBOX_NAME
         self._db = SqliteThread(self.path)
-        self._commit: GroupCommit[_Op] = GroupCommit(self._db, _apply, window_s=window_s)
+        self._commit: GroupCommit[_Op] = GroupCommit(self._db, _apply, window_s=window_s, interval_s=interval_s)
         self._limits = limits
         self._on_drop = on_drop
         self.stats = {dest: QueueStats() for dest in limits}
@@ -205,6 +206,10 @@ class Outbox:
 
     async def flush(self) -> None:
         await self._commit.flush()
+
+    async def committed(self) -> None:
+        """Until what was queued so far is committed, on the outbox's own cadence."""
+        await self._commit.committed()
 
     async def wait_new(self, dest: str, timeout_s: float) -> None:
         event = self._new[dest]

@@ -14,17 +14,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway.forward.base import (
+    PIPELINE_DEPTH,
     Destination,
     DestinationUnavailableError,
     InboundMessage,
     OutboundEvent,
+    Pipelined,
     UnsendableEventError,
 )
 from gateway.forward.outbox import Limits, Outbox
@@ -75,6 +77,18 @@ class _Lanes:
 
 
 InboundHandler = Callable[[str, InboundMessage], Awaitable[None]]
+
+
+_Window = deque[tuple[list[OutboundEvent], asyncio.Future[int]]]  # batches on the way, oldest first
+
+
+async def _abandon(window: _Window) -> None:
+    """Stop waiting for the batches on the way: they are sent again from the outbox."""
+    pending = [acks for _, acks in window]
+    window.clear()
+    for acks in pending:
+        acks.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 class Forwarder:
@@ -171,38 +185,102 @@ class Forwarder:
         lanes = _Lanes()
         sending = StateLog(log, f"forward {name}", down="%(name)s: sending paused: %(reason)s",
                            up="%(name)s: sending resumed after %(failures)d failed attempt(s)")
-        while True:
-            if not dest.connected:
-                lanes.down = True
-                await asyncio.sleep(0.2)
-                continue
-            if lanes.down and route.fresh_first:
-                lanes.recovered(await self.outbox.max_seq(name))
-            lanes.down = False
-            try:
-                lane, batch = await self._next_batch(route, lanes)
-            except Exception:  # the outbox itself failed (disk): never let the sender die
-                log.exception("forward %s: reading the outbox failed", name)
-                await asyncio.sleep(1.0)
-                continue
-            if not batch:
-                continue
-            try:
-                acked = await dest.send(batch)
-            except UnsendableEventError as exc:
-                log.error("forward %s: dropping an event it can never take: %s", name, exc)
-                self.outbox.drop(name, exc.event)
-                lanes.advance(lane, exc.event.seq)
-                continue
-            except Exception as exc:  # unavailable, or a bug: pause and retry, never die
-                self.send_failures[name] += 1
-                sending.down(exc, exc_info=not isinstance(exc, DestinationUnavailableError))
-                await asyncio.sleep(backoff_delay(sending.failures, base_s=0.2, factor=2.0, cap_s=5.0, jitter=False))
-                continue
-            sending.up()
-            if acked:
-                lanes.advance(lane, batch[acked - 1].seq)
-                self.outbox.ack(name, batch[:acked])  # committed in the background; the cursor moves on now
+        window: _Window = deque()
+        try:
+            while True:
+                if not dest.connected:
+                    await _abandon(window)
+                    lanes.down = True
+                    await asyncio.sleep(0.2)
+                    continue
+                if lanes.down and route.fresh_first:
+                    lanes.recovered(await self.outbox.max_seq(name))
+                lanes.down = False
+                if isinstance(dest, Pipelined) and not lanes.backlog_pending:
+                    await self._send_pipelined(route, dest, lanes, window, sending)
+                else:
+                    await self._send_one(route, lanes, sending)
+        finally:
+            await _abandon(window)
+
+    async def _send_pipelined(self, route: Route, dest: Pipelined, lanes: _Lanes,
+                              window: _Window, sending: StateLog) -> None:
+        """One step of sending the live lane with up to PIPELINE_DEPTH batches on the way: fill the window,
+        then take the oldest batch's acknowledgements. Whatever goes wrong, the window is given up and
+        sending starts again, in order, after what was acknowledged."""
+        name = route.destination.name
+        upto = window[-1][0][-1].seq if window else lanes.live
+        try:
+            while len(window) < PIPELINE_DEPTH:
+                batch = await self.outbox.fetch(name, route.batch_size, upto)
+                if not batch:
+                    break
+                try:
+                    acks = await dest.submit(batch)
+                except UnsendableEventError as exc:
+                    if window:
+                        break  # dropped once what was sent before it is through
+                    log.error("forward %s: dropping an event it can never take: %s", name, exc)
+                    self.outbox.drop(name, exc.event)
+                    lanes.advance("live", exc.event.seq)
+                    upto = exc.event.seq
+                    continue
+                window.append((batch, acks))
+                upto = batch[-1].seq
+                if len(batch) < route.batch_size:
+                    break  # all there is for now
+        except Exception as exc:  # the outbox failed (disk), the destination refused, or a bug: never die
+            await self._failed(name, exc, window, sending)
+            return
+        if not window:
+            await self.outbox.wait_new(name, 1.0)
+            return
+        batch, acks = window.popleft()
+        try:
+            acked = await acks
+        except Exception as exc:
+            await self._failed(name, exc, window, sending)
+            return
+        sending.up()
+        lanes.advance("live", batch[acked - 1].seq)
+        self.outbox.ack(name, batch[:acked])  # committed in the background; the cursor moves on now
+        if acked < len(batch):
+            await _abandon(window)  # the rest of the batch goes again first, then what followed it
+
+    async def _failed(self, name: str, exc: Exception, window: _Window, sending: StateLog) -> None:
+        await _abandon(window)
+        self.send_failures[name] += 1
+        sending.down(exc, exc_info=not isinstance(exc, DestinationUnavailableError))
+        await asyncio.sleep(backoff_delay(sending.failures, base_s=0.2, factor=2.0, cap_s=5.0, jitter=False))
+
+    async def _send_one(self, route: Route, lanes: _Lanes, sending: StateLog) -> None:
+        """One batch from the lane whose turn it is, sent and acknowledged before the next."""
+        dest = route.destination
+        name = dest.name
+        try:
+            lane, batch = await self._next_batch(route, lanes)
+        except Exception:  # the outbox itself failed (disk): never let the sender die
+            log.exception("forward %s: reading the outbox failed", name)
+            await asyncio.sleep(1.0)
+            return
+        if not batch:
+            return
+        try:
+            acked = await dest.send(batch)
+        except UnsendableEventError as exc:
+            log.error("forward %s: dropping an event it can never take: %s", name, exc)
+            self.outbox.drop(name, exc.event)
+            lanes.advance(lane, exc.event.seq)
+            return
+        except Exception as exc:  # unavailable, or a bug: pause and retry, never die
+            self.send_failures[name] += 1
+            sending.down(exc, exc_info=not isinstance(exc, DestinationUnavailableError))
+            await asyncio.sleep(backoff_delay(sending.failures, base_s=0.2, factor=2.0, cap_s=5.0, jitter=False))
+            return
+        sending.up()
+        if acked:
+            lanes.advance(lane, batch[acked - 1].seq)
+            self.outbox.ack(name, batch[:acked])  # committed in the background; the cursor moves on now
 
     async def _next_batch(self, route: Route, lanes: _Lanes) -> tuple[str, list[OutboundEvent]]:
         """The next batch to send, and its lane. With ``fresh_first``, what was queued while the

@@ -4,8 +4,12 @@ beside a bare amqtt broker relaying the same load to one subscriber, in the same
     .venv/bin/python bench/broker_ingest.py [--messages 20000] [--publishers 4] [--qos 1] [--rounds 3]
 
 Both brokers run in their own process, as in production; the publishers run in other processes.
-The gateway's figure counts a message when it is in SQLite; the bare broker's when the subscriber
-has it. Rounds alternate between the two, and medians are reported, with their ratio.
+The gateway runs as configured by default but for the port and data directory: publishers log in
+with a username and password (a password file, PBKDF2; logins happen before the clock starts), MQTT
+sessions, the packet firewall, the journal and the catalog's traffic learning are on; nobody
+subscribes to the valid events. The bare broker is amqtt with anonymous logins only. The gateway's
+figure counts a message when it is in SQLite; the bare broker's when the subscriber has it. Rounds
+alternate between the two, and medians are reported, with their ratio.
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ import paho.mqtt.client as mqtt
 from amqtt.broker import Broker
 from paho.mqtt.enums import CallbackAPIVersion
 
+from gateway.broker.auth import hash_password
+
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "telemetry/raw/1.0/bench/meter/m-{p}/power"
+PASSWORD = "bench-secret"  # noqa: S105 (the benchmark's own throwaway users)
 
 
 def _free_port() -> int:
@@ -70,9 +77,11 @@ def bare_broker(port: int) -> None:
     asyncio.run(main())
 
 
-def _publisher(port: int, index: int, count: int, qos: int, *, ready: Any, go: Any) -> None:
+def _publisher(port: int, index: int, count: int, qos: int, *, ready: Any, go: Any, login: bool) -> None:
     connected = threading.Event()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{index}")
+    if login:
+        client.username_pw_set(f"meter-{index}", PASSWORD)
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)
     client.on_connect = lambda *_: connected.set()
@@ -90,12 +99,13 @@ def _publisher(port: int, index: int, count: int, qos: int, *, ready: Any, go: A
     client.loop_stop()
 
 
-def _run_load(port: int, messages: int, publishers: int, qos: int, done: Any) -> float:
+def _run_load(port: int, messages: int, publishers: int, qos: int, done: Any, *, login: bool = False) -> float:
     """Start publishers, release them together, return seconds until ``done()`` is true."""
     ctx = mp.get_context("spawn")
     ready, go = ctx.Semaphore(0), ctx.Event()
     per = messages // publishers
-    procs = [ctx.Process(target=_publisher, args=(port, i, per, qos), kwargs={"ready": ready, "go": go})
+    procs = [ctx.Process(target=_publisher, args=(port, i, per, qos),
+                         kwargs={"ready": ready, "go": go, "login": login})
              for i in range(publishers)]
     for p in procs:
         p.start()
@@ -145,7 +155,10 @@ def run_gateway(messages: int, publishers: int, qos: int) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gw.toml"
         data = Path(tmp) / "data"
-        config.write_text(f'site = "bench"\n[broker]\nport = {port}\nallow_anonymous = true\n'
+        passwd = Path(tmp) / "passwd"
+        encoded = hash_password(PASSWORD)
+        passwd.write_text("".join(f"meter-{i}:{encoded}\n" for i in range(publishers)))
+        config.write_text(f'site = "bench"\n[broker]\nport = {port}\npassword_file = "{passwd}"\n'
                           f'[storage]\ndata_dir = "{data}"\n')
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -161,7 +174,7 @@ def run_gateway(messages: int, publishers: int, qos: int) -> tuple[float, int]:
                 except sqlite3.Error:
                     return False
 
-            elapsed = _run_load(port, messages, publishers, qos, stored)
+            elapsed = _run_load(port, messages, publishers, qos, stored, login=True)
             rss_kib = _peak_rss_kib(proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)

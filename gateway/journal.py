@@ -42,7 +42,7 @@ CREATE INDEX IF NOT EXISTS journal_pending ON journal (done, event_id);
 TRIM_EVERY = 2000  # done marks between two trims of the resend memory (a trim walks RESEND_MEMORY index entries)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made for every message, and frozen slots classes init slowly
 class _Op:
     append: RawMessage | None = None
     packet_id: int | None = None

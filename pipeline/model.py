@@ -60,6 +60,20 @@ class _UlidGenerator:
         self._last_ms = -1
         self._last_rand = 0
         self._head = ""
+        self._entropy = b""  # random bytes drawn ahead: one getrandom call for 400 milliseconds' ids
+        self._taken = 0
+        os.register_at_fork(after_in_child=self._forget_entropy)  # a child must not repeat its parent's
+
+    def _forget_entropy(self) -> None:
+        self._entropy, self._taken = b"", 0
+
+    def _random(self) -> int:
+        """79 random bits (room to increment within the 80)."""
+        if self._taken + 10 > len(self._entropy):
+            self._entropy, self._taken = os.urandom(4000), 0
+        start = self._taken
+        self._taken = start + 10
+        return int.from_bytes(self._entropy[start:start + 10], "big") >> 1
 
     def new(self, now_ms: int | None = None) -> str:
         ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -70,7 +84,7 @@ class _UlidGenerator:
                 if rand >> _TAIL_BITS != self._last_rand >> _TAIL_BITS:  # a carry into the head
                     self._head = _encode((ms << (_RAND_BITS - _TAIL_BITS)) | (rand >> _TAIL_BITS), 11)
             else:
-                rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
+                rand = self._random()
                 self._head = _encode((ms << (_RAND_BITS - _TAIL_BITS)) | (rand >> _TAIL_BITS), 11)
             self._last_ms, self._last_rand = ms, rand
             head = self._head

@@ -28,10 +28,17 @@ def test_encoding_matches_the_definition() -> None:
 @pytest.mark.parametrize("start", [0, (1 << 20) - 3, (1 << 40) - 2, (1 << 79) - 3], ids=["zero", "tail-carry",
                                                                                         "head-carry", "top"])
 def test_ids_in_one_millisecond_count_up_across_carries(start: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pipeline.model.os.urandom", lambda n: (start << 1).to_bytes(n, "big"))
     generator = _UlidGenerator()
+    monkeypatch.setattr(generator, "_random", lambda: start)
     ids = [generator.new(1_700_000_000_000) for _ in range(8)]
     assert ids == [reference((1_700_000_000_000 << 80) | (start + i)) for i in range(8)]
+
+
+def test_random_parts_differ_and_leave_room_to_count() -> None:
+    generator = _UlidGenerator()
+    parts = [generator._random() for _ in range(1000)]  # across a refill of the drawn bytes
+    assert len(set(parts)) == len(parts)
+    assert all(0 <= p < 2**79 for p in parts)
 
 
 def test_ids_are_monotonic_and_carry_their_time() -> None:

@@ -171,7 +171,7 @@ def _settle(durable: asyncio.Future[None], futures: Sequence[asyncio.Future[None
             durable.set_result(None)
         return
 
-    def done(gathered: asyncio.Future[list[None]]) -> None:
+    def done(gathered: asyncio.Future[Any]) -> None:
         if durable.done():
             return
         if gathered.cancelled():
@@ -181,7 +181,8 @@ def _settle(durable: asyncio.Future[None], futures: Sequence[asyncio.Future[None
         else:
             durable.set_result(None)
 
-    asyncio.gather(*futures).add_done_callback(done)
+    # the usual case, a raw message's journal write alone, without a gather (a future and a task each)
+    (futures[0] if len(futures) == 1 else asyncio.gather(*futures)).add_done_callback(done)
 
 
 class _GatedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped

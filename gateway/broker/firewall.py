@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -184,12 +185,18 @@ class _Closed(Exception):
     pass
 
 
+_CHUNK = 65_536  # bytes taken off the socket at a time
+
+
 class PacketFirewall(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
     """amqtt's reader for one client connection: whole, checked packets only.
 
-    A packet is read off the socket by a task of its own, so amqtt cancelling a read (its keep-alive
-    timer does) never loses half a packet. ``gate`` is awaited before each packet is read (the
-    pipeline's backpressure); the keep-alive clock starts after it.
+    What the socket has is read in one go and split into packets; each is checked before amqtt sees
+    it (a client that sends many packets at once costs one read, not one a packet). Reading is done by
+    a task of its own, so amqtt cancelling a read (its keep-alive timer does) never loses half a packet.
+    ``gate`` (the pipeline's backpressure) is awaited before each packet is handed to amqtt and before
+    each read off the socket; the keep-alive clock starts after it, and runs while no part of a next
+    packet has arrived. A bad packet closes the connection once the good ones before it are handed over.
     """
 
     def __init__(
@@ -205,9 +212,12 @@ class PacketFirewall(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         self._loop = asyncio.get_running_loop()
         self._deadline: float | None = self._loop.time() + connect_timeout_s
         self._keep_alive_s: float | None = None
-        self._buffer = b""
+        self._buffer = b""  # what amqtt has not read yet of the packets handed to it
         self._pos = 0
-        self._pending: asyncio.Task[bytes | None] | None = None
+        self._packets: deque[bytes] = deque()  # checked, not yet handed to amqtt
+        self._raw = bytearray()  # off the socket, not yet split into packets
+        self._refusal: str | None = None  # found after good packets: refused once those are handed over
+        self._pending: asyncio.Task[list[bytes] | None] | None = None
         self._gated = False
         self._eof = False
 
@@ -215,21 +225,25 @@ class PacketFirewall(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         while not self._eof and (n < 0 or len(self._buffer) - self._pos < n):
             if n < 0 and self._pos < len(self._buffer):
                 break
+            if self._packets:
+                await self._gate()  # cancelled here, nothing is lost: the packet stays queued
+                self._buffer = self._buffer[self._pos:] + self._packets.popleft()
+                self._pos = 0
+                continue
             if self._pending is None:
-                self._pending = asyncio.ensure_future(self._next_packet())
+                self._pending = asyncio.ensure_future(self._next_packets())
             try:
-                packet = await asyncio.shield(self._pending)
+                packets = await asyncio.shield(self._pending)
             except asyncio.CancelledError:
                 if self._gated:  # nothing read off the socket yet: safe to stop altogether
                     self._pending.cancel()
                     self._pending = None
                 raise
             self._pending = None
-            if packet is None:
+            if packets is None:
                 self._eof = True
             else:
-                self._buffer = self._buffer[self._pos:] + packet
-                self._pos = 0
+                self._packets.extend(packets)
         end = len(self._buffer) if n < 0 else min(len(self._buffer), self._pos + n)
         data = self._buffer[self._pos:end]
         self._pos = end
@@ -244,56 +258,86 @@ class PacketFirewall(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         self._writer.transport.abort()
         raise _Closed(reason)
 
-    async def _next_packet(self) -> bytes | None:
+    async def _next_packets(self) -> list[bytes] | None:
+        """One or more whole checked packets; None once the connection is over."""
         try:
-            return await self._read_packet()
+            return await self._read_packets()
         except _Closed:
             return None
         except (ConnectionError, OSError):
             return None
 
-    async def _read_packet(self) -> bytes | None:
+    async def _read_packets(self) -> list[bytes] | None:
+        if self._refusal is not None:
+            self._refuse(self._refusal)
+        while True:
+            packets: list[bytes] = []
+            try:
+                self._split(packets)
+            except _Bad as bad:
+                if not packets:
+                    self._refuse(bad.reason)
+                self._refusal = bad.reason
+            if packets:
+                return packets
+            chunk = await self._read_chunk()
+            if not chunk:
+                if self._raw:
+                    self._refuse("truncated")
+                return None  # closed between packets
+            self._raw += chunk
+
+    async def _read_chunk(self) -> bytes:
         started = self._loop.time()
         self._gated = True
         try:
             await self._gate()
         finally:
             self._gated = False
+        if self._raw:  # the rest of a packet: no keep-alive clock (it is the packet's first byte that counts)
+            return await self._reader.read(_CHUNK)
         if self._deadline is not None:  # time spent held back by the gate is not the client's silence
             self._deadline += self._loop.time() - started
         try:
             async with asyncio.timeout_at(self._deadline):
-                first = await self._reader.readexactly(1)
-        except asyncio.IncompleteReadError:
-            return None  # closed between packets
+                return await self._reader.read(_CHUNK)
         except TimeoutError:
             self._refuse("keepalive_expired" if self._connected else "connect_timeout")
-        header = bytearray(first)
-        length, multiplier = 0, 1
-        for _ in range(4):
-            byte = await self._read(1)
-            header += byte
-            length += (byte[0] & 0x7F) * multiplier
-            multiplier *= 128
-            if not byte[0] & 0x80:
-                break
-        else:
-            self._refuse("bad_remaining_length")
-        if len(header) + length > self._max:
-            self._refuse("oversized")
-        body = await self._read(length)
-        check = check_packet(first[0], body, connected=self._connected)
-        if check.reason is not None:
-            self._refuse(check.reason)
-        if check.packet_type == CONNECT:
-            self._connected = True
-            self._keep_alive_s = check.keep_alive * KEEPALIVE_FACTOR if check.keep_alive else None
-        self._deadline = self._loop.time() + self._keep_alive_s if self._keep_alive_s else None
-        return bytes(header) + body
-
-    async def _read(self, n: int) -> bytes:
-        try:
-            return await self._reader.readexactly(n)
-        except asyncio.IncompleteReadError:
-            self._refuse("truncated")
             raise  # unreachable: _refuse raises
+
+    def _split(self, packets: list[bytes]) -> None:
+        """The whole packets at the start of the raw bytes, checked, into ``packets`` (what follows the
+        first bad one stays; raises :class:`_Bad` for it)."""
+        raw = self._raw
+        start = 0
+        try:
+            while start < len(raw):
+                length, multiplier, i = 0, 1, start + 1
+                while True:
+                    if i > start + 4:
+                        raise _Bad("bad_remaining_length")
+                    if i >= len(raw):
+                        return
+                    byte = raw[i]
+                    length += (byte & 0x7F) * multiplier
+                    multiplier *= 128
+                    i += 1
+                    if not byte & 0x80:
+                        break
+                if i - start + length > self._max:
+                    raise _Bad("oversized")
+                end = i + length
+                if len(raw) < end:
+                    return
+                packet = bytes(raw[start:end])
+                check = check_packet(packet[0], packet[i - start:], connected=self._connected)
+                if check.reason is not None:
+                    raise _Bad(check.reason)
+                start = end
+                if check.packet_type == CONNECT:
+                    self._connected = True
+                    self._keep_alive_s = check.keep_alive * KEEPALIVE_FACTOR if check.keep_alive else None
+                self._deadline = self._loop.time() + self._keep_alive_s if self._keep_alive_s else None
+                packets.append(packet)
+        finally:
+            del raw[:start]

@@ -23,19 +23,21 @@ import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from gateway.config import DEFAULT_METRIC_RULES
+from pipeline.analyze import AnalyzeStage
 from pipeline.clean import CleanStage
 from pipeline.collect import CollectStage
 from pipeline.define import DefineStage
 from pipeline.model import new_event_id, to_ms
 from pipeline.stage import Draft, Emitter, RawMessage
 from pipeline.store import _SCHEMA, SqliteStore, StoreStage
-from pipeline.topics import DEFAULT_TEMPLATE, TopicTemplate
+from pipeline.topics import DEFAULT_TEMPLATE, DEFAULT_VERSION, TopicTemplate
 
 METRICS = (("temperature", "°C", 21.0), ("humidity", "%", 45.0), ("pm2_5", "µg/m³", 12.0), ("co2", "ppm", 600.0))
 
@@ -66,23 +68,53 @@ def make_drafts(count: int, series: int, seed: int = 1) -> list[Draft]:
     return drafts
 
 
-async def through_stages(drafts: list[Draft], batch: int, data_dir: Path) -> tuple[float, int, dict[str, float]]:
-    """Seconds in total, rows stored, and seconds spent inside each stage."""
+async def through_stages(drafts: list[Draft], batch: int, data_dir: Path, *, analyze: bool
+                         ) -> tuple[float, int, dict[str, float]]:
+    """Seconds in total, rows stored, and CPU seconds spent inside each stage.
+
+    The stages run as the gateway runs them (gateway/flow.py): the front half (clean, define) and the back
+    half (store, then analyze) as two tasks joined by a hand-off of two batches, so the front works on the
+    next batch while the store's thread waits for its commit to reach the disk. With the halves
+    interleaved, a stage's wall time includes the other half's: each stage's figure is the CPU time of the
+    threads it ran on (the event loop's, and the store's SQLite thread).
+    """
     template = TopicTemplate(DEFAULT_TEMPLATE)
     clean = CleanStage(DEFAULT_METRIC_RULES)
     define = DefineStage(template)
     async with SqliteStore(data_dir) as store:
-        stages = (("clean", clean), ("define", define), ("store", StoreStage(store)))
-        spent = dict.fromkeys([name for name, _ in stages], 0.0)
-        started = time.perf_counter()
-        for i in range(0, len(drafts), batch):
-            emit = Emitter()
-            items: list[Any] = drafts[i:i + batch]
+        front: tuple[tuple[str, Any], ...] = (("clean", clean), ("define", define))
+        back: tuple[tuple[str, Any], ...] = (("store", StoreStage(store)),)
+        if analyze:
+            back += (("analyze", AnalyzeStage(template, DEFAULT_VERSION)),)
+        spent = dict.fromkeys([name for name, _ in (*front, *back)], 0.0)
+        handoff: asyncio.Queue[tuple[list[Any], Emitter] | None] = asyncio.Queue(2)
+
+        # clean, define and analyze run on the event loop without yielding to the other half: the loop
+        # thread's CPU time across each call is theirs. The store's work is its SQLite thread's CPU time.
+        sqlite_thread = time.pthread_getcpuclockid(await store._db.run(lambda _: threading.get_ident()))
+
+        async def run(stages: tuple[tuple[str, Any], ...], items: list[Any], emit: Emitter) -> list[Any]:
             for name, stage in stages:
-                before = time.perf_counter()
+                before = time.thread_time()
                 items = await stage.process(items, emit)
-                spent[name] += time.perf_counter() - before
+                if name != "store":
+                    spent[name] += time.thread_time() - before
+            return items
+
+        async def front_half() -> None:
+            for i in range(0, len(drafts), batch):
+                emit = Emitter()
+                await handoff.put((await run(front, drafts[i:i + batch], emit), emit))
+            await handoff.put(None)
+
+        async def back_half() -> None:
+            while (job := await handoff.get()) is not None:
+                await run(back, *job)
+
+        started, store_cpu = time.perf_counter(), time.clock_gettime(sqlite_thread)
+        await asyncio.gather(front_half(), back_half())
         elapsed = time.perf_counter() - started
+        spent["store"] = time.clock_gettime(sqlite_thread) - store_cpu
         return elapsed, store.rows_written, spent
 
 
@@ -115,6 +147,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--series", type=int, default=200)
+    parser.add_argument("--no-analyze", dest="analyze", action="store_false",
+                        help="clean -> define -> store only (default: analyze runs after store, as in the gateway)")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
         cpu = min(os.sched_getaffinity(0))
@@ -130,7 +164,7 @@ def main() -> None:
     per_stage: list[dict[str, float]] = []
     for _ in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="iotgw-bench-") as tmp:
-            elapsed, written, spent = asyncio.run(through_stages(drafts, args.batch, Path(tmp)))
+            elapsed, written, spent = asyncio.run(through_stages(drafts, args.batch, Path(tmp), analyze=args.analyze))
             per_stage.append(spent)
             if written != len(drafts):
                 sys.exit(f"pipeline stored {written} of {len(drafts)} readings")
@@ -139,10 +173,11 @@ def main() -> None:
     pipe_rate = len(drafts) / statistics.median(pipeline_s)
     raw_rate = len(drafts) / statistics.median(raw_s)
     print(f"readings: {len(drafts):,} in batches of {args.batch}, {args.series} series, {args.rounds} rounds (medians)")
-    print(f"clean -> define -> store: {pipe_rate:12,.0f} readings/s")
-    print(f"raw SQLite inserts:       {raw_rate:12,.0f} rows/s")
-    print(f"ratio: {pipe_rate / raw_rate:.2f} (target >= 0.25); target >= 100,000 readings/s")
-    print("per reading, inside each stage (median round): " + ", ".join(
+    chain = "clean -> define -> store" + (" -> analyze" if args.analyze else "")
+    print(f"{chain + ':':36s} {pipe_rate:10,.0f} readings/s")
+    print(f"{'raw SQLite inserts:':36s} {raw_rate:10,.0f} rows/s")
+    print(f"ratio: {pipe_rate / raw_rate:.2f} (target >= 0.8); target >= 100,000 readings/s")
+    print("per reading, CPU time inside each stage (median round): " + ", ".join(
         f"{name} {statistics.median(r[name] for r in per_stage) / len(drafts) * 1e6:.1f} us" for name in per_stage[0]
     ))
 

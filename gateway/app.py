@@ -41,6 +41,7 @@ from gateway.config.reload import FIXED_FIELDS, ReloadPlan, plan_reload
 from gateway.destinations import Destinations, forward_filters
 from gateway.devices import Devices
 from gateway.downlink import Downlink
+from gateway.errors import GatewayError
 from gateway.flow import Flow, Windows, store_housekeeping
 from gateway.homeassistant import HomeAssistantDiscovery
 from gateway.http.views import AlertView, CatalogView, LearnedCatalog, SignalView, StoredAlerts
@@ -82,7 +83,7 @@ class Gateway:
         self.config = config
         self._template = template = TopicTemplate(config.topics.template)
         gateway_id, site, data_dir = config.effective_gateway_id, config.site, config.storage.data_dir
-        self.journal = Journal(data_dir)
+        self.journal = Journal(data_dir, interval_s=config.storage.commit_interval_s)
         self.queue: BatchQueue[RawMessage] = BatchQueue(config.pipeline.queue_size)
         self.store = SqliteStore(data_dir, config.storage.store_limits(reserved=config.broker.disk_share()))
         self.catalog = Catalog(template, config.catalog.all_types, strict=config.catalog.strict)
@@ -121,7 +122,7 @@ class Gateway:
             config, self.ingest, self.queue.wait_for_room, filters=[raw, *(d.filter for d in self.dialects.dialects)],
             raw_filter=raw, port_option=port_option, traffic=self.topics, data_dir=data_dir,
         )
-        self.publisher = Publisher(self.broker, self.pipeline.reject_event)
+        self.publisher = Publisher(self.broker, self.pipeline.reject_event, wanted=self._consumed)
         self.devices = Devices(config, template, ble_source=ble_source)
         self.downlink = Downlink(self.broker, self.publisher, self.devices.serial_driver, site=site,
                                  gateway_id=gateway_id)
@@ -148,6 +149,14 @@ class Gateway:
         self.undrained = 0  # messages left in the broker when the stop gave up draining it
         self._stack = AsyncExitStack()
         self._loops: list[asyncio.Task[None]] = []
+
+    def _consumed(self, topic: str) -> bool:
+        """Whether a subscriber of the broker or a forward destination takes events on ``topic``."""
+        try:
+            subscribed = self.broker.has_subscriber(topic)
+        except GatewayError:  # not started yet: no subscriber
+            subscribed = False
+        return subscribed or self.destinations.wants(topic, None)
 
     def _configure_clean(self, config: GatewayConfig) -> None:
         clean = config.pipeline.clean

@@ -38,6 +38,7 @@ class Destinations:
         on_drop: Callable[[str, int], None],
     ) -> None:
         self._data_dir = config.storage.data_dir
+        self._commit_interval_s = config.storage.commit_interval_s
         self._gateway_id = config.effective_gateway_id
         self._presence = Presence(config.status_topic, config.liveness.online, config.liveness.offline)
         self._template = template
@@ -56,7 +57,7 @@ class Destinations:
 
     def _forwarder(self, settings: list[ForwardSettings]) -> Forwarder:
         return Forwarder(self._data_dir, [self._route(f) for f in settings], gateway_id=self._gateway_id,
-                         on_inbound=self._on_inbound, on_drop=self._on_drop)
+                         on_inbound=self._on_inbound, on_drop=self._on_drop, commit_interval_s=self._commit_interval_s)
 
     async def __aenter__(self) -> Self:
         if self.forwarder is not None:
@@ -79,9 +80,14 @@ class Destinations:
         return await self.forwarder.route(topic, payload, event_id=event_id, key=key, origin=origin)
 
     async def flush(self) -> None:
-        """Until this returns, what was routed may not be durable in the outboxes yet."""
+        """Commit what was routed to the outboxes, now."""
         if self.forwarder is not None:
             await self.forwarder.flush()
+
+    async def committed(self) -> None:
+        """Until what was routed so far is durable in the outboxes (on their commit cadence)."""
+        if self.forwarder is not None:
+            await self.forwarder.committed()
 
     async def reload(self, plan: ReloadPlan, config: GatewayConfig) -> None:
         """Stop removed and changed destinations, start changed and added ones."""

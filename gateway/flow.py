@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -22,7 +23,6 @@ from gateway.publish import Publisher
 from gateway.status import PipelineStatus, StageStatus
 from pipeline.analyze import AnalyzeStage
 from pipeline.queue import BatchQueue
-from pipeline.retry import until_done
 from pipeline.runner import Pipeline
 from pipeline.stage import Emitter, RawMessage
 from pipeline.store import SqliteStore
@@ -33,12 +33,12 @@ WINDOW_TICK_S = 1.0
 
 
 class Outboxes(Protocol):
-    async def flush(self) -> None:
+    async def committed(self) -> None:
         """Until this returns, what was routed may not be durable in the outboxes yet."""
         ...
 
 
-_Job = tuple[list[RawMessage], Emitter, list[Any]]  # the batch, what it emitted, what the front passed on
+_Job = tuple[list[RawMessage], Emitter, Sequence[Any]]  # the batch, what it emitted, what the front passed on
 
 
 class Flow:
@@ -107,7 +107,9 @@ class Flow:
         while batch := await self._queue.get_batch(self._batch_size, self._max_latency_s):
             # Process only what is journaled: otherwise a crash could leave an event in an outbox whose
             # message the journal never recorded, and the device's resend would get a second event id.
-            await until_done(self._journal.flush, what="journal commit", log=log)
+            # The journal commits on its own cadence ([storage] commit_interval_s): under light load a batch
+            # waits for that commit, so the store commits about as often as the journal does.
+            await self._journal.committed()
             emit = Emitter()
             self._busy["front"] = time.monotonic()
             items = await self._pipeline.run_front(batch, emit)  # never raises
@@ -124,8 +126,8 @@ class Flow:
             self._batches += 1
             await self._publisher.results(emit)
             # The batch's events are durable in the outboxes ...
-            await until_done(self._outboxes.flush, what="outbox commit", log=log)
-            self._journal.done([m.event_id for m in batch])  # ... so the journal can let it go
+            await self._outboxes.committed()
+            self._journal.done([m.event_id for m in batch])  # ... so the journal can let it go (on its next commit)
 
 
 class Windows:

@@ -39,11 +39,16 @@ CREATE INDEX IF NOT EXISTS journal_pending ON journal (done, event_id);
 """
 
 
-@dataclass(frozen=True, slots=True)
+TRIM_EVERY = 2000  # done marks between two trims of the resend memory (a trim walks RESEND_MEMORY index entries)
+
+
+@dataclass(slots=True)  # not frozen: made for every message, and frozen slots classes init slowly
 class _Op:
     append: RawMessage | None = None
     packet_id: int | None = None
+    digest: bytes | None = None  # of a QoS 1/2 message from a client: what a resend must match
     done: tuple[str, ...] = ()
+    trim: bool = False
 
 
 def digest(topic: str, payload: bytes) -> bytes:
@@ -54,7 +59,7 @@ def digest(topic: str, payload: bytes) -> bytes:
 
 def _apply(conn: sqlite3.Connection, ops: list[_Op]) -> None:
     rows = [
-        (m.event_id, m.topic, m.payload, m.origin, to_ms(m.received_at), op.packet_id, digest(m.topic, m.payload))
+        (m.event_id, m.topic, m.payload, m.origin, to_ms(m.received_at), op.packet_id, op.digest)
         for op in ops if (m := op.append) is not None
     ]
     if rows:
@@ -62,8 +67,9 @@ def _apply(conn: sqlite3.Connection, ops: list[_Op]) -> None:
                          "digest) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
     done = [(event_id,) for op in ops for event_id in op.done]
     if done:
-        # Done rows keep only what resend detection needs; the oldest beyond RESEND_MEMORY go.
+        # Done rows keep only what resend detection needs ...
         conn.executemany("UPDATE journal SET done = 1, payload = x'' WHERE event_id = ?", done)
+    if any(op.trim for op in ops):  # ... and the oldest beyond RESEND_MEMORY go, every TRIM_EVERY done marks
         conn.execute(
             "DELETE FROM journal WHERE done = 1 AND event_id < (SELECT event_id FROM journal WHERE done = 1 "
             "ORDER BY event_id DESC LIMIT 1 OFFSET ?)", (RESEND_MEMORY,),
@@ -71,14 +77,16 @@ def _apply(conn: sqlite3.Connection, ops: list[_Op]) -> None:
 
 
 class Journal:
-    def __init__(self, data_dir: Path, *, window_s: float = 0.005) -> None:
+    def __init__(self, data_dir: Path, *, window_s: float = 0.005, interval_s: float = 0.0) -> None:
+        """``interval_s``: commits at most this often under light load (``[storage] commit_interval_s``)."""
         self.path = data_dir / JOURNAL_NAME
         self._db = SqliteThread(self.path, mode=0o600)  # raw messages: for the gateway only
-        self._commit: GroupCommit[_Op] = GroupCommit(self._db, _apply, window_s=window_s)
+        self._commit: GroupCommit[_Op] = GroupCommit(self._db, _apply, window_s=window_s, interval_s=interval_s)
         self.appended = 0
         self.replayed = 0
         self.resends_recognised = 0
         self._resend: OrderedDict[tuple[str, int], tuple[str, bytes]] = OrderedDict()
+        self._untrimmed = TRIM_EVERY  # done marks since the last trim (the first ones trim what a last run left)
 
     async def open(self) -> list[RawMessage]:
         """Open, and return what a previous run accepted but did not finish, oldest first."""
@@ -117,15 +125,27 @@ class Journal:
     def append(self, message: RawMessage, packet_id: int | None = None) -> asyncio.Future[None]:
         """Resolved once the message is durable."""
         self.appended += 1
+        hashed = None
         if packet_id is not None and message.origin is not None:
-            self._remember(message.origin, packet_id, message.event_id, digest(message.topic, message.payload))
-        return self._commit.submit(_Op(append=message, packet_id=packet_id))
+            hashed = digest(message.topic, message.payload)
+            self._remember(message.origin, packet_id, message.event_id, hashed)
+        return self._commit.submit(_Op(append=message, packet_id=packet_id, digest=hashed))
 
     def done(self, event_ids: list[str]) -> asyncio.Future[None]:
-        return self._commit.submit(_Op(done=tuple(event_ids)))
+        """The pipeline is through with these (one batch): marked on the journal's next commit."""
+        self._untrimmed += len(event_ids)
+        trim = self._untrimmed >= TRIM_EVERY
+        if trim:
+            self._untrimmed = 0
+        return self._commit.submit(_Op(done=tuple(event_ids), trim=trim))
 
     async def flush(self) -> None:
+        """Commit what was appended and marked done, now."""
         await self._commit.flush()
+
+    async def committed(self) -> None:
+        """Until what was appended so far is committed, on the journal's own cadence."""
+        await self._commit.committed()
 
     async def close(self) -> None:
         await self._commit.stop()

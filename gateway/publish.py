@@ -3,6 +3,11 @@
 Everything goes through the embedded broker in-process, as if a client had published it, so
 subscribers, the outboxes (through ingest) and the catalog's traffic learner all see it. A stage
 never publishes (pipeline/stage.py): the flow hands its :class:`~pipeline.stage.Emitter` here.
+
+The valid events (one per reading) are made and published only for topics somebody consumes: a
+subscriber of the broker or a forward destination (``wanted``). The catalog's traffic learner does not
+count the gateway's relay of readings onto ``valid`` (pipeline/traffic.py), so it misses nothing when
+they are skipped. Each event is encoded once; the broker hands the same bytes to every consumer.
 """
 
 from __future__ import annotations
@@ -31,19 +36,32 @@ def dumps(event: dict[str, Any]) -> bytes:
 class Publisher:
     """Publishes events and rejects, counting what the pipeline and the drivers published."""
 
-    def __init__(self, broker: Broker, reject_event: Callable[[Reject], tuple[str, dict[str, Any]]]) -> None:
-        """``reject_event``: where a reject goes and its CloudEvent (``Pipeline.reject_event``)."""
+    def __init__(self, broker: Broker, reject_event: Callable[[Reject], tuple[str, dict[str, Any]]], *,
+                 wanted: Callable[[str], bool] | None = None) -> None:
+        """``reject_event``: where a reject goes and its CloudEvent (``Pipeline.reject_event``); ``wanted``:
+        whether anybody consumes a topic (None: everything is published)."""
         self._broker = broker
         self._reject_event = reject_event
+        self._wanted = wanted
         self._events = 0
         self._rejects = 0
+        self.unwanted = 0  # valid events nobody consumed, so never made
 
     async def results(self, emit: Emitter) -> None:
         """What a batch (or a closing window) produced: its events, then its rejects."""
-        for topic, event in emit.events:
-            await self._broker.publish(topic, dumps(event), event_id=event.get("id"))
-        self._events += len(emit.events)
+        for item in emit.outgoing():
+            if isinstance(item, tuple):
+                await self._publish(*item)
+            elif self._wanted is None or self._wanted(item.topic):
+                for topic, event in item.events():
+                    await self._publish(topic, event)
+            else:
+                self.unwanted += item.count
+        self._events += emit.count
         await self.rejects(emit.rejects)
+
+    async def _publish(self, topic: str, event: dict[str, Any]) -> None:
+        await self._broker.publish(topic, dumps(event), event_id=event.get("id"))
 
     async def rejects(self, rejects: list[Reject]) -> None:
         for reject in rejects:

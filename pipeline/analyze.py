@@ -31,11 +31,12 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from pipeline.model import AGGREGATE_TYPE, Reading, cloudevent, new_event_id
+from pipeline.readings import ReadingBatch, Run, mean_of, spans
 from pipeline.rules import AlertChange, RuleSet, Watch
 from pipeline.stage import Emitter, StageStats
 from pipeline.topics import TopicFields, TopicTemplate
@@ -43,6 +44,24 @@ from pipeline.topics import TopicFields, TopicTemplate
 log = logging.getLogger(__name__)
 AlertSink = Callable[[list[AlertChange]], Awaitable[None]]
 _UNITS = ((86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1000, "s"), (1, "ms"))
+
+
+def _series_runs(batch: ReadingBatch) -> Iterator[tuple[Run, list[int], list[float], Callable[[], list[datetime]]]]:
+    """Each series' readings of the batch, in arrival order: (a run of it, times in ms, values, and a
+    function giving the times as datetimes). Two runs of one series (two topic versions) are merged."""
+    by_series: dict[tuple[str, str], list[Run]] = {}
+    for run in batch.runs:
+        by_series.setdefault((run.device_id, run.metric), []).append(run)
+    for runs in by_series.values():
+        if len(runs) == 1:
+            run = runs[0]
+            yield run, run.ts_ms, run.values, lambda run=run: [d or r for d, r in zip(  # type: ignore[misc]
+                run.device_ts, run.received_at, strict=True)]
+            continue
+        merged = sorted((position, t, value, d or r) for run in runs for position, t, value, d, r in zip(
+            run.positions, run.ts_ms, run.values, run.device_ts, run.received_at, strict=True))
+        yield (runs[0], [m[1] for m in merged], [m[2] for m in merged],
+               lambda merged=merged: [m[3] for m in merged])  # type: ignore[misc]
 
 
 def window_label(ms: int) -> str:
@@ -111,21 +130,59 @@ class AnalyzeStage:
         self.late = 0
         self.alerts: dict[str, int] = {"raised": 0, "cleared": 0, "record_failures": 0}
 
-    async def process(self, batch: list[Reading], emit: Emitter) -> list[Reading]:
+    async def process(self, batch: Sequence[Reading], emit: Emitter) -> Sequence[Reading]:
         now_ms = int(self._clock() * 1000)
-        direct = self._direct
         changes: list[AlertChange] = []
-        for reading in batch:
-            key = (reading.device_id, reading.metric)
+        for run, ts_ms, values, times in _series_runs(ReadingBatch.of(batch)):
+            key = (run.device_id, run.metric)
             state = self.series.get(key)
             if state is None:
-                state = self._new_series(reading)
-            ts = reading.device_ts or reading.received_at
-            ts_ms = int(ts.timestamp() * 1000)
-            value = reading.value
-            slots = state.open
+                state = self._new_series(run)
+            self._windows_update(state, key, ts_ms, values, now_ms, emit)
+            if state.watches:
+                evaluate, watches = self.rules.evaluate, state.watches
+                site, device_class, device_id, metric = run.site, run.device_class, run.device_id, run.metric
+                for ts, t_ms, value in zip(times(), ts_ms, values, strict=True):
+                    evaluate(watches, site, device_class, device_id, metric, ts, t_ms / 1000, value, changes)
+        self._expire(now_ms, emit)
+        if changes:
+            await self._alert(changes, emit)
+        self.stats.received += len(batch)
+        self.stats.passed += len(batch)
+        return batch
+
+    def _windows_update(  # noqa: PLR0917  (internal, once per series and batch)
+        self, state: SeriesState, key: tuple[str, str], ts_ms: list[int], values: list[float], now_ms: int,
+        emit: Emitter,
+    ) -> None:
+        """A series' readings (in arrival order) into its open windows. The readings that fall in one window
+        are summed up at once, when they come in time order and none is late (the usual case; with more than
+        one window size fed directly, only when all fall in one window of each); otherwise one by one."""
+        direct = self._direct
+        slots = state.open
+        cuts = [spans(ts_ms, size) for _, size in direct]
+        if all(cut is not None and (len(cut) == 1 or len(direct) == 1)
+               and (slots[i] is None or slots[i].start_ms <= cut[0][0])  # type: ignore[union-attr]
+               for (i, _), cut in zip(direct, cuts, strict=True)):
+            for (i, size), cut in zip(direct, cuts, strict=True):
+                assert cut is not None
+                for start, a, b in cut:
+                    part = values[a:b] if a or b < len(values) else values
+                    n, mean, lo, hi = b - a, mean_of(part), min(part), max(part)
+                    window = slots[i]
+                    if window is not None and window.start_ms == start:
+                        total = window.count + n
+                        window.mean = window.mean * (window.count / total) + mean * (n / total)
+                        window.count, window.min, window.max = total, min(window.min, lo), max(window.max, hi)
+                        continue
+                    if window is not None:
+                        self._close(state, key, i, window, now_ms, emit)
+                    slots[i] = Window(start, n, mean, lo, hi)
+                    heapq.heappush(self._deadlines, (now_ms + start + size - ts_ms[a] + self._grace_ms, key, i, start))
+            return
+        for ts, value in zip(ts_ms, values, strict=True):
             for i, size in direct:
-                start = ts_ms - ts_ms % size
+                start = ts - ts % size
                 window = slots[i]
                 if window is not None and window.start_ms == start:  # the hot path, inlined
                     n = window.count = window.count + 1
@@ -142,18 +199,7 @@ class AnalyzeStage:
                 if window is not None:
                     self._close(state, key, i, window, now_ms, emit)
                 slots[i] = Window(start, 1, value, value, value)
-                heapq.heappush(self._deadlines, (now_ms + start + size - ts_ms + self._grace_ms, key, i, start))
-            if state.watches:
-                self.rules.evaluate(
-                    state.watches, reading.site, reading.device_class, reading.device_id, reading.metric, ts,
-                    ts_ms / 1000, value, changes,
-                )
-        self._expire(now_ms, emit)
-        if changes:
-            await self._alert(changes, emit)
-        self.stats.received += len(batch)
-        self.stats.passed += len(batch)
-        return batch
+                heapq.heappush(self._deadlines, (now_ms + start + size - ts + self._grace_ms, key, i, start))
 
     def set_rules(self, rules: RuleSet) -> None:
         """New alert rules (a reload). A rule whose definition did not change keeps its state for every
@@ -181,14 +227,14 @@ class AnalyzeStage:
                     self._close(state, key, i, window, 0, emit)
         self._deadlines.clear()
 
-    def _new_series(self, reading: Reading) -> SeriesState:
+    def _new_series(self, run: Run) -> SeriesState:
         fields = TopicFields(
-            stage="agg", version=self._version, site=reading.site, device_class=reading.device_class,
-            device_id=reading.device_id, metric=reading.metric,
+            stage="agg", version=self._version, site=run.site, device_class=run.device_class,
+            device_id=run.device_id, metric=run.metric,
         )
-        watches = self.rules.watches(reading.device_id, reading.device_class, reading.metric)
-        state = self.series[(reading.device_id, reading.metric)] = SeriesState(
-            fields, reading.unit, [None] * len(self._windows), watches,
+        watches = self.rules.watches(run.device_id, run.device_class, run.metric)
+        state = self.series[(run.device_id, run.metric)] = SeriesState(
+            fields, run.units[0], [None] * len(self._windows), watches,
         )
         return state
 

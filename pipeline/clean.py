@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
@@ -146,7 +146,7 @@ class CleanStage:
         self._behind = timedelta(seconds=self._clock.max_behind_s)
         self._dup = timedelta(seconds=duplicate_window_s)
 
-    async def process(self, batch: list[Draft], emit: Emitter) -> list[Draft]:
+    async def process(self, batch: Sequence[Draft], emit: Emitter) -> list[Draft]:
         out: list[Draft] = []
         rejected = self.stats.rejected
         for draft in batch:

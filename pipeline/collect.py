@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from pipeline.dialects import DialectSet, MappedMessage, derived_event_id
@@ -35,7 +35,7 @@ class CollectStage:
         """A reload changed the configured devices."""
         self._transports = transports
 
-    async def process(self, batch: list[RawMessage], emit: Emitter) -> list[Draft]:
+    async def process(self, batch: Sequence[RawMessage], emit: Emitter) -> list[Draft]:
         out: list[Draft] = []
         for message in batch:
             draft = self._one(message, emit)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Op = TypeVar("Op")
 Synchronous = Literal["OFF", "NORMAL", "FULL"]
+EARLY_OPS = 16  # a group commit with this many operations waiting does not wait out its interval
 
 
 class DatabaseError(PipelineError):
@@ -132,18 +134,32 @@ def in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], 
 
 
 class GroupCommit(Generic[Op]):
-    """Gathers operations and applies them in one transaction every ``window_s`` (or sooner on
-    :meth:`flush`); each ``submit`` returns a future resolved when its transaction commits."""
+    """Gathers operations and applies them in one transaction; each ``submit`` returns a future resolved
+    when its transaction commits.
+
+    Cadence: a commit waits ``window_s`` after the first operation it takes (for others to join), and
+    comes at most once per ``interval_s`` (every commit of a database in WAL mode with
+    ``synchronous=FULL`` is an fsync, the write an SD card wears with) unless ``early_ops`` operations are
+    waiting (a busy gateway is not held to the interval: its commits carry many operations each).
+    :meth:`flush` commits at once; :meth:`committed` waits for the commit that covers what was submitted.
+    """
 
     def __init__(
-        self, db: SqliteThread, apply: Callable[[sqlite3.Connection, list[Op]], None], *, window_s: float = 0.005
+        self, db: SqliteThread, apply: Callable[[sqlite3.Connection, list[Op]], None], *, window_s: float = 0.005,
+        interval_s: float = 0.0, early_ops: int = EARLY_OPS,
     ) -> None:
         self._db = db
         self._apply = apply
         self._window = window_s
+        self._interval = interval_s
+        self._early = early_ops
         self._ops: list[Op] = []
         self._futures: list[asyncio.Future[None]] = []
+        self._pending: asyncio.Future[None] | None = None  # resolved by the commit that takes what is pending
+        self._inflight: asyncio.Future[None] | None = None  # resolved when the commit under way ends
         self._wake = asyncio.Event()
+        self._enough = asyncio.Event()
+        self._last_commit = -math.inf
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.commits = 0
@@ -153,15 +169,27 @@ class GroupCommit(Generic[Op]):
         self._task = asyncio.create_task(self._loop(), name=name)
 
     def submit(self, op: Op) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         self._ops.append(op)
         self._futures.append(future)
+        if self._pending is None:
+            self._pending = loop.create_future()
         self._wake.set()
+        if len(self._ops) >= self._early:
+            self._enough.set()
         return future
 
     @property
     def pending(self) -> int:
         return len(self._ops)
+
+    async def committed(self) -> None:
+        """Until everything submitted so far is committed (by the background committer, on its cadence:
+        nothing is forced)."""
+        waiting = self._pending if self._ops else self._inflight
+        if waiting is not None and not waiting.done():
+            await asyncio.shield(waiting)
 
     async def flush(self) -> None:
         """Commit everything submitted so far, now. When the commit fails (a full disk, say) the
@@ -170,24 +198,40 @@ class GroupCommit(Generic[Op]):
         async with self._lock:
             if not self._ops:
                 return
-            ops, futures = self._ops, self._futures
-            self._ops, self._futures = [], []
+            ops, futures, done = self._ops, self._futures, self._pending
+            self._ops, self._futures, self._pending = [], [], None
+            self._enough.clear()
+            self._inflight = done
             try:
                 await self._db.run(in_transaction, lambda conn: self._apply(conn, ops))
             except BaseException:
                 self.failures += 1
                 self._ops, self._futures = ops + self._ops, futures + self._futures
+                if self._pending is None:
+                    self._pending = done
+                elif done is not None:  # those submitted meanwhile wait for the same commit now
+                    self._pending.add_done_callback(lambda _: done.done() or done.set_result(None))
                 raise
+            finally:
+                self._inflight = None
+                self._last_commit = asyncio.get_running_loop().time()
             self.commits += 1
             for future in futures:
                 if not future.done():
                     future.set_result(None)
+            if done is not None and not done.done():
+                done.set_result(None)
 
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(self._window)
+            # the cadence: the interval since the last commit, unless enough is waiting
+            while (wait := self._last_commit + self._interval - loop.time()) > 0 and len(self._ops) < self._early:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._enough.wait(), wait)
             # What is submitted meanwhile joins the retried commit: flush takes everything pending.
             await until_done(self.flush, what=f"commit to {self._db.path}", log=log)
 

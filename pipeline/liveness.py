@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import ClassVar
 
 from pipeline.model import Reading
+from pipeline.readings import ReadingBatch
 from pipeline.rules import AlertChange, Kind, Selector
 from pipeline.stage import Emitter, StageStats
 
@@ -106,28 +107,31 @@ class InactivityStage:
                 r for r in self.rules if r.select.matches(device_id, device_class, metric))
         return found
 
-    async def process(self, batch: list[Reading], emit: Emitter) -> list[Reading]:
+    async def process(self, batch: Sequence[Reading], emit: Emitter) -> Sequence[Reading]:
         changes: list[AlertChange] = []
         if self.rules:
-            for reading in batch:
-                for rule in self._rules_for(reading.device_id, reading.device_class, reading.metric):
-                    self._heard(rule, reading, changes)
+            for run in ReadingBatch.of(batch).runs:  # one series at a time (the batch is columnar already)
+                rules = self._rules_for(run.device_id, run.device_class, run.metric)
+                if rules:
+                    heard = max(run.received_at)
+                    for rule in rules:
+                        self._heard(rule, run.site, run.device_id, run.device_class, run.metric, heard, changes)
         self.stats.received += len(batch)
         self.stats.passed += len(batch)
         await self._publish(changes, emit)
         return batch
 
-    def _heard(self, rule: InactivityRule, reading: Reading, changes: list[AlertChange]) -> None:
-        key = (rule.name, reading.device_id)
-        heard_s = reading.received_at.timestamp()
+    def _heard(self, rule: InactivityRule, site: str, device_id: str, device_class: str, metric: str,  # noqa: PLR0917
+               heard: datetime, changes: list[AlertChange]) -> None:
+        key = (rule.name, device_id)
+        heard_s = heard.timestamp()
         state = self._watched.get(key)
         if state is None:
-            state = self._watched[key] = _Watched(reading.site, reading.device_class, heard_s,
-                                                  self._seeded.get(key))
+            state = self._watched[key] = _Watched(site, device_class, heard_s, self._seeded.get(key))
         state.last_s = max(state.last_s, heard_s)
         if state.raised_at is not None:
-            changes.append(self._change(rule, reading.device_id, state, raised=False, at=reading.received_at,
-                                        message=f"{rule.name}: {reading.device_id} is back ({reading.metric})"))
+            changes.append(self._change(rule, device_id, state, raised=False, at=heard,
+                                        message=f"{rule.name}: {device_id} is back ({metric})"))
             state.raised_at = None
 
     async def tick(self, emit: Emitter) -> None:

@@ -37,25 +37,58 @@ class Quality(StrEnum):
     CLOCK_CORRECTED = "clock_corrected"  # the device's clock was too far off: receive time used
 
 
+_PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)  # 10 bits -> 2 characters
+_RAND_BITS = 80
+_RAND_MASK = (1 << _RAND_BITS) - 1
+_TAIL_BITS = 20  # the low part of the random bits, encoded afresh for every id
+
+
+def _encode(value: int, pairs: int = 13) -> str:
+    """The low ``2 * pairs`` characters of ``value`` in Crockford base32 (13 pairs: a whole 128-bit ULID)."""
+    return "".join([_PAIRS[(value >> shift) & 1023] for shift in range(10 * pairs - 10, -1, -10)])
+
+
 class _UlidGenerator:
-    """Monotonic ULIDs: same millisecond -> random part incremented, never repeated."""
+    """Monotonic ULIDs: same millisecond -> random part incremented, never repeated.
+
+    Within a millisecond only the last characters change, so the head (time and the high random bits)
+    is encoded once and kept: an id then costs two table lookups (under load, ids come in runs).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_ms = -1
         self._last_rand = 0
+        self._head = ""
+        self._entropy = b""  # random bytes drawn ahead: one getrandom call for 400 milliseconds' ids
+        self._taken = 0
+        os.register_at_fork(after_in_child=self._forget_entropy)  # a child must not repeat its parent's
+
+    def _forget_entropy(self) -> None:
+        self._entropy, self._taken = b"", 0
+
+    def _random(self) -> int:
+        """79 random bits (room to increment within the 80)."""
+        if self._taken + 10 > len(self._entropy):
+            self._entropy, self._taken = os.urandom(4000), 0
+        start = self._taken
+        self._taken = start + 10
+        return int.from_bytes(self._entropy[start:start + 10], "big") >> 1
 
     def new(self, now_ms: int | None = None) -> str:
         ms = int(time.time() * 1000) if now_ms is None else now_ms
         with self._lock:
             if ms <= self._last_ms:
                 ms = self._last_ms
-                rand = (self._last_rand + 1) & ((1 << 80) - 1)
+                rand = (self._last_rand + 1) & _RAND_MASK
+                if rand >> _TAIL_BITS != self._last_rand >> _TAIL_BITS:  # a carry into the head
+                    self._head = _encode((ms << (_RAND_BITS - _TAIL_BITS)) | (rand >> _TAIL_BITS), 11)
             else:
-                rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
+                rand = self._random()
+                self._head = _encode((ms << (_RAND_BITS - _TAIL_BITS)) | (rand >> _TAIL_BITS), 11)
             self._last_ms, self._last_rand = ms, rand
-        value = (ms << 80) | rand
-        return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+            head = self._head
+        return head + _PAIRS[(rand >> 10) & 1023] + _PAIRS[rand & 1023]
 
 
 _ulids = _UlidGenerator()

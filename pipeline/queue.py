@@ -27,6 +27,8 @@ class BatchQueue(Generic[T]):
         self._room = asyncio.Event()
         self._room.set()
         self._ready = asyncio.Event()
+        self._enough = asyncio.Event()  # a lingering get_batch has what it wants
+        self._wanted = 0
         self._closed = False
         self.high_water = 0
         self.put_waits = 0  # how often a producer had to wait: the pipeline was behind
@@ -57,6 +59,8 @@ class BatchQueue(Generic[T]):
         if len(self._items) >= self.maxsize:
             self._room.clear()
         self._ready.set()
+        if self._wanted and len(self._items) >= self._wanted:
+            self._enough.set()
 
     async def get_batch(self, max_items: int, linger_s: float = 0.0) -> list[T]:
         """Up to ``max_items``, waiting for at least one; [] once closed and empty.
@@ -71,19 +75,18 @@ class BatchQueue(Generic[T]):
                 return []
             self._ready.clear()
             await self._ready.wait()
-        if linger_s > 0:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + linger_s
-            limit = min(max_items, self.maxsize)
-            while len(self._items) < limit and not self._closed:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                self._ready.clear()
-                try:
-                    await asyncio.wait_for(self._ready.wait(), remaining)
-                except TimeoutError:
-                    break
+        limit = min(max_items, self.maxsize)
+        if linger_s > 0 and len(self._items) < limit and not self._closed:
+            # One timer for the whole linger, woken once when the batch is full (not at every item)
+            self._wanted = limit
+            self._enough.clear()
+            try:
+                async with asyncio.timeout(linger_s):
+                    await self._enough.wait()
+            except TimeoutError:
+                pass
+            finally:
+                self._wanted = 0
         count = min(max_items, len(self._items))
         batch = [self._items.popleft() for _ in range(count)]
         if not self._items:
@@ -95,6 +98,7 @@ class BatchQueue(Generic[T]):
         """No more puts; consumers get what is left, then []."""
         self._closed = True
         self._ready.set()
+        self._enough.set()
         self._room.set()
 
 

@@ -52,16 +52,16 @@ class Pipeline:
         await self._run(self.stages, batch, emit)
         return emit
 
-    async def run_front(self, batch: list[RawMessage], emit: Emitter) -> list[Any]:
+    async def run_front(self, batch: list[RawMessage], emit: Emitter) -> Sequence[Any]:
         """The front half over ``batch``: what it returns goes to :meth:`run_back` with the same ``emit``."""
         return await self._run(self.stages[:self._split], batch, emit)
 
-    async def run_back(self, items: list[Any], emit: Emitter) -> list[Any]:
+    async def run_back(self, items: Sequence[Any], emit: Emitter) -> Sequence[Any]:
         """The back half over what :meth:`run_front` returned."""
         return await self._run(self.stages[self._split:], items, emit)
 
     @staticmethod
-    async def _run(stages: Sequence[Stage[Any, Any]], items: list[Any], emit: Emitter) -> list[Any]:
+    async def _run(stages: Sequence[Stage[Any, Any]], items: Sequence[Any], emit: Emitter) -> Sequence[Any]:
         """Never raises for a failing stage: it rejects what it was given and the chain stops there."""
         for stage in stages:
             if not items:

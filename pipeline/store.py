@@ -32,11 +32,14 @@ Retention and the disk budget (:meth:`SqliteStore.maintain`, run periodically by
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain, repeat
+from operator import itemgetter
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -44,6 +47,7 @@ from typing import Any, Literal, Self
 from pipeline.db import DatabaseError, SqliteThread, in_transaction
 from pipeline.errors import PipelineError
 from pipeline.model import Reading, to_ms, utc_from_ms
+from pipeline.readings import ReadingBatch, Run, mean_of, spans
 from pipeline.retry import backoff_delay, until_done
 from pipeline.rules import AlertChange
 from pipeline.stage import Emitter, StageStats
@@ -112,15 +116,41 @@ CREATE TABLE IF NOT EXISTS rollup_{width} (
 ) WITHOUT ROWID;
 """ for width in ROLLUPS)
 # Merge a partial aggregate into a bucket. In SET, every column name means the row's old value.
-_UPSERT_ROLLUP = """
-INSERT INTO rollup_{w} (series_id, bucket, n, mean, vmin, vmax) VALUES (?, ?, ?, ?, ?, ?)
+_UPSERT_ROLLUP = ("INSERT INTO rollup_{w} (series_id, bucket, n, mean, vmin, vmax) VALUES", """
 ON CONFLICT (series_id, bucket) DO UPDATE SET
     n = n + excluded.n,
     mean = mean * (CAST(n AS REAL) / (n + excluded.n)) + excluded.mean * (CAST(excluded.n AS REAL) / (n + excluded.n)),
     vmin = min(vmin, excluded.vmin),
     vmax = max(vmax, excluded.vmax)
-"""
+""")
 _INSERT_READING = "INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?, ?, ?)"
+_UPSERT_DEVICE = ("INSERT INTO devices VALUES", """
+ON CONFLICT (device_id) DO UPDATE SET transport = excluded.transport, device_class = excluded.device_class,
+    site = excluded.site, last_seen = max(last_seen, excluded.last_seen)
+""")
+INSERT_CHUNK = 64  # rows per INSERT statement: fewer statements to step (bench/pipeline_throughput.py)
+
+
+@functools.cache
+def _statement(head: str, tail: str, columns: int, rows: int) -> str:
+    return f"{head} {', '.join(['(' + ', '.join('?' * columns) + ')'] * rows)}{tail}"
+
+
+def insert_many(db: sqlite3.Connection, head: str, tail: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """``head VALUES (...), (...) tail`` for ``rows``, :data:`INSERT_CHUNK` rows to a statement: SQLite
+    steps one statement for many rows (and each step is one release of the GIL, not one a row). Rows
+    must not repeat a key within a statement when ``tail`` is an upsert."""
+    if not rows:
+        return
+    columns = len(rows[0])
+    whole = len(rows) - len(rows) % INSERT_CHUNK
+    if whole:
+        flat = list(chain.from_iterable(rows[:whole]))
+        step = INSERT_CHUNK * columns
+        db.executemany(_statement(head, tail, columns, INSERT_CHUNK),
+                       [flat[i:i + step] for i in range(0, whole * columns, step)])
+    if whole < len(rows):
+        db.execute(_statement(head, tail, columns, len(rows) - whole), list(chain.from_iterable(rows[whole:])))
 
 
 _BUCKET_AGG_SQL = {"mean": "avg(value)", "min": "min(value)", "max": "max(value)", "count": "nullif(count(*), 0)"}
@@ -128,6 +158,10 @@ _BUCKET_AGG_SQL = {"mean": "avg(value)", "min": "min(value)", "max": "max(value)
 
 class StoreError(PipelineError):
     """The local store cannot be opened or written."""
+
+
+class _Replayed(Exception):
+    """Some readings of a batch were stored already."""
 
 
 def db_path(data_dir: Path) -> Path:
@@ -170,8 +204,7 @@ def _merge(groups: dict[tuple[int, int], list[float]], key: tuple[int, int], par
     g[3] = max(g[3], hi)
 
 
-def rollup_rows(rows: Iterable[tuple[Any, ...]]) -> dict[str, list[tuple[int, int, int, float, float, float]]]:
-    """Partial 1-minute and 1-hour aggregates of reading rows ``(series_id, ts_ms, _, value, ...)``."""
+def _minutes(rows: Iterable[tuple[Any, ...]]) -> dict[tuple[int, int], list[float]]:
     minutes: dict[tuple[int, int], list[float]] = {}
     for row in rows:
         series_id, ts, value = row[0], row[1], row[3]
@@ -187,6 +220,10 @@ def rollup_rows(rows: Iterable[tuple[Any, ...]]) -> dict[str, list[tuple[int, in
             g[2] = value
         elif value > g[3]:
             g[3] = value
+    return minutes
+
+
+def _widths(minutes: dict[tuple[int, int], list[float]]) -> dict[str, list[tuple[int, int, int, float, float, float]]]:
     hours: dict[tuple[int, int], list[float]] = {}
     for (series_id, bucket), (n, mean, lo, hi) in minutes.items():
         _merge(hours, (series_id, bucket - bucket % 3_600_000), [n, mean, lo, hi])
@@ -194,6 +231,30 @@ def rollup_rows(rows: Iterable[tuple[Any, ...]]) -> dict[str, list[tuple[int, in
         width: [(sid, bucket, int(n), mean, lo, hi) for (sid, bucket), (n, mean, lo, hi) in groups.items()]
         for width, groups in (("1m", minutes), ("1h", hours))
     }
+
+
+def rollup_rows(rows: Iterable[tuple[Any, ...]]) -> dict[str, list[tuple[int, int, int, float, float, float]]]:
+    """Partial 1-minute and 1-hour aggregates of reading rows ``(series_id, ts_ms, _, value, ...)``."""
+    return _widths(_minutes(rows))
+
+
+def rollup_runs(runs: Iterable[tuple[int, Run]]) -> dict[str, list[tuple[int, int, int, float, float, float]]]:
+    """:func:`rollup_rows` of every reading of ``(series_id, run)``: the readings of a run that fall in one
+    minute (all of them, usually; else the run is cut where the minutes change, if its times are in order)
+    are summed up at once."""
+    minutes: dict[tuple[int, int], list[float]] = {}
+    for series_id, run in runs:
+        ts = run.ts_ms
+        cut = spans(ts, 60_000)
+        if cut is not None:
+            values = run.values
+            for bucket, i, j in cut:
+                part = values[i:j] if i or j < len(values) else values
+                _merge(minutes, (series_id, bucket), [j - i, mean_of(part), min(part), max(part)])
+            continue
+        for key, part in _minutes((series_id, t, None, v) for t, v in zip(ts, run.values, strict=True)).items():
+            _merge(minutes, key, part)
+    return _widths(minutes)
 
 
 def _delete_chunk(db: sqlite3.Connection, table: str, column: str, series_id: int, before: int, rows: int) -> int:  # noqa: PLR0917
@@ -244,7 +305,7 @@ class SqliteStore:
         # power cut too. One fsync per batch (batches linger up to max_latency_s under light load).
         # auto_vacuum takes effect only in a new file (before any table).
         self._db = SqliteThread(self.path, synchronous="FULL", pragmas=(
-            "auto_vacuum=INCREMENTAL", f"journal_size_limit={WAL_LIMIT_BYTES}"))
+            "auto_vacuum=INCREMENTAL", f"journal_size_limit={WAL_LIMIT_BYTES}", "cache_size=-16384"))
         self._series: dict[tuple[str, str], int] = {}
         self.rows_written = 0
         self.transactions = 0
@@ -267,9 +328,9 @@ class SqliteStore:
     ) -> None:
         await self._db.close()
 
-    async def write(self, readings: list[Reading]) -> None:
+    async def write(self, readings: Sequence[Reading]) -> None:
         if readings:
-            await self._db.run(self._write, readings)
+            await self._db.run(self._write, ReadingBatch.of(readings))
 
     def _upgrade(self, db: sqlite3.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -293,73 +354,75 @@ class SqliteStore:
 
         in_transaction(db, backfill)
 
-    def _new_series(self, db: sqlite3.Connection, reading: Reading, new: dict[tuple[str, str], int]) -> int:
-        key = (reading.device_id, reading.metric)
-        db.execute(
-            "INSERT OR IGNORE INTO series (device_id, metric, unit) VALUES (?, ?, ?)",
-            (reading.device_id, reading.metric, reading.unit),
-        )
+    @staticmethod
+    def _new_series(db: sqlite3.Connection, run: Run, new: dict[tuple[str, str], int]) -> int:
+        key = (run.device_id, run.metric)
+        db.execute("INSERT OR IGNORE INTO series (device_id, metric, unit) VALUES (?, ?, ?)", (*key, run.units[0]))
         row = db.execute("SELECT series_id FROM series WHERE device_id = ? AND metric = ?", key).fetchone()
         series_id = new[key] = int(row[0])
         return series_id
 
     @staticmethod
-    def _insert_readings(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        """Insert; return the rows that were new. Fast path: one executemany. Only when some rows were
-        already stored (a replay) is the batch inserted again row by row to learn which ones."""
-        db.execute("SAVEPOINT readings")
+    def _insert_all(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> bool:
+        """Insert, many to a statement; False if some rows were stored already."""
         before = db.total_changes
-        db.executemany(_INSERT_READING, rows)
-        if db.total_changes - before != len(rows):
-            db.execute("ROLLBACK TO readings")
-            fresh = []
-            for row in rows:
-                before = db.total_changes
-                db.execute(_INSERT_READING, row)
-                if db.total_changes != before:
-                    fresh.append(row)
-            rows = fresh
-        db.execute("RELEASE readings")
-        return rows
+        insert_many(db, "INSERT OR IGNORE INTO readings VALUES", "", rows)
+        return db.total_changes - before == len(rows)
 
-    def _write(self, db: sqlite3.Connection, readings: list[Reading]) -> None:
+    @staticmethod
+    def _insert_each(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Insert one by one; return the rows that were new."""
+        fresh = []
+        for row in rows:
+            before = db.total_changes
+            db.execute(_INSERT_READING, row)
+            if db.total_changes != before:
+                fresh.append(row)
+        return fresh
+
+    def _write(self, db: sqlite3.Connection, batch: ReadingBatch) -> None:
+        """One transaction. The readings go in many to a statement; only when some were stored already (a
+        replay after a crash) is the transaction rolled back and done again reading by reading, to learn
+        which ones are new: duplicates (same event id) are neither stored again nor rolled up twice. (A
+        savepoint would spare the second try, but costs a copy of every page the batch touches.)"""
+        try:
+            self._write_once(db, batch, careful=False)
+        except _Replayed:
+            self._write_once(db, batch, careful=True)
+
+    def _write_once(self, db: sqlite3.Connection, batch: ReadingBatch, *, careful: bool) -> None:
         known = self._series
         new_series: dict[tuple[str, str], int] = {}  # cached only once committed
         seen: dict[str, list[Any]] = {}  # device id -> [transport, class, site, first, last] (receive ms)
         rows: list[tuple[Any, ...]] = []
-        append = rows.append
         db.execute("BEGIN")
         try:
-            for r in readings:
-                key = (r.device_id, r.metric)
-                series_id = known.get(key) or new_series.get(key) or self._new_series(db, r, new_series)
-                received = int(r.received_at.timestamp() * 1000)
-                device_ts = r.device_ts
-                append((
-                    series_id,
-                    int(device_ts.timestamp() * 1000) if device_ts is not None else received,
-                    r.id,
-                    r.value,
-                    r.seq,
-                    received,
-                    ",".join(r.quality) if r.quality else None,
-                ))
-                device = seen.get(r.device_id)
+            runs = []
+            for run in batch.runs:
+                key = (run.device_id, run.metric)
+                runs.append((known.get(key) or new_series.get(key) or self._new_series(db, run, new_series), run))
+            runs.sort(key=itemgetter(0))  # rows in about key order: the inserts walk the B-tree in order
+            for series_id, run in runs:
+                received = run.received_ms
+                quality = [",".join(q) if q else None for q in run.quality] if any(run.quality) else repeat(None)
+                rows.extend(zip(repeat(series_id), run.ts_ms, run.ids, run.values, run.seqs, received, quality))
+                first, last = min(received), max(received)
+                device = seen.get(run.device_id)
                 if device is None:
-                    seen[r.device_id] = [r.transport, r.device_class, r.site, received, received]
-                elif received > device[4]:
-                    device[4] = received
-                elif received < device[3]:
-                    device[3] = received
-            inserted = self._insert_readings(db, rows)  # duplicates (same event id) are neither stored nor rolled up
-            for width, partials in rollup_rows(inserted).items():
-                db.executemany(_UPSERT_ROLLUP.format(w=width), partials)
-            db.executemany(
-                "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
-                "transport = excluded.transport, device_class = excluded.device_class, site = excluded.site, "
-                "last_seen = max(last_seen, excluded.last_seen)",
-                [(device_id, *info) for device_id, info in seen.items()],
-            )
+                    seen[run.device_id] = [run.transports[0], run.device_class, run.site, first, last]
+                else:
+                    device[3], device[4] = min(device[3], first), max(device[4], last)
+            if careful:
+                inserted = self._insert_each(db, rows)
+                rollups = rollup_rows(inserted)
+            elif self._insert_all(db, rows):
+                inserted = rows
+                rollups = rollup_runs(runs)
+            else:
+                raise _Replayed
+            for width, partials in rollups.items():
+                insert_many(db, _UPSERT_ROLLUP[0].format(w=width), _UPSERT_ROLLUP[1], partials)
+            insert_many(db, *_UPSERT_DEVICE, [(device_id, *info) for device_id, info in seen.items()])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -512,7 +575,7 @@ class StoreStage:
         self.stats = StageStats()
         self.write_failures = 0
 
-    async def process(self, batch: list[Reading], emit: Emitter) -> list[Reading]:
+    async def process(self, batch: Sequence[Reading], emit: Emitter) -> Sequence[Reading]:
         async def write() -> None:
             try:
                 await self._store.write(batch)

@@ -145,3 +145,23 @@ def test_random_bytes_never_hurt_other_clients(gateway: GatewayThread) -> None:
 def test_check_packet_never_raises(first: int, body: bytes, connected: bool) -> None:
     check = check_packet(first, body, connected=connected)
     assert check.packet_type == first >> 4
+
+
+def test_packets_sent_together_are_taken_up_to_a_bad_one(gateway: GatewayThread) -> None:
+    """The firewall reads what the socket has at once: good packets ahead of a bad one in the same
+    send are handed over, then the connection closes for the bad one (PUBACKs still waiting for the
+    journal go with it: the client sends those messages again)."""
+    sub = Paho(gateway.port, "together-sub", subscribe=[("together/#", 1)])
+    raw = RawClient(gateway.port)
+    try:
+        raw.send(CONNECT)
+        assert raw.read() is not None
+        good = b"".join(publish(f"together/{i}", str(i).encode(), qos=1, packet_id=i + 1) for i in range(20))
+        raw.send(good + publish("a/+", b"x") + publish("together/late", b"never"))
+        assert raw.closed_by_server()
+    finally:
+        raw.close()
+    wait_for(lambda: len(sub.received()) >= 20, "the good packets")
+    assert sorted(int(m.payload) for m in sub.received()) == list(range(20))
+    sub.close()
+    assert gateway.stats()["broker"]["offences"] == {"wildcard_topic": 1}

@@ -11,7 +11,7 @@ import io
 import json
 import tarfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -80,7 +80,7 @@ def draft(
                  seq=1, received_at=RECEIVED, payload=json.dumps(body).encode())
 
 
-async def define(catalog: Catalog, *drafts: Draft) -> tuple[list[Reading], Emitter, DefineStage]:
+async def define(catalog: Catalog, *drafts: Draft) -> tuple[Sequence[Reading], Emitter, DefineStage]:
     stage = DefineStage(TEMPLATE, catalog=catalog)
     emit = Emitter()
     return await stage.process(list(drafts), emit), emit, stage

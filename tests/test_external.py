@@ -166,7 +166,8 @@ def test_the_samples_external_block_is_a_valid_config(tmp_path: Path) -> None:
     """gateway/sample-config.toml shows [broker.external] commented out: uncommented, it loads (with Home
     Assistant's discovery, which needs it)."""
     text = (Path(__file__).parent.parent / "gateway" / "sample-config.toml").read_text()
-    block = text[text.index("# [broker.external]"):text.index("[storage]")]
+    start = text.index("# [broker.external]")
+    block = text[start:text.index("\n[storage]", start)]
     lines = [line[2:] for line in block.splitlines() if line.startswith("# ")]
     secret = tmp_path / "broker.pass"
     secret.write_text("s3cret\n")

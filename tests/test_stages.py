@@ -9,7 +9,7 @@ import base64
 import json
 import math
 import sqlite3
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -797,7 +797,7 @@ class _Broken:
         self.stats = StageStats()
         self.calls = 0
 
-    async def process(self, batch: list[Draft], emit: Emitter) -> list[Draft]:
+    async def process(self, batch: Sequence[Draft], emit: Emitter) -> Sequence[Draft]:
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("boom")

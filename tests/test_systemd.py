@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -147,7 +147,7 @@ class _Stuck:
         self.stats = StageStats()
         self.release = asyncio.Event()
 
-    async def process(self, batch: list[object], emit: Emitter) -> list[object]:
+    async def process(self, batch: Sequence[object], emit: Emitter) -> list[object]:
         await self.release.wait()
         return []
 

@@ -381,6 +381,13 @@ class ExternalBroker:
                 "published": self.published, "publish_failures": self.publish_failures,
                 "disconnects": self.disconnects,
             },
-            "sessions": {"clients": 0, "persistent": 0, "connected": 0, "queued": 0, "dropped": {}, "commits": 0},
+            # The embedded broker's sections, empty: the site's broker keeps its own sessions and bounds.
+            "connections": 0,
+            "sessions": {"clients": 0, "persistent": 0, "connected": 0, "queued": 0, "bytes": 0, "dropped": {},
+                         "dropped_total": 0, "commits": 0},
+            "retained": {"messages": 0, "bytes": 0},
+            "limits": dict.fromkeys(("connections_refused", "connections_refused_per_address", "logins_throttled",
+                                     "filters_refused", "sessions_refused", "sessions_expired",
+                                     "queued_bytes_evicted", "retained_refused"), 0),
             "offences": {},
         }

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from gateway.errors import GatewayError
 
@@ -75,6 +75,27 @@ class Destination(Protocol):
 
     def inbound(self) -> AsyncIterator[InboundMessage]:
         """Messages from the backbone on the destination's subscriptions, until closed."""
+        ...
+
+
+PIPELINE_DEPTH = 3  # batches a Pipelined destination has on the way at most
+
+
+@runtime_checkable
+class Pipelined(Protocol):
+    """An optional ability: a destination that can have more than one batch on the way. The forwarder
+    hands it the next batch while the far side is still acknowledging the one before, so the link never
+    runs dry between batches (an idle link also waits for delayed TCP acknowledgements: ~40 ms a batch
+    with a peer that has Nagle's algorithm on, as Mosquitto has by default)."""
+
+    async def submit(self, batch: Sequence[OutboundEvent]) -> asyncio.Future[int]:
+        """Hand ``batch`` to the client, in order, before returning (what is submitted next goes out after
+        it); the future gives how many from the start of ``batch`` the far side acknowledged, or raises
+        :class:`DestinationUnavailableError` when nothing was. Cancelling the future gives up waiting.
+
+        Raises :class:`UnsendableEventError` (for the first event) and :class:`DestinationUnavailableError`
+        like ``send``.
+        """
         ...
 
 

@@ -14,18 +14,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway.forward.base import (
+    PIPELINE_DEPTH,
     Destination,
     DestinationConfigError,
     DestinationUnavailableError,
     InboundMessage,
     OutboundEvent,
+    Pipelined,
     UnsendableEventError,
 )
 from gateway.forward.outbox import Limits, Outbox
@@ -78,14 +80,27 @@ class _Lanes:
 InboundHandler = Callable[[str, InboundMessage], Awaitable[None]]
 
 
+_Window = deque[tuple[list[OutboundEvent], asyncio.Future[int]]]  # batches on the way, oldest first
+
+
+async def _abandon(window: _Window) -> None:
+    """Stop waiting for the batches on the way: they are sent again from the outbox."""
+    pending = [acks for _, acks in window]
+    window.clear()
+    for acks in pending:
+        acks.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
 class Forwarder:
     def __init__(
         self, data_dir: Path, routes: Sequence[Route], *, gateway_id: str, on_inbound: InboundHandler,
-        on_drop: Callable[[str, int], None],
+        on_drop: Callable[[str, int], None], commit_interval_s: float = 0.0,
     ) -> None:
         self.routes = {r.destination.name: r for r in routes}
         self.gateway_id = gateway_id
-        self.outbox = Outbox(data_dir, {name: r.limits for name, r in self.routes.items()}, on_drop=on_drop)
+        self.outbox = Outbox(data_dir, {name: r.limits for name, r in self.routes.items()}, on_drop=on_drop,
+                             interval_s=commit_interval_s)
         self._on_inbound = on_inbound
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()  # ids we sent: an echo of one is dropped
@@ -163,6 +178,9 @@ class Forwarder:
     async def flush(self) -> None:
         await self.outbox.flush()
 
+    async def committed(self) -> None:
+        await self.outbox.committed()
+
     async def _sender(self, route: Route) -> None:
         """Send the outbox in order, removing what the destination acknowledged."""
         dest = route.destination
@@ -170,44 +188,115 @@ class Forwarder:
         lanes = _Lanes()
         sending = StateLog(log, f"forward {name}", down="%(name)s: sending paused: %(reason)s",
                            up="%(name)s: sending resumed after %(failures)d failed attempt(s)")
-        while True:
-            if not dest.connected:
-                lanes.down = True
-                await asyncio.sleep(0.2)
-                continue
-            if lanes.down and route.fresh_first:
-                lanes.recovered(await self.outbox.max_seq(name))
-            lanes.down = False
-            try:
-                lane, batch = await self._next_batch(route, lanes)
-            except Exception:  # the outbox itself failed (disk): never let the sender die
-                log.exception("forward %s: reading the outbox failed", name)
-                await asyncio.sleep(1.0)
-                continue
-            if not batch:
-                continue
-            try:
-                acked = await dest.send(batch)
-            except UnsendableEventError as exc:
-                log.error("forward %s: dropping an event it can never take: %s", name, exc)
-                self.outbox.drop(name, exc.event)
-                lanes.advance(lane, exc.event.seq)
-                continue
-            except Exception as exc:  # unavailable, or a bug: pause and retry, never die
-                self.send_failures[name] += 1
-                problem = str(exc) if isinstance(exc, DestinationConfigError) else None  # someone must act
-                if problem is not None and sending.is_down and problem != self.errors.get(name):
-                    log.error("forward %s: sending paused: %s", name, exc)  # a new problem within the outage
-                sending.down(exc, exc_info=not isinstance(exc, (DestinationUnavailableError, DestinationConfigError)),
-                             level=logging.ERROR if problem is not None else None)
-                self.errors[name] = problem or self.errors.get(name)
-                await asyncio.sleep(backoff_delay(sending.failures, base_s=0.2, factor=2.0, cap_s=5.0, jitter=False))
-                continue
-            sending.up()
-            self.errors[name] = None
-            if acked:
-                lanes.advance(lane, batch[acked - 1].seq)
-                self.outbox.ack(name, batch[:acked])  # committed in the background; the cursor moves on now
+        window: _Window = deque()
+        try:
+            while True:
+                if not dest.connected:
+                    await _abandon(window)
+                    lanes.down = True
+                    await asyncio.sleep(0.2)
+                    continue
+                if lanes.down and route.fresh_first:
+                    lanes.recovered(await self.outbox.max_seq(name))
+                lanes.down = False
+                if isinstance(dest, Pipelined) and not lanes.backlog_pending:
+                    await self._send_pipelined(route, dest, lanes, window, sending)
+                else:
+                    await self._send_one(route, lanes, sending)
+        finally:
+            await _abandon(window)
+
+    async def _send_pipelined(self, route: Route, dest: Pipelined, lanes: _Lanes,
+                              window: _Window, sending: StateLog) -> None:
+        """One step of sending the live lane with up to PIPELINE_DEPTH batches on the way: fill the window,
+        then take the oldest batch's acknowledgements. Whatever goes wrong, the window is given up and
+        sending starts again, in order, after what was acknowledged."""
+        name = route.destination.name
+        upto = window[-1][0][-1].seq if window else lanes.live
+        try:
+            while len(window) < PIPELINE_DEPTH:
+                batch = await self.outbox.fetch(name, route.batch_size, upto)
+                if not batch:
+                    break
+                try:
+                    acks = await dest.submit(batch)
+                except UnsendableEventError as exc:
+                    if window:
+                        break  # dropped once what was sent before it is through
+                    log.error("forward %s: dropping an event it can never take: %s", name, exc)
+                    self.outbox.drop(name, exc.event)
+                    lanes.advance("live", exc.event.seq)
+                    upto = exc.event.seq
+                    continue
+                window.append((batch, acks))
+                upto = batch[-1].seq
+                if len(batch) < route.batch_size:
+                    break  # all there is for now
+        except Exception as exc:  # the outbox failed (disk), the destination refused, or a bug: never die
+            await self._failed(name, exc, window, sending)
+            return
+        if not window:
+            await self.outbox.wait_new(name, 1.0)
+            return
+        batch, acks = window.popleft()
+        try:
+            acked = await acks
+        except Exception as exc:
+            await self._failed(name, exc, window, sending)
+            return
+        self._resumed(name, sending)
+        if acked:
+            lanes.advance("live", batch[acked - 1].seq)
+            self.outbox.ack(name, batch[:acked])  # committed in the background; the cursor moves on now
+        if acked < len(batch):
+            await _abandon(window)  # the rest of the batch goes again first, then what followed it
+
+    async def _failed(self, name: str, exc: Exception, window: _Window, sending: StateLog) -> None:
+        await _abandon(window)
+        await self._paused(name, exc, sending)
+
+    async def _paused(self, name: str, exc: Exception, sending: StateLog) -> None:
+        """A send failed: count it, say so once per outage (a destination's config problem at ERROR,
+        and again if the problem changes), and wait before the next attempt."""
+        self.send_failures[name] += 1
+        problem = str(exc) if isinstance(exc, DestinationConfigError) else None  # someone must act
+        if problem is not None and sending.is_down and problem != self.errors.get(name):
+            log.error("forward %s: sending paused: %s", name, exc)  # a new problem within the outage
+        sending.down(exc, exc_info=not isinstance(exc, (DestinationUnavailableError, DestinationConfigError)),
+                     level=logging.ERROR if problem is not None else None)
+        self.errors[name] = problem or self.errors.get(name)
+        await asyncio.sleep(backoff_delay(sending.failures, base_s=0.2, factor=2.0, cap_s=5.0, jitter=False))
+
+    def _resumed(self, name: str, sending: StateLog) -> None:
+        sending.up()
+        self.errors[name] = None
+
+    async def _send_one(self, route: Route, lanes: _Lanes, sending: StateLog) -> None:
+        """One batch from the lane whose turn it is, sent and acknowledged before the next."""
+        dest = route.destination
+        name = dest.name
+        try:
+            lane, batch = await self._next_batch(route, lanes)
+        except Exception:  # the outbox itself failed (disk): never let the sender die
+            log.exception("forward %s: reading the outbox failed", name)
+            await asyncio.sleep(1.0)
+            return
+        if not batch:
+            return
+        try:
+            acked = await dest.send(batch)
+        except UnsendableEventError as exc:
+            log.error("forward %s: dropping an event it can never take: %s", name, exc)
+            self.outbox.drop(name, exc.event)
+            lanes.advance(lane, exc.event.seq)
+            return
+        except Exception as exc:  # unavailable, or a bug: pause and retry, never die
+            await self._paused(name, exc, sending)
+            return
+        self._resumed(name, sending)
+        if acked:
+            lanes.advance(lane, batch[acked - 1].seq)
+            self.outbox.ack(name, batch[:acked])  # committed in the background; the cursor moves on now
 
     async def _next_batch(self, route: Route, lanes: _Lanes) -> tuple[str, list[OutboundEvent]]:
         """The next batch to send, and its lane. With ``fresh_first``, what was queued while the

@@ -74,7 +74,9 @@ class _Op:
     dest: str
     row: tuple[str, str, str, bytes, int, int] | None = None  # event_id, topic, key, payload, size, created
     need: int = 0
-    seqs: tuple[int, ...] = ()
+    seqs: tuple[int, ...] = ()  # ack: the first and last sequence of the run
+    count: int = 0  # ack: events in the run
+    size: int = 0  # ack: their bytes, as enqueue counted them
     freed: int = 0
     removed: int = 0
     created: list[int] = field(default_factory=list)
@@ -100,23 +102,34 @@ def _apply(conn: sqlite3.Connection, ops: list[_Op]) -> None:
                 op.removed += 1
         elif op.kind == "ack" and op.seqs:
             # The acknowledged events are a run of their destination's queue: one statement removes them.
-            for size, created in conn.execute(
-                "DELETE FROM outbox WHERE dest = ? AND seq BETWEEN ? AND ? RETURNING size, created_ms",
-                (op.dest, op.seqs[0], op.seqs[-1]),
+            run = (op.dest, op.seqs[0], op.seqs[-1])
+            if conn.execute("SELECT count(*) FROM outbox WHERE dest = ? AND seq BETWEEN ? AND ?", run).fetchone()[0] \
+                    == op.count:  # all still there (the usual case): the sender knows their sizes
+                conn.execute("DELETE FROM outbox WHERE dest = ? AND seq BETWEEN ? AND ?", run)
+                op.freed, op.removed = op.size, op.count
+                continue
+            for size, created in conn.execute(  # some were dropped meanwhile: count what goes now
+                "DELETE FROM outbox WHERE dest = ? AND seq BETWEEN ? AND ? RETURNING size, created_ms", run,
             ).fetchall():
                 op.freed += size
                 op.removed += 1
                 op.created.append(created)
 
 
+def _size(event: OutboundEvent) -> int:
+    """What an event counts against its queue's bound (as :meth:`Outbox.enqueue` counts it)."""
+    return len(event.payload) + len(event.topic) + len(event.event_id) + len(event.key)
+
+
 class Outbox:
     def __init__(
         self, data_dir: Path, limits: dict[str, Limits], *, on_drop: Callable[[str, int], None] | None = None,
-        window_s: float = 0.005,
+        window_s: float = 0.005, interval_s: float = 0.0,
     ) -> None:
+        """``interval_s``: commits at most this often under light load (``[storage] commit_interval_s``)."""
         self.path = data_dir / OUTBOX_NAME
         self._db = SqliteThread(self.path)
-        self._commit: GroupCommit[_Op] = GroupCommit(self._db, _apply, window_s=window_s)
+        self._commit: GroupCommit[_Op] = GroupCommit(self._db, _apply, window_s=window_s, interval_s=interval_s)
         self._limits = limits
         self._on_drop = on_drop
         self.stats = {dest: QueueStats() for dest in limits}
@@ -155,7 +168,7 @@ class Outbox:
     async def enqueue(self, dest: str, event_id: str, topic: str, key: str, payload: bytes) -> asyncio.Future[None]:
         """Queue an event for ``dest``; the future resolves when it is durable."""
         stats, limits = self.stats[dest], self._limits[dest]
-        size = len(payload) + len(topic) + len(event_id) + len(key)
+        size = len(payload) + len(topic) + len(event_id) + len(key)  # as _size counts it
         now_ms = int(time.time() * 1000)
         if size > limits.max_bytes:  # can never fit: counted as a drop, never silently
             stats.dropped += 1
@@ -206,6 +219,10 @@ class Outbox:
     async def flush(self) -> None:
         await self._commit.flush()
 
+    async def committed(self) -> None:
+        """Until what was queued so far is committed, on the outbox's own cadence."""
+        await self._commit.committed()
+
     async def wait_new(self, dest: str, timeout_s: float) -> None:
         event = self._new[dest]
         try:
@@ -229,7 +246,7 @@ class Outbox:
 
     def drop(self, dest: str, event: OutboundEvent) -> None:
         """Remove an event its destination can never take: counted as dropped, and alerted."""
-        op = _Op("ack", dest, seqs=(event.seq,))
+        op = _Op("ack", dest, seqs=(event.seq, event.seq), count=1, size=_size(event))
 
         def dropped(future: asyncio.Future[None]) -> None:
             if future.cancelled() or future.exception() is not None:
@@ -250,7 +267,12 @@ class Outbox:
     def ack(self, dest: str, events: list[OutboundEvent]) -> asyncio.Future[None]:
         """The destination has them (a run of ``dest``'s events, in order): remove them. Resolved once
         the removal is committed; a sender that fetches by sequence need not wait for it."""
-        op = _Op("ack", dest, seqs=tuple(e.seq for e in events))
+        if not events:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        op = _Op("ack", dest, seqs=(events[0].seq, events[-1].seq), count=len(events),
+                 size=sum(map(_size, events)), created=[events[-1].created_ms])
         future = self._commit.submit(op)
         future.add_done_callback(lambda f: self._acked(op, events, f))
         return future

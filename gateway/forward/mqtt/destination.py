@@ -9,6 +9,7 @@ each event carries its id and the originating gateway as user properties.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import threading
@@ -25,11 +26,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.errors import GatewayError
 from gateway.forward.base import (
+    PIPELINE_DEPTH,
     DestinationUnavailableError,
     InboundMessage,
     OutboundEvent,
     UnsendableEventError,
-    acknowledged_prefix,
 )
 from gateway.forward.mqtt.connect import Presence, announce, set_will, tls_context
 from gateway.forward.mqtt.settings import RewriteRule
@@ -40,6 +41,54 @@ EVENT_ID = "event-id"
 GATEWAY = "iotgw-gateway"
 MAX_BATCH = 10_000  # the largest batch_size a [[forward]] may set
 CONNACK_TIMEOUT_S = 5.0
+INFLIGHT = 100  # QoS 1 messages on the way before paho queues (it scans them at every PUBACK)
+_USER_PROPERTY = 38  # MQTT 5's property identifier of a user property (a UTF-8 string pair)
+_PUBLISH_TABLES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+
+
+def _utf8(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def utf8_pair(key: str, value: str) -> bytes:
+    """One user property as MQTT 5 writes it: the identifier, then two length-prefixed UTF-8 strings."""
+    return bytes((_USER_PROPERTY,)) + _utf8(key) + _utf8(value)
+
+
+def _variable_byte_integer(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        value, digit = divmod(value, 128)
+        out.append(digit | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+class UserProperties(Properties):
+    """PUBLISH properties holding user properties only, packed once when made.
+
+    paho's :class:`Properties` builds its name tables in every object and packs by looking each of its
+    27 property names up; with two user properties on every event that was most of the bridge's own
+    time. paho reads a PUBLISH's properties through ``pack()`` (tests/test_forward_mqtt_wire.py checks
+    the bytes against paho's own packing); the tables are shared, so printing one still works.
+    """
+
+    names = _PUBLISH_TABLES.names
+    properties = _PUBLISH_TABLES.properties
+    types = _PUBLISH_TABLES.types
+    _packed: bytes
+    UserProperty: list[tuple[str, str]]
+
+    def __init__(self, pairs: list[tuple[str, str]], *, packed: bytes | None = None) -> None:
+        """``packed``: the pairs packed already (:func:`utf8_pair` of each, joined), when the caller has them."""
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "UserProperty", pairs)
+        body = b"".join(utf8_pair(k, v) for k, v in pairs) if packed is None else packed
+        object.__setattr__(self, "_packed", _variable_byte_integer(len(body)) + body)
+
+    def pack(self) -> bytes:
+        return self._packed
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +113,16 @@ class MqttSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(slots=True, eq=False)
+class _Outstanding:
+    """One batch's publishes waiting for their PUBACKs: ``done`` when none is left (or the connection
+    went). Acknowledgements are counted, not awaited one by one."""
+
+    done: asyncio.Future[None]
+    left: int = 0
+    acked: set[int] = field(default_factory=set)
+
+
 class MqttDestination:
     def __init__(self, name: str, settings: MqttSettings) -> None:
         url = urlparse(settings.url)
@@ -77,7 +136,10 @@ class MqttDestination:
         self._version = MQTTProtocolVersion.MQTTv311 if settings.protocol == "3.1.1" else MQTTProtocolVersion.MQTTv5
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
-        self._acks: dict[int, asyncio.Future[None]] = {}
+        self._outstanding: dict[int, _Outstanding] = {}  # mid -> the batch waiting for its PUBACK
+        self._acked_mids: collections.deque[tuple[int, str | None]] = collections.deque()  # from paho's thread
+        self._gateway_pair = (GATEWAY, settings.gateway_id)
+        self._gateway_packed = utf8_pair(GATEWAY, settings.gateway_id)
         self._inbound: DropOldestQueue[InboundMessage] = DropOldestQueue(settings.inbound_queue)
         self._connected = False
         self._closing = False
@@ -108,10 +170,10 @@ class MqttDestination:
         if self._tls:
             client.tls_set_context(tls_context(s.ca_file, s.cert_file, s.key_file))
         set_will(client, self._presence)
-        client.max_inflight_messages_set(100)
-        # paho counts in-flight messages as queued; the outbox hands over at most one batch at a time,
-        # so this bound only stops paho from buffering beyond that (the outbox is the buffer).
-        client.max_queued_messages_set(MAX_BATCH)
+        client.max_inflight_messages_set(INFLIGHT)
+        # paho counts in-flight messages as queued; the outbox hands over at most PIPELINE_DEPTH batches
+        # at a time, so this bound only stops paho from buffering beyond that (the outbox is the buffer).
+        client.max_queued_messages_set(PIPELINE_DEPTH * MAX_BATCH)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -198,24 +260,35 @@ class MqttDestination:
                         self._port)
         self._connected = connected
         if not connected:
-            for future in self._acks.values():
-                if not future.done():
-                    future.set_exception(DestinationUnavailableError(f"{self.name}: connection lost"))
-            self._acks.clear()
+            for batch in set(self._outstanding.values()):
+                if not batch.done.done():
+                    batch.done.set_exception(DestinationUnavailableError(f"{self.name}: connection lost"))
+            self._outstanding.clear()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         refused = getattr(reason, "is_failure", False)  # MQTT 5: a PUBACK can say no (0x87, 0x97, ...)
-        self._call(self._acked, mid, str(reason) if refused else None)
+        acked = self._acked_mids
+        acked.append((mid, str(reason) if refused else None))
+        if len(acked) == 1:  # the loop takes all that arrive until it runs: one wake-up for a burst of acks
+            self._call(self._take_acks)
+
+    def _take_acks(self) -> None:
+        acked = self._acked_mids
+        while acked:
+            self._acked(*acked.popleft())
 
     def _acked(self, mid: int, refusal: str | None) -> None:
-        future = self._acks.pop(mid, None)
-        if future is None or future.done():
+        batch = self._outstanding.pop(mid, None)
+        if batch is None:
             return
         if refusal is None:
-            future.set_result(None)
+            batch.acked.add(mid)
         else:  # the event stays in the outbox; a refusal is not a delivery
             self.refused += 1
-            future.set_exception(DestinationUnavailableError(f"{self.name}: the broker refused: {refusal}"))
+            log.debug("forward %s: the broker refused message %d: %s", self.name, mid, refusal)
+        batch.left -= 1
+        if batch.left <= 0 and not batch.done.done():
+            batch.done.set_result(None)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         props: dict[str, str] = {}
@@ -243,34 +316,55 @@ class MqttDestination:
         return topic
 
     async def send(self, batch: Sequence[OutboundEvent]) -> int:
+        return await (await self.submit(batch))
+
+    async def submit(self, batch: Sequence[OutboundEvent]) -> asyncio.Future[int]:
+        """Publish ``batch`` now (paho queues beyond its in-flight window); the future counts the PUBACKs
+        (see :class:`~gateway.forward.base.Pipelined`)."""
         client = self._client
         if client is None or not self._connected:
             raise DestinationUnavailableError(f"{self.name}: not connected")
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[None]] = []
+        waiting = _Outstanding(asyncio.get_running_loop().create_future())
+        mids: list[int] = []
         v5 = self._version == MQTTProtocolVersion.MQTTv5
         for event in batch:
             properties = None
             if v5:
-                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                properties.UserProperty = [(EVENT_ID, event.event_id), (GATEWAY, self._settings.gateway_id)]
+                properties = UserProperties([(EVENT_ID, event.event_id), self._gateway_pair],
+                                            packed=utf8_pair(EVENT_ID, event.event_id) + self._gateway_packed)
             try:
                 info = client.publish(self.map_topic(event.topic), event.payload, qos=self._settings.qos,
                                       properties=properties)
             except ValueError as exc:  # a topic MQTT cannot publish to (wildcards, too long)
-                if not futures:
+                if not mids:
                     raise UnsendableEventError(event, str(exc)) from None
                 break
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 break
-            future = loop.create_future()
-            if info.is_published():
-                future.set_result(None)
-            else:
-                self._acks[info.mid] = future
-            futures.append(future)
+            # PUBACKs reach the loop only after this yields (_take_acks): none is missed
+            self._outstanding[info.mid] = waiting
+            mids.append(info.mid)
             self.sent += 1
-        acked = await acknowledged_prefix(self.name, futures, self._settings.ack_timeout_s, ())
+        waiting.left = len(mids)
+        return asyncio.ensure_future(self._acknowledged(waiting, mids))
+
+    async def _acknowledged(self, waiting: _Outstanding, mids: list[int]) -> int:
+        try:
+            if mids:
+                with contextlib.suppress(TimeoutError, DestinationUnavailableError):
+                    async with asyncio.timeout(self._settings.ack_timeout_s):
+                        await waiting.done
+        finally:
+            for mid in mids:  # what did not come back is sent again from the outbox
+                if self._outstanding.get(mid) is waiting:
+                    del self._outstanding[mid]
+        acked = 0
+        for mid in mids:  # how many from the start of the batch the broker acknowledged
+            if mid not in waiting.acked:
+                break
+            acked += 1
+        if acked == 0:
+            raise DestinationUnavailableError(f"{self.name}: nothing acknowledged")
         self.acked += acked
         return acked
 

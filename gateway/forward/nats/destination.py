@@ -38,6 +38,7 @@ from pipeline.topics import compile_filter, filter_to_subjects, subject_to_topic
 log = logging.getLogger(__package__)  # "gateway.forward.<type>", the name operators filter on
 GATEWAY_HEADER = "Iotgw-Gateway"
 TOPIC_HEADER = "Iotgw-Topic"
+_SUBJECT_CACHE = 4096
 
 
 def _retry_delay(attempt: int) -> float:
@@ -66,6 +67,7 @@ class NatsDestination:
         self._task: asyncio.Task[None] | None = None
         self._inbound: DropOldestQueue[InboundMessage] = DropOldestQueue(settings.inbound_queue)
         self._ready = False
+        self._subjects: dict[str, str] = {}
         self.sent = 0
         self.acked = 0
 
@@ -127,6 +129,20 @@ class NatsDestination:
         self._inbound.offer(message)
 
     async def send(self, batch: Sequence[OutboundEvent]) -> int:
+        return await (await self.submit(batch))
+
+    def _subject(self, topic: str) -> str:
+        """The subject of a topic (memoised: a device's topics repeat)."""
+        subject = self._subjects.get(topic)
+        if subject is None:
+            if len(self._subjects) >= _SUBJECT_CACHE:
+                self._subjects.clear()
+            subject = self._subjects[topic] = topic_to_subject(topic)
+        return subject
+
+    async def submit(self, batch: Sequence[OutboundEvent]) -> asyncio.Future[int]:
+        """Publish ``batch`` now (``publish_async``: pipelined); the future counts the PubAcks (see
+        :class:`~gateway.forward.base.Pipelined`)."""
         js = self._js
         if js is None or not self.connected:
             raise DestinationUnavailableError(f"{self.name}: not connected")
@@ -134,27 +150,35 @@ class NatsDestination:
         try:
             for event in batch:
                 try:
-                    subject = topic_to_subject(event.topic)
+                    subject = self._subject(event.topic)
                 except TopicError as exc:  # an empty level, say: no NATS subject can carry it
                     if not futures:
                         raise UnsendableEventError(event, str(exc)) from None
                     break  # send what precedes it; it comes first in the next batch
                 headers = {"Nats-Msg-Id": event.event_id, GATEWAY_HEADER: self._settings.gateway_id,
                            TOPIC_HEADER: event.topic}
+                # No wait_stall: with one, nats-py runs every publish through a timed wait_for (a task
+                # each). Past publish_async_max_pending it waits for PubAcks, or for the batches before
+                # to time out (their futures are cancelled then, which frees room).
                 futures.append(await js.publish_async(
-                    subject, event.payload, headers=headers, stream=self._settings.stream,
-                    wait_stall=self._settings.ack_timeout_s,
-                ))
+                    subject, event.payload, headers=headers, stream=self._settings.stream))
                 self.sent += 1
         except (nats.errors.Error, OSError) as exc:
             log.debug("forward %s: publish stopped: %s", self.name, exc)
+        return asyncio.ensure_future(self._acknowledged(futures, batch[0].topic if batch else ""))
+
+    async def _acknowledged(self, futures: list[asyncio.Future[Any]], first_topic: str) -> int:
         try:
             acked = await acknowledged_prefix(self.name, futures, self._settings.ack_timeout_s,
                                               (nats.errors.Error, nats.js.errors.Error))
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()
+            raise
         except DestinationUnavailableError:
             first = futures[0] if futures else None
             if first is not None and first.done() and not first.cancelled():
-                refused = self._refusal(topic_to_subject(batch[0].topic), first.exception())
+                refused = self._refusal(self._subject(first_topic), first.exception())
                 if refused is not None:
                     raise refused from None
             raise

@@ -3,7 +3,7 @@ broker mode), beside the same Mosquitto relaying the same load to one plain subs
 and the embedded broker's figures (bench/broker_ingest.py) beside them.
 
     .venv/bin/python bench/external_ingest.py [--messages 20000] [--publishers 4] [--rounds 5] [--workers 1]
-                                              [--embedded-rounds 1]
+                                              [--protocol 3.1.1] [--embedded-rounds 1]
 
 Mosquitto (Debian's, 2.0.x) runs in its own process, started afresh for each round; the publishers
 (paho, QoS 1) in other processes. The plain subscriber is a paho client subscribed at QoS 1 that
@@ -11,7 +11,8 @@ acknowledges as it reads; its figure counts a message when it has it. The gatewa
 when it is in SQLite: acknowledged to Mosquitto only after its journal commit, then through collect,
 clean, define, store and analyze, with its valid event published back to Mosquitto. ``--workers 2``
 runs two gateway processes on one shared subscription (each with its own data directory). Rounds
-alternate; medians are reported with their ratio.
+alternate; medians are reported with their ratio, and the gateways' CPU time per message (user and
+system, all threads), which varies less than the rates on a shared machine.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
         except OSError:
             time.sleep(0.05)
     raise SystemExit("nothing listened")
+
+
+def _cpu_s(pid: int) -> float:
+    """User and system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss_kib(pid: int) -> int:
@@ -158,7 +165,8 @@ def run_plain_subscriber(messages: int, publishers: int) -> float:
             broker.close()
 
 
-def run_external(messages: int, publishers: int, workers: int, protocol: str = "auto") -> tuple[float, int]:
+def run_external(messages: int, publishers: int, workers: int, protocol: str) -> tuple[float, int, float]:
+    """(messages/s, peak RSS KiB, the gateways' CPU microseconds per message)."""
     with tempfile.TemporaryDirectory() as tmp:
         broker = Mosquitto(Path(tmp))
         procs: list[subprocess.Popen[bytes]] = []
@@ -190,7 +198,9 @@ def run_external(messages: int, publishers: int, workers: int, protocol: str = "
                 except sqlite3.Error:
                     return 0
 
+            cpu_before = sum(_cpu_s(p.pid) for p in procs)
             elapsed = _run_load(broker.port, messages, publishers, lambda: sum(map(count, stores)) >= target)
+            cpu_us = (sum(_cpu_s(p.pid) for p in procs) - cpu_before) / target * 1e6
             rss = max(_peak_rss_kib(p.pid) for p in procs)
         finally:
             for proc in procs:
@@ -198,7 +208,7 @@ def run_external(messages: int, publishers: int, workers: int, protocol: str = "
             for proc in procs:
                 proc.wait(60)
             broker.close()
-        return target / elapsed, rss
+        return target / elapsed, rss, cpu_us
 
 
 def main() -> None:
@@ -207,20 +217,23 @@ def main() -> None:
     parser.add_argument("--publishers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1, help="gateway processes on one shared subscription")
-    parser.add_argument("--protocol", choices=("auto", "5", "3.1.1"), default="auto")
+    parser.add_argument("--protocol", choices=("auto", "5", "3.1.1"), default="3.1.1")
     parser.add_argument("--embedded-rounds", type=int, default=1, help="rounds of the embedded broker's figures")
     args = parser.parse_args()
     plain: list[float] = []
     external: list[float] = []
     rss: list[int] = []
+    cpu: list[float] = []
     for round_no in range(1, args.rounds + 1):
         plain.append(run_plain_subscriber(args.messages, args.publishers))
-        rate, peak = run_external(args.messages, args.publishers, args.workers, args.protocol)
+        rate, peak, cpu_us = run_external(args.messages, args.publishers, args.workers, args.protocol)
         external.append(rate)
         rss.append(peak)
+        cpu.append(cpu_us)
         print(f"round {round_no}: Mosquitto -> plain subscriber {plain[-1]:8.0f} msg/s   "
               f"Mosquitto -> gateway ({args.workers} worker(s)) -> SQLite {rate:8.0f} msg/s   "
-              f"ratio {rate / plain[-1]:.2f}   peak RSS {peak / 1024:.0f} MiB", flush=True)
+              f"ratio {rate / plain[-1]:.2f}   gateway CPU {cpu_us:.0f} us/msg   peak RSS {peak / 1024:.0f} MiB",
+              flush=True)
     embedded = ""
     if args.embedded_rounds:  # bench/broker_ingest.py, in the same run
         result = subprocess.run(
@@ -231,8 +244,8 @@ def main() -> None:
     p, e = statistics.median(plain), statistics.median(external)
     print(f"median ({args.messages} messages, {args.publishers} publishers, QoS 1, {args.rounds} rounds):")
     print(f"  Mosquitto relaying to one plain subscriber      {p:8.0f} msg/s")
-    print(f"  external mode, {args.workers} worker(s), into SQLite       {e:8.0f} msg/s   ratio {e / p:.2f}"
-          f"   peak RSS {max(rss) / 1024:.0f} MiB")
+    print(f"  external mode (MQTT {args.protocol}), {args.workers} worker(s), into SQLite {e:8.0f} msg/s   "
+          f"ratio {e / p:.2f}   gateway CPU {statistics.median(cpu):.0f} us/msg   peak RSS {max(rss) / 1024:.0f} MiB")
     if embedded:
         print(f"  embedded mode (bench/broker_ingest.py, {args.embedded_rounds} round(s)): {embedded}")
 

@@ -146,7 +146,9 @@ async def test_valid_events_reach_mosquitto_with_ids_and_rewritten_topics(tmp_pa
             await _until(lambda: gw.stats()["forward"]["destinations"]["central"]["connected"], 10, "connect")
             messages = [(RAW.format(device="m-1"), json.dumps({"value": i, "seq": i})) for i in range(1, 21)]
             await asyncio.to_thread(mqtt_publish, f"mqtt://127.0.0.1:{gw.broker.port}", messages)
-            received = await asyncio.to_thread(collector.wait_for, 20, 15)
+            got = await asyncio.to_thread(collector.wait_for, 21, 15)  # and the gateway's status (its birth)
+            status = [r for r in got if r.topic == "edge/status/s1/gw-a"]
+            received = [r for r in got if r not in status]
             def central() -> dict[str, Any]:
                 return _dest(gw, "central")
             await _until(lambda: central()["delivered"] == 20, 10, "acknowledgements")
@@ -154,6 +156,7 @@ async def test_valid_events_reach_mosquitto_with_ids_and_rewritten_topics(tmp_pa
     finally:
         collector.close()
     assert {r.topic for r in received} == {"edge/plant/valid/1.0/s1/meter/m-1/power"}
+    assert [r.payload for r in status] == [b"online"]  # under the destination's topic mapping
     events = [json.loads(r.payload) for r in received]
     assert [e["data"]["seq"] for e in events] == list(range(1, 21))
     for r, event in zip(received, events, strict=True):

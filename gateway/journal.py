@@ -35,7 +35,9 @@ CREATE TABLE IF NOT EXISTS journal (
     digest      BLOB,
     done        INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS journal_pending ON journal (done, event_id);
+-- The index on (done, event_id) of earlier versions served only the resend memory's trim, which now
+-- runs every TRIM_EVERY done marks: three index updates a message cost more than that scan.
+DROP INDEX IF EXISTS journal_pending;
 """
 
 

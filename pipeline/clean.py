@@ -37,6 +37,7 @@ from pipeline.units import UnitProblem, convert
 
 CLOCK_CORRECTED = "clock_corrected"
 _SEQS_KEPT = 64  # per series: enough for repeats and short reorderings, bounded
+_NUMBERS = (int, float)
 _ZERO = timedelta(0)
 
 
@@ -166,7 +167,7 @@ class CleanStage:
 
     def _one(self, draft: Draft) -> Draft | tuple[str, str]:  # noqa: PLR0912 (one rule per branch)
         value = draft.value
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if type(value) is not float and (isinstance(value, bool) or not isinstance(value, _NUMBERS)):
             return "non_numeric", f"value {value!r} is not a number"
         try:
             finite = math.isfinite(value)

@@ -132,7 +132,14 @@ class Run:
 
     def readings(self) -> list[Reading]:
         if self.objects is None:
-            self.objects = [self.reading(i) for i in range(len(self.ids))]
+            names = ("id", "transport", "value", "unit", "device_ts", "received_at", "seq", "quality",
+                     *(self.extras or ()))
+            columns = (self.ids, self.transports, self.values, self.units, self.device_ts, self.received_at,
+                       self.seqs, self.quality, *(self.extras or {}).values())
+            shared = {"site": self.site, "device_id": self.device_id, "device_class": self.device_class,
+                      "metric": self.metric}
+            validate = self.model.__pydantic_validator__.validate_python
+            self.objects = [validate(shared | dict(zip(names, row, strict=True))) for row in zip(*columns, strict=True)]
         return self.objects
 
 

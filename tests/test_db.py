@@ -84,3 +84,59 @@ async def test_a_readonly_thread_reads_an_existing_file_and_cannot_write(tmp_pat
         await missing.run(lambda c: c.execute("INSERT INTO t VALUES (2)"))
     await missing.close()
     await writer.close()
+
+
+def _insert(conn: sqlite3.Connection, ops: list[int]) -> None:
+    conn.executemany("INSERT INTO t VALUES (?)", [(v,) for v in ops])
+
+
+async def _counting(tmp_path: Path, *, window_s: float, interval_s: float, early_ops: int = 16
+                    ) -> tuple[SqliteThread, GroupCommit[int]]:
+    db = SqliteThread(tmp_path / "t.sqlite3")
+    await db.open("CREATE TABLE t (v INTEGER);")
+    commit: GroupCommit[int] = GroupCommit(db, _insert, window_s=window_s, interval_s=interval_s, early_ops=early_ops)
+    commit.start("test-commit")
+    return db, commit
+
+
+async def test_commits_come_at_most_once_an_interval_under_light_load(tmp_path: Path) -> None:
+    db, commit = await _counting(tmp_path, window_s=0.001, interval_s=0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await commit.submit(1)  # the first commit waits for nothing but the window
+    assert loop.time() - started < 0.25
+    await asyncio.sleep(0.01)
+    second = commit.submit(2)
+    await asyncio.sleep(0.1)
+    assert not second.done()  # held to the interval since the last commit
+    await second
+    assert loop.time() - started >= 0.3
+    assert commit.commits == 2
+    await commit.stop()
+    await db.close()
+
+
+async def test_enough_waiting_writes_commit_before_the_interval(tmp_path: Path) -> None:
+    db, commit = await _counting(tmp_path, window_s=0.001, interval_s=30.0, early_ops=8)
+    await commit.submit(0)
+    futures = [commit.submit(v) for v in range(1, 9)]
+    await asyncio.wait_for(asyncio.gather(*futures), 5)  # not 30 s: eight were waiting
+    await commit.stop()
+    await db.close()
+
+
+async def test_committed_waits_for_the_commit_that_covers_what_was_submitted(tmp_path: Path) -> None:
+    db, commit = await _counting(tmp_path, window_s=0.001, interval_s=0.2)
+    await commit.committed()  # nothing submitted: at once
+    first = commit.submit(1)
+    waiter = asyncio.ensure_future(commit.committed())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await waiter
+    assert first.done()
+    second = commit.submit(2)
+    second.cancel()  # a caller that gave up waiting does not cancel the write
+    await commit.committed()
+    assert await db.run(lambda c: [v for (v,) in c.execute("SELECT v FROM t ORDER BY rowid")]) == [1, 2]
+    await commit.stop()
+    await db.close()

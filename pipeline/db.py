@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
@@ -115,6 +117,35 @@ def in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], 
         raise
     conn.execute("COMMIT")
     return result
+
+
+INSERT_CHUNK = 64  # rows per INSERT statement
+
+
+@functools.cache
+def _statement(head: str, tail: str, columns: int, rows: int) -> str:
+    return f"{head} {', '.join(['(' + ', '.join('?' * columns) + ')'] * rows)}{tail}"
+
+
+def insert_many(db: sqlite3.Connection, head: str, tail: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """``head VALUES (...), (...) tail`` for ``rows``, :data:`INSERT_CHUNK` rows to a statement.
+
+    SQLite steps one statement for many rows, and each step is one release of the GIL, not one a
+    row: with ``executemany`` the SQLite thread takes the GIL back for every row, and while the event
+    loop is busy it may wait a whole switch interval (5 ms) for each. Rows must not repeat a key within
+    a statement when ``tail`` is an upsert.
+    """
+    if not rows:
+        return
+    columns = len(rows[0])
+    whole = len(rows) - len(rows) % INSERT_CHUNK
+    if whole:
+        flat = list(chain.from_iterable(rows[:whole]))
+        step = INSERT_CHUNK * columns
+        db.executemany(_statement(head, tail, columns, INSERT_CHUNK),
+                       [flat[i:i + step] for i in range(0, whole * columns, step)])
+    if whole < len(rows):
+        db.execute(_statement(head, tail, columns, len(rows) - whole), list(chain.from_iterable(rows[whole:])))
 
 
 class GroupCommit(Generic[Op]):

@@ -155,7 +155,8 @@ class GroupCommit(Generic[Op]):
     Cadence: a commit waits ``window_s`` after the first operation it takes (for others to join), and
     comes at most once per ``interval_s`` (every commit of a database in WAL mode with
     ``synchronous=FULL`` is an fsync, the write an SD card wears with) unless ``early_ops`` operations are
-    waiting (a busy gateway is not held to the interval: its commits carry many operations each).
+    waiting, or the last commit had that many (a busy gateway is not held to the interval: its commits
+    carry many operations each, and the last few of a burst do not wait out an interval).
     :meth:`flush` commits at once; :meth:`committed` waits for the commit that covers what was submitted.
     """
 
@@ -175,6 +176,7 @@ class GroupCommit(Generic[Op]):
         self._wake = asyncio.Event()
         self._enough = asyncio.Event()
         self._last_commit = -math.inf
+        self._busy = False  # the last commit carried early_ops operations or more
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.commits = 0
@@ -215,6 +217,7 @@ class GroupCommit(Generic[Op]):
                 return
             ops, futures, done = self._ops, self._futures, self._pending
             self._ops, self._futures, self._pending = [], [], None
+            self._busy = len(ops) >= self._early
             self._enough.clear()
             self._inflight = done
             try:
@@ -243,8 +246,9 @@ class GroupCommit(Generic[Op]):
             await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(self._window)
-            # the cadence: the interval since the last commit, unless enough is waiting
-            while (wait := self._last_commit + self._interval - loop.time()) > 0 and len(self._ops) < self._early:
+            # the cadence: the interval since the last commit, unless enough is waiting (or was, last time)
+            while (not self._busy and (wait := self._last_commit + self._interval - loop.time()) > 0
+                   and len(self._ops) < self._early):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._enough.wait(), wait)
             # What is submitted meanwhile joins the retried commit: flush takes everything pending.

@@ -58,6 +58,7 @@ DAY_MS = 86_400_000
 ROLLUPS = {"1m": 60_000, "1h": 3_600_000}  # rollup table suffix -> bucket width in ms
 RollupWidth = Literal["1m", "1h"]
 WAL_LIMIT_BYTES = 8 * 1024 * 1024
+PRAGMAS = ("auto_vacuum=INCREMENTAL", f"journal_size_limit={WAL_LIMIT_BYTES}")  # set before WAL mode and the schema
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     device_id    TEXT PRIMARY KEY,
@@ -278,8 +279,7 @@ class SqliteStore:
         # FULL, like the journal: the journal lets a batch go once it is here, so here must survive a
         # power cut too. One fsync per batch (batches linger up to max_latency_s under light load).
         # auto_vacuum takes effect only in a new file (before any table).
-        self._db = SqliteThread(self.path, synchronous="FULL", pragmas=(
-            "auto_vacuum=INCREMENTAL", f"journal_size_limit={WAL_LIMIT_BYTES}", "cache_size=-16384"))
+        self._db = SqliteThread(self.path, synchronous="FULL", pragmas=PRAGMAS)
         self._series: dict[tuple[str, str], int] = {}
         self.rows_written = 0
         self.transactions = 0

@@ -1,14 +1,18 @@
-"""Readings per second through clean -> define -> store on one core, beside raw SQLite inserts of the
-same rows into the same schema, in the same run.
+"""Readings per second through clean -> define -> store -> analyze on one core, beside raw SQLite
+inserts of the same rows into the same schema, in the same run.
 
     .venv/bin/python bench/pipeline_throughput.py [--readings 200000] [--batch 500] [--rounds 3] [--series 200]
+                                                  [--no-analyze]
 
 The process is pinned to one CPU (threads included: the store's SQLite thread shares it). Drafts
 are made by the collect stage beforehand (collect parses JSON; the figure asked for starts at
-clean). Each round writes a fresh database with the store's settings (WAL, synchronous=FULL, one
+clean). The stages run as the gateway runs them: front (clean, define) and back (store, analyze)
+halves as two tasks; nobody consumes the valid events, so they are not made (gateway/publish.py).
+Each round writes a fresh database with the store's settings (WAL, synchronous=FULL, one
 transaction per batch). The baseline is the cheapest write of the same rows: ``executemany`` of
 ready tuples into the same ``readings`` table, one transaction per batch, same pragmas. The
-figure to watch is the ratio (target: >= 0.25) and readings/s (target: >= 100,000).
+figure to watch is the ratio (target: >= 0.8) and readings/s (target: >= 100,000). Each stage's CPU
+time per reading is printed too.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pipeline.define import DefineStage
 from pipeline.model import new_event_id, to_ms
 from pipeline.stage import Draft, Emitter, RawMessage
 from pipeline.store import _SCHEMA, SqliteStore, StoreStage
+from pipeline.store import PRAGMAS as STORE_PRAGMAS
 from pipeline.topics import DEFAULT_TEMPLATE, DEFAULT_VERSION, TopicTemplate
 
 METRICS = (("temperature", "°C", 21.0), ("humidity", "%", 45.0), ("pm2_5", "µg/m³", 12.0), ("co2", "ppm", 600.0))
@@ -121,6 +126,8 @@ async def through_stages(drafts: list[Draft], batch: int, data_dir: Path, *, ana
 def raw_inserts(drafts: list[Draft], batch: int, data_dir: Path) -> float:
     """The same rows as ready tuples, straight into the store's schema."""
     db = sqlite3.connect(data_dir / "raw.sqlite3", isolation_level=None)
+    for pragma in STORE_PRAGMAS:  # the store's, in the order it sets them
+        db.execute(f"PRAGMA {pragma}")
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.executescript(_SCHEMA)

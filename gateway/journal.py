@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import sqlite3
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.db import GroupCommit, SqliteThread
+from pipeline.db import GroupCommit, SqliteThread, insert_many
 from pipeline.model import to_ms, utc_from_ms
 from pipeline.stage import RawMessage
 
@@ -64,13 +65,13 @@ def _apply(conn: sqlite3.Connection, ops: list[_Op]) -> None:
         (m.event_id, m.topic, m.payload, m.origin, to_ms(m.received_at), op.packet_id, op.digest)
         for op in ops if (m := op.append) is not None
     ]
-    if rows:
-        conn.executemany("INSERT OR IGNORE INTO journal (event_id, topic, payload, origin, received_ms, packet_id, "
-                         "digest) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-    done = [(event_id,) for op in ops for event_id in op.done]
+    insert_many(conn, "INSERT OR IGNORE INTO journal (event_id, topic, payload, origin, received_ms, packet_id, "
+                      "digest) VALUES", "", rows)  # many to a statement (pipeline/db.py says why)
+    done = [event_id for op in ops for event_id in op.done]
     if done:
-        # Done rows keep only what resend detection needs ...
-        conn.executemany("UPDATE journal SET done = 1, payload = x'' WHERE event_id = ?", done)
+        # Done rows keep only what resend detection needs (one statement for all) ...
+        conn.execute("UPDATE journal SET done = 1, payload = x'' WHERE event_id IN (SELECT value FROM json_each(?))",
+                     (json.dumps(done),))
     if any(op.trim for op in ops):  # ... and the oldest beyond RESEND_MEMORY go, every TRIM_EVERY done marks
         conn.execute(
             "DELETE FROM journal WHERE done = 1 AND event_id < (SELECT event_id FROM journal WHERE done = 1 "

@@ -43,25 +43,28 @@ from pipeline.topics import TopicFields, TopicTemplate
 
 log = logging.getLogger(__name__)
 AlertSink = Callable[[list[AlertChange]], Awaitable[None]]
+_FEW = 8  # readings of a series in a batch below which summing up at once does not pay
 _UNITS = ((86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1000, "s"), (1, "ms"))
 
 
-def _series_runs(batch: ReadingBatch) -> Iterator[tuple[Run, list[int], list[float], Callable[[], list[datetime]]]]:
-    """Each series' readings of the batch, in arrival order: (a run of it, times in ms, values, and a
-    function giving the times as datetimes). Two runs of one series (two topic versions) are merged."""
+def _series_runs(batch: ReadingBatch) -> Iterator[tuple[Run, list[int], list[float], list[datetime] | None]]:
+    """Each series' readings of the batch, in arrival order: (a run of it, times in ms, values, and the
+    times as datetimes when already at hand). Two runs of one series (two topic versions) are merged."""
+    runs = batch.runs
+    if len({(run.device_id, run.metric) for run in runs}) == len(runs):  # the usual case: a run a series
+        for run in runs:
+            yield run, run.ts_ms, run.values, None
+        return
     by_series: dict[tuple[str, str], list[Run]] = {}
-    for run in batch.runs:
+    for run in runs:
         by_series.setdefault((run.device_id, run.metric), []).append(run)
-    for runs in by_series.values():
-        if len(runs) == 1:
-            run = runs[0]
-            yield run, run.ts_ms, run.values, lambda run=run: [d or r for d, r in zip(  # type: ignore[misc]
-                run.device_ts, run.received_at, strict=True)]
+    for same in by_series.values():
+        if len(same) == 1:
+            yield same[0], same[0].ts_ms, same[0].values, None
             continue
-        merged = sorted((position, t, value, d or r) for run in runs for position, t, value, d, r in zip(
+        merged = sorted((position, t, value, d or r) for run in same for position, t, value, d, r in zip(
             run.positions, run.ts_ms, run.values, run.device_ts, run.received_at, strict=True))
-        yield (runs[0], [m[1] for m in merged], [m[2] for m in merged],
-               lambda merged=merged: [m[3] for m in merged])  # type: ignore[misc]
+        yield same[0], [m[1] for m in merged], [m[2] for m in merged], [m[3] for m in merged]
 
 
 def window_label(ms: int) -> str:
@@ -133,7 +136,7 @@ class AnalyzeStage:
     async def process(self, batch: Sequence[Reading], emit: Emitter) -> Sequence[Reading]:
         now_ms = int(self._clock() * 1000)
         changes: list[AlertChange] = []
-        for run, ts_ms, values, times in _series_runs(ReadingBatch.of(batch)):
+        for run, ts_ms, values, known_times in _series_runs(ReadingBatch.of(batch)):
             key = (run.device_id, run.metric)
             state = self.series.get(key)
             if state is None:
@@ -142,7 +145,8 @@ class AnalyzeStage:
             if state.watches:
                 evaluate, watches = self.rules.evaluate, state.watches
                 site, device_class, device_id, metric = run.site, run.device_class, run.device_id, run.metric
-                for ts, t_ms, value in zip(times(), ts_ms, values, strict=True):
+                times = known_times or [d or r for d, r in zip(run.device_ts, run.received_at, strict=True)]
+                for ts, t_ms, value in zip(times, ts_ms, values, strict=True):
                     evaluate(watches, site, device_class, device_id, metric, ts, t_ms / 1000, value, changes)
         self._expire(now_ms, emit)
         if changes:
@@ -160,8 +164,8 @@ class AnalyzeStage:
         one window size fed directly, only when all fall in one window of each); otherwise one by one."""
         direct = self._direct
         slots = state.open
-        cuts = [spans(ts_ms, size) for _, size in direct]
-        if all(cut is not None and (len(cut) == 1 or len(direct) == 1)
+        cuts = [spans(ts_ms, size) for _, size in direct] if len(ts_ms) > _FEW else []
+        if cuts and all(cut is not None and (len(cut) == 1 or len(direct) == 1)
                and (slots[i] is None or slots[i].start_ms <= cut[0][0])  # type: ignore[union-attr]
                for (i, _), cut in zip(direct, cuts, strict=True)):
             for (i, size), cut in zip(direct, cuts, strict=True):

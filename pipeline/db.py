@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
@@ -133,6 +135,35 @@ def in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], 
     return result
 
 
+INSERT_CHUNK = 64  # rows per INSERT statement
+
+
+@functools.cache
+def _statement(head: str, tail: str, columns: int, rows: int) -> str:
+    return f"{head} {', '.join(['(' + ', '.join('?' * columns) + ')'] * rows)}{tail}"
+
+
+def insert_many(db: sqlite3.Connection, head: str, tail: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """``head VALUES (...), (...) tail`` for ``rows``, :data:`INSERT_CHUNK` rows to a statement.
+
+    SQLite steps one statement for many rows, and each step is one release of the GIL, not one a
+    row: with ``executemany`` the SQLite thread takes the GIL back for every row, and while the event
+    loop is busy it may wait a whole switch interval (5 ms) for each. Rows must not repeat a key within
+    a statement when ``tail`` is an upsert.
+    """
+    if not rows:
+        return
+    columns = len(rows[0])
+    whole = len(rows) - len(rows) % INSERT_CHUNK
+    if whole:
+        flat = list(chain.from_iterable(rows[:whole]))
+        step = INSERT_CHUNK * columns
+        db.executemany(_statement(head, tail, columns, INSERT_CHUNK),
+                       [flat[i:i + step] for i in range(0, whole * columns, step)])
+    if whole < len(rows):
+        db.execute(_statement(head, tail, columns, len(rows) - whole), list(chain.from_iterable(rows[whole:])))
+
+
 class GroupCommit(Generic[Op]):
     """Gathers operations and applies them in one transaction; each ``submit`` returns a future resolved
     when its transaction commits.
@@ -140,7 +171,8 @@ class GroupCommit(Generic[Op]):
     Cadence: a commit waits ``window_s`` after the first operation it takes (for others to join), and
     comes at most once per ``interval_s`` (every commit of a database in WAL mode with
     ``synchronous=FULL`` is an fsync, the write an SD card wears with) unless ``early_ops`` operations are
-    waiting (a busy gateway is not held to the interval: its commits carry many operations each).
+    waiting, or the last commit had that many (a busy gateway is not held to the interval: its commits
+    carry many operations each, and the last few of a burst do not wait out an interval).
     :meth:`flush` commits at once; :meth:`committed` waits for the commit that covers what was submitted.
     """
 
@@ -160,6 +192,7 @@ class GroupCommit(Generic[Op]):
         self._wake = asyncio.Event()
         self._enough = asyncio.Event()
         self._last_commit = -math.inf
+        self._busy = False  # the last commit carried early_ops operations or more
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.commits = 0
@@ -200,6 +233,7 @@ class GroupCommit(Generic[Op]):
                 return
             ops, futures, done = self._ops, self._futures, self._pending
             self._ops, self._futures, self._pending = [], [], None
+            self._busy = len(ops) >= self._early
             self._enough.clear()
             self._inflight = done
             try:
@@ -228,8 +262,9 @@ class GroupCommit(Generic[Op]):
             await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(self._window)
-            # the cadence: the interval since the last commit, unless enough is waiting
-            while (wait := self._last_commit + self._interval - loop.time()) > 0 and len(self._ops) < self._early:
+            # the cadence: the interval since the last commit, unless enough is waiting (or was, last time)
+            while (not self._busy and (wait := self._last_commit + self._interval - loop.time()) > 0
+                   and len(self._ops) < self._early):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._enough.wait(), wait)
             # What is submitted meanwhile joins the retried commit: flush takes everything pending.

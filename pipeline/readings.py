@@ -158,25 +158,24 @@ class ReadingBatch(Sequence[Reading]):
         """Readings held as objects, as a batch (a batch is returned as it is)."""
         if isinstance(readings, ReadingBatch):
             return readings
-        runs: dict[tuple[Any, ...], Run] = {}
+        groups: dict[tuple[Any, ...], list[int]] = {}
         for position, r in enumerate(readings):
             key = (type(r), r.site, r.device_id, r.device_class, r.metric)
-            run = runs.get(key)
-            if run is None:
-                run = runs[key] = Run(type(r), r.site, r.device_id, r.device_class, r.metric, [], [], [], [], [], [],
-                                      [], [], [], objects=[])
-            run.positions.append(position)
-            run.ids.append(r.id)
-            run.transports.append(r.transport)
-            run.values.append(r.value)
-            run.units.append(r.unit)
-            run.device_ts.append(r.device_ts)
-            run.received_at.append(r.received_at)
-            run.seqs.append(r.seq)
-            run.quality.append(r.quality)
-            assert run.objects is not None
-            run.objects.append(r)
-        batch = cls(list(runs.values()))
+            positions = groups.get(key)
+            if positions is None:
+                groups[key] = [position]
+            else:
+                positions.append(position)
+        runs = []
+        for (model, site, device_id, device_class, metric), positions in groups.items():
+            objects = [readings[i] for i in positions] if len(groups) > 1 else list(readings)
+            runs.append(Run(
+                model, site, device_id, device_class, metric, positions, [r.id for r in objects],
+                [r.transport for r in objects], [r.value for r in objects], [r.unit for r in objects],
+                [r.device_ts for r in objects], [r.received_at for r in objects], [r.seq for r in objects],
+                [r.quality for r in objects], objects=objects,
+            ))
+        batch = cls(runs)
         batch._readings = list(readings)
         return batch
 

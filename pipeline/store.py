@@ -32,19 +32,18 @@ Retention and the disk budget (:meth:`SqliteStore.maintain`, run periodically by
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import chain, repeat
+from itertools import repeat
 from operator import itemgetter
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
-from pipeline.db import DatabaseError, SqliteThread, in_transaction
+from pipeline.db import DatabaseError, SqliteThread, in_transaction, insert_many
 from pipeline.errors import PipelineError
 from pipeline.model import Reading, to_ms, utc_from_ms
 from pipeline.readings import ReadingBatch, Run, mean_of, spans
@@ -59,6 +58,7 @@ DAY_MS = 86_400_000
 ROLLUPS = {"1m": 60_000, "1h": 3_600_000}  # rollup table suffix -> bucket width in ms
 RollupWidth = Literal["1m", "1h"]
 WAL_LIMIT_BYTES = 8 * 1024 * 1024
+PRAGMAS = ("auto_vacuum=INCREMENTAL", f"journal_size_limit={WAL_LIMIT_BYTES}")  # set before WAL mode and the schema
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     device_id    TEXT PRIMARY KEY,
@@ -128,31 +128,6 @@ _UPSERT_DEVICE = ("INSERT INTO devices VALUES", """
 ON CONFLICT (device_id) DO UPDATE SET transport = excluded.transport, device_class = excluded.device_class,
     site = excluded.site, last_seen = max(last_seen, excluded.last_seen)
 """)
-INSERT_CHUNK = 64  # rows per INSERT statement: fewer statements to step (bench/pipeline_throughput.py)
-
-
-@functools.cache
-def _statement(head: str, tail: str, columns: int, rows: int) -> str:
-    return f"{head} {', '.join(['(' + ', '.join('?' * columns) + ')'] * rows)}{tail}"
-
-
-def insert_many(db: sqlite3.Connection, head: str, tail: str, rows: Sequence[tuple[Any, ...]]) -> None:
-    """``head VALUES (...), (...) tail`` for ``rows``, :data:`INSERT_CHUNK` rows to a statement: SQLite
-    steps one statement for many rows (and each step is one release of the GIL, not one a row). Rows
-    must not repeat a key within a statement when ``tail`` is an upsert."""
-    if not rows:
-        return
-    columns = len(rows[0])
-    whole = len(rows) - len(rows) % INSERT_CHUNK
-    if whole:
-        flat = list(chain.from_iterable(rows[:whole]))
-        step = INSERT_CHUNK * columns
-        db.executemany(_statement(head, tail, columns, INSERT_CHUNK),
-                       [flat[i:i + step] for i in range(0, whole * columns, step)])
-    if whole < len(rows):
-        db.execute(_statement(head, tail, columns, len(rows) - whole), list(chain.from_iterable(rows[whole:])))
-
-
 _BUCKET_AGG_SQL = {"mean": "avg(value)", "min": "min(value)", "max": "max(value)", "count": "nullif(count(*), 0)"}
 
 
@@ -304,8 +279,7 @@ class SqliteStore:
         # FULL, like the journal: the journal lets a batch go once it is here, so here must survive a
         # power cut too. One fsync per batch (batches linger up to max_latency_s under light load).
         # auto_vacuum takes effect only in a new file (before any table).
-        self._db = SqliteThread(self.path, synchronous="FULL", pragmas=(
-            "auto_vacuum=INCREMENTAL", f"journal_size_limit={WAL_LIMIT_BYTES}", "cache_size=-16384"))
+        self._db = SqliteThread(self.path, synchronous="FULL", pragmas=PRAGMAS)
         self._series: dict[tuple[str, str], int] = {}
         self.rows_written = 0
         self.transactions = 0

@@ -140,3 +140,16 @@ async def test_committed_waits_for_the_commit_that_covers_what_was_submitted(tmp
     assert await db.run(lambda c: [v for (v,) in c.execute("SELECT v FROM t ORDER BY rowid")]) == [1, 2]
     await commit.stop()
     await db.close()
+
+
+async def test_the_end_of_a_burst_does_not_wait_out_an_interval(tmp_path: Path) -> None:
+    db, commit = await _counting(tmp_path, window_s=0.001, interval_s=30.0, early_ops=8)
+    await commit.submit(0)
+    await asyncio.gather(*[commit.submit(v) for v in range(1, 9)])  # a busy commit ...
+    await asyncio.wait_for(commit.submit(9), 5)  # ... so the straggler after it goes at once
+    late = commit.submit(10)  # the one before was not busy: the interval holds again
+    await asyncio.sleep(0.2)
+    assert not late.done()
+    await commit.flush()
+    await commit.stop()
+    await db.close()

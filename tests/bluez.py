@@ -13,9 +13,8 @@ and is restored afterwards. Skipped where ``dbus-daemon`` is missing.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +57,6 @@ def ble_config(tmp_path: Path, devices: list[dict[str, Any]], **ble: Any) -> Gat
         "ble": ble,
         "devices": [{"transport": "ble", "device_class": "environment"} | d for d in devices],
     })
-
-
-async def until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not check():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def stored(tmp_path: Path, device: str, metric: str) -> list[float]:

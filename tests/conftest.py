@@ -140,12 +140,15 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     return {p.stem + p.suffix.replace(".", "_"): p for p in d.iterdir()}
 
 
-async def until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    """Wait for a condition (polled), failing with ``what`` after ``timeout`` seconds: tests wait for
-    conditions with generous timeouts instead of sleeping and asserting."""
+async def until(
+    check: Callable[[], Any], timeout: float = 30.0, what: str | Callable[[], str] = "condition"
+) -> None:
+    """Wait for a condition (polled), failing with ``what`` (or what it returns then) after ``timeout``
+    seconds: tests wait for conditions with generous timeouts instead of sleeping and asserting. The one
+    polling helper of the tests: import it from here."""
     try:
         async with asyncio.timeout(timeout):
             while not check():
                 await asyncio.sleep(0.02)
     except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+        raise AssertionError(f"timed out waiting for {what() if callable(what) else what}") from None

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from bluez import ble_config, bluez_fixture, bluez_no_monitor_fixture, stored, until  # noqa: F401  (fixtures)
+from bluez import ble_config, bluez_fixture, bluez_no_monitor_fixture, stored  # noqa: F401  (fixtures)
+from conftest import until
 
 from drivers.ble.driver import BleDriver
 from drivers.ble.sources import BleakSource
@@ -52,10 +53,10 @@ async def test_configured_device_is_decoded_and_stored_strangers_are_skipped(
     config = ble_config(tmp_path, [{"id": "t-1", "address": BTHOME, "protocol": "bthome"}])
     async with Gateway(config) as gw:
         source = scanner(gw)
-        await until(lambda: source.scanning, "the scanner")
+        await until(lambda: source.scanning, 20.0, "the scanner")
         async with BTHomeSensorSim(address=BTHOME, radio=bluez.radio, interval_s=0.05, seed=1) as sim, \
                 BTHomeSensorSim(address=STRANGER, radio=bluez.radio, interval_s=0.05, seed=2):
-            await until(lambda: gw.store.rows_written >= 15, "stored readings")
+            await until(lambda: gw.store.rows_written >= 15, 20.0, "stored readings")
         stats = ble_driver(gw).stats
         assert source.mode == "passive"  # the mock has BlueZ's advertisement monitor
         assert stats.skipped["unknown_advertiser"] >= 3
@@ -78,11 +79,11 @@ async def test_passive_scanning_refused_falls_back_to_active_once(
     async with Gateway(config) as gw:
         source = scanner(gw)
         driver = ble_driver(gw)
-        await until(lambda: source.scanning, "the scanner")
+        await until(lambda: source.scanning, 20.0, "the scanner")
         async with AtcSim(address=ATC, radio=bluez_no_monitor.radio, interval_s=0.05, silence_every=5,
                           silence_s=1.2) as sim:
             # The silences make the watchdog restart the scanner: the fallback is not tried again.
-            await until(lambda: driver.stats.scanner_restarts >= 2 and driver.stats.frames >= 12, "restarts")
+            await until(lambda: driver.stats.scanner_restarts >= 2 and driver.stats.frames >= 12, 20.0, "restarts")
         assert source.mode == "active"
     refusals = [r for r in caplog.records if "refused passive" in r.getMessage()]
     assert len(refusals) == 1
@@ -96,15 +97,15 @@ async def test_watchdog_restarts_a_silent_scanner_and_readings_resume(tmp_path: 
     config = ble_config(tmp_path, [{"id": "r-1", "address": RUUVI, "protocol": "ruuvi"}], watchdog_s=1.0)
     async with Gateway(config) as gw:
         driver = ble_driver(gw)
-        await until(lambda: scanner(gw).scanning, "the scanner")
+        await until(lambda: scanner(gw).scanning, 20.0, "the scanner")
         async with RuuviSim(address=RUUVI, radio=bluez.radio, interval_s=0.05) as first:
-            await until(lambda: driver.stats.frames >= 5, "first readings")
+            await until(lambda: driver.stats.frames >= 5, 20.0, "first readings")
         assert driver.stats.scanner_restarts == 0
         # The devices fall silent: the scanner is restarted, once per watchdog period.
-        await until(lambda: driver.stats.scanner_restarts >= 2, "two watchdog restarts")
+        await until(lambda: driver.stats.scanner_restarts >= 2, 20.0, "two watchdog restarts")
         before = driver.stats.frames
         async with RuuviSim(address=RUUVI, radio=bluez.radio, interval_s=0.05, seed=5) as second:
-            await until(lambda: driver.stats.frames >= before + 5, "readings after the restart")
+            await until(lambda: driver.stats.frames >= before + 5, 20.0, "readings after the restart")
         restarts = driver.stats.scanner_restarts
         assert gw.stats()["drivers"]["ble"]["scanner_restarts"] == restarts
     logged = [r for r in caplog.records if "restarting the scanner" in r.getMessage()]
@@ -125,7 +126,7 @@ async def test_three_protocols_with_faults_are_stored_correctly_and_every_fault_
     radio = bluez.radio
     async with Gateway(config) as gw, AsyncExitStack() as stack:
         driver = ble_driver(gw)
-        await until(lambda: scanner(gw).scanning, "the scanner")
+        await until(lambda: scanner(gw).scanning, 20.0, "the scanner")
         sims: dict[str, BleSensorSim] = {
             "t-1": BTHomeSensorSim(address=BTHOME, radio=radio, bindkey=bytes.fromhex(KEY), seed=1, **faults),
             "r-1": RuuviSim(address=RUUVI, radio=radio, seed=2, **faults),
@@ -134,17 +135,17 @@ async def test_three_protocols_with_faults_are_stored_correctly_and_every_fault_
         for sim in sims.values():
             await stack.enter_async_context(sim)
         await stack.enter_async_context(BTHomeSensorSim(address=STRANGER, radio=radio, interval_s=0.1, seed=4))
-        await until(lambda: all(s.faults["garbled"] >= 2 and s.faults["burst"] >= 1 for s in sims.values()),
+        await until(lambda: all(s.faults["garbled"] >= 2 and s.faults["burst"] >= 1 for s in sims.values()), 20.0,
                     "faults of every kind")
         await stack.aclose()  # the firmware stops; everything it sent is scanned, decoded and stored
         total = {kind: sum(s.faults[kind] for s in sims.values()) for kind in ("duplicate", "garbled", "spike")}
         await until(lambda: counted(driver.stats.errors) == total["garbled"]
-                    and driver.stats.skipped["duplicate"] == total["duplicate"], "every advertisement handled")
+                    and driver.stats.skipped["duplicate"] == total["duplicate"], 20.0, "every advertisement handled")
         def clean() -> dict[str, int]:
             rejected: dict[str, int] = gw.stats()["stages"]["clean"]["rejected"]
             return rejected
         spiked = sum(1 for s in sims.values() for p in s.history if p.spiked)
-        await until(lambda: clean().get("out_of_range", 0) == spiked, "spikes rejected")
+        await until(lambda: clean().get("out_of_range", 0) == spiked, 20.0, "spikes rejected")
         errors = dict(driver.stats.errors)
         skipped = dict(driver.stats.skipped)
     # Garbled payloads are counted by their reason, one per protocol's way of failing.
@@ -174,10 +175,10 @@ async def test_wrong_bindkey_in_config_is_a_counted_decode_error_and_nothing_is_
     config = ble_config(tmp_path, [{"id": "t-1", "address": BTHOME, "protocol": "bthome", "bindkey": wrong}])
     async with Gateway(config) as gw:
         driver = ble_driver(gw)
-        await until(lambda: scanner(gw).scanning, "the scanner")
+        await until(lambda: scanner(gw).scanning, 20.0, "the scanner")
         async with BTHomeSensorSim(address=BTHOME, radio=bluez.radio, bindkey=bytes.fromhex(KEY), interval_s=0.05):
-            await until(lambda: driver.stats.errors["decrypt_failed"] >= 5, "decryption failures")
-            await until(lambda: gw.stats()["published"]["rejects"] >= 5, "rejects published")
+            await until(lambda: driver.stats.errors["decrypt_failed"] >= 5, 20.0, "decryption failures")
+            await until(lambda: gw.stats()["published"]["rejects"] >= 5, 20.0, "rejects published")
         assert driver.stats.frames == 0
     assert set(driver.stats.errors) == {"decrypt_failed"}
     assert stored(tmp_path, "t-1", "temperature") == []

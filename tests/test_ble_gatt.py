@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from bluez import ble_config, bluez_fixture, stored, until  # noqa: F401  (pytest fixture)
+from bluez import ble_config, bluez_fixture, stored  # noqa: F401  (pytest fixture)
+from conftest import until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -44,7 +45,7 @@ async def test_gatt_reads_and_reconnects_after_the_link_drops(
             Gateway(config) as gw:
         driver = gatt_driver(gw)
         await until(lambda: driver.stats.disconnects >= 2 and driver.connects >= 3 and driver.stats.frames >= 20,
-                    "two reconnects", timeout=25)
+                    25, "two reconnects")
     assert sim.faults["disconnect"] >= 2
     assert driver.stats.disconnects <= sim.faults["disconnect"]
     assert not driver.stats.errors

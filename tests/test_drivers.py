@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import tty
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import until
 
 from drivers.base import DriverReading
 from drivers.ble.driver import BleDeviceSpec, BleDriver
@@ -32,19 +32,13 @@ class Collector:
         self.errors.append((device_id, reason))
 
 
-async def _until(check: Callable[[], bool], timeout: float = 15.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.02)
-
-
 async def test_serial_driver_reads_sds011_over_a_pty_and_counts_bad_checksums(tmp_path: Path) -> None:
     link = tmp_path / "ttySDS011"
     sink = Collector()
     async with Sds011Sim(link, interval_s=0.05, bad_checksum_every=4, seed=1) as sim:
         driver = SerialDriver("pm-1", str(link), "sds011", 9600)
         task = asyncio.create_task(driver.run(sink))
-        await _until(lambda: driver.stats.frames >= 12 and driver.stats.errors["bad_checksum"] >= 2)
+        await until(lambda: driver.stats.frames >= 12 and driver.stats.errors["bad_checksum"] >= 2, 15.0)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         sent_good = [(s.values["pm2_5"], s.values["pm10"]) for s in sim.history if s.intact]
@@ -68,15 +62,15 @@ async def test_serial_driver_survives_unplug_and_resumes_on_replug(tmp_path: Pat
     task = asyncio.create_task(driver.run(sink))
     try:
         async with Sds011Sim(link, interval_s=0.05):
-            await _until(lambda: driver.stats.frames >= 3)
+            await until(lambda: driver.stats.frames >= 3, 15.0)
         # Unplugged: the port and its path are gone.
-        await _until(lambda: not driver.stats.connected)
+        await until(lambda: not driver.stats.connected, 15.0)
         assert driver.stats.disconnects == 1
         before = driver.stats.frames
         await asyncio.sleep(0.5)
         assert driver.stats.frames == before
         async with Sds011Sim(link, interval_s=0.05):  # replugged on the same path
-            await _until(lambda: driver.stats.frames >= before + 3, timeout=30)
+            await until(lambda: driver.stats.frames >= before + 3, 30)
         assert not task.done()
     finally:
         task.cancel()
@@ -91,9 +85,9 @@ async def test_ble_driver_decodes_configured_devices_ignores_others_and_suppress
     task = asyncio.create_task(driver.run(sink))
     async with BTHomeSensorSim(address=known, radio=radio, interval_s=0.05, repeats=3, seed=2) as sim, \
             BTHomeSensorSim(address=stranger, radio=radio, interval_s=0.05, seed=3):
-        await _until(lambda: driver.stats.frames >= 8)
+        await until(lambda: driver.stats.frames >= 8, 15.0)
         radio.push(known, -60, {BTHOME_UUID: b"\x40\x02"})  # a truncated object: an error, not a crash
-        await _until(lambda: sum(driver.stats.errors.values()) >= 1)
+        await until(lambda: sum(driver.stats.errors.values()) >= 1, 15.0)
         history = {p.packet_id: p.values for p in sim.history}
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -131,11 +125,11 @@ async def test_line_and_frame_protocols_through_a_real_pty(
     sink = Collector()
     task = asyncio.create_task(driver.run(sink))
     try:
-        await _until(lambda: driver.stats.connected)
+        await until(lambda: driver.stats.connected, 15.0)
         for _ in range(3):
             os.write(master, wire)
             await asyncio.sleep(0.05)
-        await _until(lambda: driver.stats.frames >= 2)
+        await until(lambda: driver.stats.frames >= 2, 15.0)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

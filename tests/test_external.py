@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import until
 from peers import Mosquitto, MqttCollector, free_port, mosquitto_fixture, mqtt_publish  # noqa: F401  (fixture)
 
 from gateway.app import Gateway
@@ -29,14 +30,6 @@ def external_config(tmp_path: Path, mosquitto: Mosquitto, **extra: Any) -> Gatew
         "broker": {"mode": "external", "external": {"url": mosquitto.url, **broker}},
         **extra,
     })
-
-
-async def until(check: Any, timeout: float, what: str | Any) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
-        await asyncio.sleep(0.05)
 
 
 def get_json(port: int, path: str) -> Any:

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from conftest import until
+from gatewayproc import RAW, Device
+from paho.mqtt.enums import MQTTProtocolVersion
 from peers import (
     Mosquitto,
     MqttCollector,
@@ -32,8 +31,6 @@ from firmware_sim.serial_sensor import Sds011Sim
 from gateway.app import Gateway
 from gateway.config import GatewayConfig, parse_config
 
-RAW = "telemetry/raw/1.0/s1/meter/{device}/power"
-
 
 def gateway_config(tmp_path: Path, forward: list[dict[str, Any]], **extra: Any) -> GatewayConfig:
     return parse_config({
@@ -43,43 +40,6 @@ def gateway_config(tmp_path: Path, forward: list[dict[str, Any]], **extra: Any) 
     })
 
 
-class Device:
-    """An MQTT device: paho, QoS 1, a sequence number per message; remembers what was acknowledged."""
-
-    def __init__(self, port: int, device_id: str, rate_hz: float) -> None:
-        self.device_id = device_id
-        self.rate_hz = rate_hz
-        self.sent: list[tuple[int, mqtt.MQTTMessageInfo]] = []
-        self._stop = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{device_id}")
-        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> Device:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        seq = 0
-        while not self._stop.is_set():
-            seq += 1
-            body = json.dumps({"value": float(seq), "unit": "W", "seq": seq})
-            self.sent.append((seq, self.client.publish(RAW.format(device=self.device_id), body, qos=1)))
-            time.sleep(1 / self.rate_hz)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def acked(self) -> list[int]:
-        return [seq for seq, info in self.sent if info.is_published()]
-
-    def close(self) -> None:
-        self.stop()
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 @pytest.fixture
@@ -88,14 +48,6 @@ def devices() -> Iterator[list[Device]]:
     yield made
     for device in made:
         device.close()
-
-
-async def _until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 def _dest(gw: Gateway, name: str) -> dict[str, Any]:
@@ -143,7 +95,7 @@ async def test_valid_events_reach_mosquitto_with_ids_and_rewritten_topics(tmp_pa
     collector = MqttCollector(mosquitto.url, ["edge/#"], protocol=MQTTProtocolVersion.MQTTv5)
     try:
         async with Gateway(config) as gw:
-            await _until(lambda: gw.stats()["forward"]["destinations"]["central"]["connected"], 10, "connect")
+            await until(lambda: gw.stats()["forward"]["destinations"]["central"]["connected"], 10, "connect")
             messages = [(RAW.format(device="m-1"), json.dumps({"value": i, "seq": i})) for i in range(1, 21)]
             await asyncio.to_thread(mqtt_publish, f"mqtt://127.0.0.1:{gw.broker.port}", messages)
             got = await asyncio.to_thread(collector.wait_for, 21, 15)  # and the gateway's status (its birth)
@@ -151,7 +103,7 @@ async def test_valid_events_reach_mosquitto_with_ids_and_rewritten_topics(tmp_pa
             received = [r for r in got if r not in status]
             def central() -> dict[str, Any]:
                 return _dest(gw, "central")
-            await _until(lambda: central()["delivered"] == 20, 10, "acknowledgements")
+            await until(lambda: central()["delivered"] == 20, 10, "acknowledgements")
             stats = central()
     finally:
         collector.close()
@@ -173,7 +125,7 @@ async def test_mqtt_3_1_1_bridge(tmp_path: Path, mosquitto: Mosquitto) -> None:
     collector = MqttCollector(mosquitto.url, ["telemetry/#"])
     try:
         async with Gateway(config) as gw:
-            await _until(lambda: gw.stats()["forward"]["destinations"]["old"]["connected"], 10, "connect")
+            await until(lambda: gw.stats()["forward"]["destinations"]["old"]["connected"], 10, "connect")
             messages = [(RAW.format(device="m-2"), json.dumps({"value": i, "seq": i})) for i in range(1, 6)]
             await asyncio.to_thread(mqtt_publish, f"mqtt://127.0.0.1:{gw.broker.port}", messages)
             received = await asyncio.to_thread(collector.wait_for, 5, 15)
@@ -194,7 +146,7 @@ async def test_backbone_outage_of_30_s_loses_nothing_and_keeps_order(
         async with Gateway(config) as gw:
             def central() -> dict[str, Any]:
                 return _dest(gw, "central")
-            await _until(lambda: central()["connected"], 10, "connect")
+            await until(lambda: central()["connected"], 10, "connect")
             devices += [Device(gw.broker.port, f"m-{i}", rate_hz=20).start() for i in (1, 2)]
             await asyncio.sleep(3)
             await asyncio.to_thread(mosquitto.stop)
@@ -207,10 +159,10 @@ async def test_backbone_outage_of_30_s_loses_nothing_and_keeps_order(
             await asyncio.sleep(3)
             for device in devices:
                 device.stop()
-            await _until(lambda: central()["depth"] == 0, 60, "the outbox to drain")
+            await until(lambda: central()["depth"] == 0, 60, "the outbox to drain")
             total = sum(len(d.acked()) for d in devices)
             await asyncio.to_thread(collector.wait_for, total, 60)
-            await _until(lambda: central()["delivered"] >= total, 10, "acknowledgements to be committed")
+            await until(lambda: central()["delivered"] >= total, 10, "acknowledgements to be committed")
             after = central()
     finally:
         collector.close()
@@ -231,7 +183,7 @@ async def test_nats_jetstream_outage_and_dedup_by_event_id(
     async with Gateway(config) as gw:
         def js() -> dict[str, Any]:
             return _dest(gw, "js")
-        await _until(lambda: js()["connected"], 15, "connect")
+        await until(lambda: js()["connected"], 15, "connect")
         devices += [Device(gw.broker.port, f"n-{i}", rate_hz=20).start() for i in (1, 2)]
         await asyncio.sleep(3)
         await asyncio.to_thread(nats_server.stop)
@@ -241,7 +193,7 @@ async def test_nats_jetstream_outage_and_dedup_by_event_id(
         await asyncio.sleep(3)
         for device in devices:
             device.stop()
-        await _until(lambda: js()["depth"] == 0, 60, "the outbox to drain")
+        await until(lambda: js()["depth"] == 0, 60, "the outbox to drain")
     stored = await jetstream_messages(nats_server.url, "IOTGW", timeout=10)
     assert {m.subject.split(".")[1] for m in stored} == {"valid"}
     ids = [m.headers["Nats-Msg-Id"] for m in stored]
@@ -261,7 +213,7 @@ async def test_downlink_command_reaches_the_device_and_is_acknowledged(
     acks = MqttCollector(mosquitto.url, ["cmdack/#"], client_id="ops-console")
     try:
         async with Gateway(config) as gw:
-            await _until(lambda: gw.stats()["forward"]["destinations"]["central"]["connected"], 10, "connect")
+            await until(lambda: gw.stats()["forward"]["destinations"]["central"]["connected"], 10, "connect")
             device = await asyncio.to_thread(  # the embedded broker runs on this loop: do not block it
                 MqttCollector, f"mqtt://127.0.0.1:{gw.broker.port}", ["cmd/s1/valve-1/#"], client_id="valve-1")
             try:
@@ -294,7 +246,9 @@ async def test_event_mesh_two_gateways_one_backbone_no_loops(tmp_path: Path, mos
     try:
         async with Gateway(mesh("gw-a", "site-a")) as a, Gateway(mesh("gw-b", "site-b")) as b:
             for gw in (a, b):
-                await _until(lambda gw=gw: gw.stats()["forward"]["destinations"]["backbone"]["connected"], 10, "mesh")
+                def connected(gw: Gateway = gw) -> bool:
+                    return bool(_dest(gw, "backbone")["connected"])
+                await until(connected, 10, "mesh")
             await asyncio.sleep(0.5)
             on_b = await asyncio.to_thread(
                 MqttCollector, f"mqtt://127.0.0.1:{b.broker.port}", ["telemetry/valid/1.0/site-a/#"],
@@ -336,13 +290,13 @@ async def test_fresh_first_serves_live_data_during_a_long_backlog(
 
             backlog = [(RAW.format(device="b-1"), json.dumps({"value": i, "seq": i})) for i in range(1, 3001)]
             await asyncio.to_thread(mqtt_publish, f"mqtt://127.0.0.1:{gw.broker.port}", backlog, timeout=60)
-            await _until(lambda: central()["depth"] == 3000, 30, "the backlog to be queued")
+            await until(lambda: central()["depth"] == 3000, 30, "the backlog to be queued")
             await asyncio.to_thread(mosquitto.restart)
-            await _until(lambda: central()["connected"], 30, "reconnect")
+            await until(lambda: central()["connected"], 30, "reconnect")
             devices.append(Device(gw.broker.port, "l-1", rate_hz=50).start())
             await asyncio.sleep(4)
             devices[0].stop()
-            await _until(lambda: central()["depth"] == 0, 60, "the outbox to drain")
+            await until(lambda: central()["depth"] == 0, 60, "the outbox to drain")
             await asyncio.to_thread(collector.wait_for, 3000 + len(devices[0].acked()), 60)
     finally:
         collector.close()
@@ -371,11 +325,11 @@ async def test_downlink_to_a_serial_device_writes_the_protocols_command(tmp_path
     acks = MqttCollector(mosquitto.url, ["cmdack/#"], client_id="ops")
     try:
         async with Sds011Sim(link, interval_s=0.1) as sim, Gateway(config) as gw:
-            await _until(lambda: _dest(gw, "central")["connected"] and gw.devices.drivers[0].stats.frames > 2, 15,
-                         "start")
+            await until(lambda: _dest(gw, "central")["connected"] and gw.devices.drivers[0].stats.frames > 2, 15,
+                        "start")
             await asyncio.sleep(0.5)
             await asyncio.to_thread(mqtt_publish, mosquitto.url, [("cmd/s1/pm-1/sleep", b"")])
-            await _until(lambda: sim.sleeping, 10, "the sensor to sleep")
+            await until(lambda: sim.sleeping, 10, "the sensor to sleep")
             frames = gw.devices.drivers[0].stats.frames
             await asyncio.sleep(1)
             assert gw.devices.drivers[0].stats.frames <= frames + 1  # asleep: no more reports
@@ -383,7 +337,7 @@ async def test_downlink_to_a_serial_device_writes_the_protocols_command(tmp_path
                 ("cmd/s1/pm-1/fly", b"{}"), ("cmd/s1/pm-1/set_period", b'{"minutes": 99}'),
                 ("cmd/s1/pm-1/work", b""),
             ])
-            await _until(lambda: not sim.sleeping, 10, "the sensor to wake")
+            await until(lambda: not sim.sleeping, 10, "the sensor to wake")
             got = await asyncio.to_thread(acks.wait_for, 4, 10)
     finally:
         acks.close()
@@ -401,14 +355,14 @@ async def test_an_event_a_destination_can_never_take_is_dropped_counted_not_bloc
         "stream": "ALERTS", "create_stream": True,
     }])
     async with Gateway(config) as gw:
-        await _until(lambda: _dest(gw, "js")["connected"], 15, "connect")
+        await until(lambda: _dest(gw, "js")["connected"], 15, "connect")
         # An empty level has no NATS subject; the event after it must still go through.
         await asyncio.to_thread(mqtt_publish, f"mqtt://127.0.0.1:{gw.broker.port}",
                                 [("alert/raised/x/", b'{"n": 1}'), ("alert/raised/x/y", b'{"n": 2}')])
-        await _until(lambda: _dest(gw, "js")["delivered"] == 1 and _dest(gw, "js")["depth"] == 0, 15, "delivery")
+        await until(lambda: _dest(gw, "js")["delivered"] == 1 and _dest(gw, "js")["depth"] == 0, 15, "delivery")
         stats = _dest(gw, "js")
         # The drop is raised as an alert event (within the 10 s alert interval) and forwarded too.
-        await _until(lambda: _dest(gw, "js")["delivered"] == 2, 30, "the drop alert")
+        await until(lambda: _dest(gw, "js")["delivered"] == 2, 30, "the drop alert")
     stored = [json.loads(m.data) for m in await jetstream_messages(nats_server.url, "ALERTS", timeout=10)]
     assert [m for m in stored if "n" in m] == [{"n": 2}]
     assert stats["dropped"] == 1

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from conftest import until
 from peers import (
     ExportedSeries,
     VictoriaMetrics,
@@ -28,7 +29,6 @@ from peers import (
     mqtt_publish,
     victoria_metrics_fixture,  # noqa: F401  (pytest fixture)
 )
-from test_forward import _until
 
 from gateway.app import Gateway
 from gateway.config import GatewayConfig, InfluxForward, parse_config
@@ -221,7 +221,7 @@ async def test_readings_land_with_values_tags_and_device_timestamps(
                             analyze={"windows": ["1s"], "grace_s": 0.1})
     start = _start_ms()
     async with Gateway(config) as gw:
-        await _until(lambda: _tsdb(gw)["connected"], 15, "the server found")
+        await until(lambda: _tsdb(gw)["connected"], 15, "the server found")
         url = f"mqtt://127.0.0.1:{gw.broker.port}"
         before_ms = int(time.time() * 1000)
         messages = [*_readings("t-1", "temperature", start, 40), *_readings("t-2", "humidity", start + 5, 30, 50.0),
@@ -265,21 +265,21 @@ async def test_an_outage_delays_writes_and_loses_none(tmp_path: Path, victoria_m
     config = gateway_config(tmp_path, {"url": victoria_metrics.url, "batch_size": 50})
     start = _start_ms()
     async with Gateway(config) as gw:
-        await _until(lambda: _tsdb(gw)["connected"], 15, "the server found")
+        await until(lambda: _tsdb(gw)["connected"], 15, "the server found")
         url = f"mqtt://127.0.0.1:{gw.broker.port}"
         await asyncio.to_thread(mqtt_publish, url, _readings("o-1", "temperature", start, 100))
-        await _until(lambda: _tsdb(gw)["delivered"] == 100, 30, "the first 100 delivered")
+        await until(lambda: _tsdb(gw)["delivered"] == 100, 30, "the first 100 delivered")
         # The outage: SIGTERM, because VictoriaMetrics killed with SIGKILL loses series it registered
         # seconds before, even after /internal/force_flush (its own durability, not the gateway's).
         await asyncio.to_thread(victoria_metrics.stop)
         await asyncio.to_thread(mqtt_publish, url, _readings("o-1", "temperature", start + 1000, 300))
-        await _until(lambda: _tsdb(gw)["depth"] == 300 and not _tsdb(gw)["connected"], 30, "300 queued")
+        await until(lambda: _tsdb(gw)["depth"] == 300 and not _tsdb(gw)["connected"], 30, "300 queued")
         failures = _tsdb(gw)["send_failures"]
         await asyncio.sleep(2)
         assert _tsdb(gw)["send_failures"] - failures <= 3  # no hammering: it waits for the server
         assert _tsdb(gw)["delivered"] == 100
         await asyncio.to_thread(victoria_metrics.start)  # same port, same storage
-        await _until(lambda: _tsdb(gw)["delivered"] == 400, 60, "the backlog delivered")
+        await until(lambda: _tsdb(gw)["delivered"] == 400, 60, "the backlog delivered")
         assert _tsdb(gw)["depth"] == 0
         assert _tsdb(gw)["dropped"] == 0
     exported = await asyncio.to_thread(victoria_metrics.export)
@@ -297,13 +297,13 @@ async def test_an_unmappable_event_is_dropped_counted_and_does_not_block_the_que
     config = gateway_config(tmp_path, {"url": victoria_metrics.url})
     start = _start_ms()
     async with Gateway(config) as gw:
-        await _until(lambda: _tsdb(gw)["connected"], 15, "the server found")
+        await until(lambda: _tsdb(gw)["connected"], 15, "the server found")
         url = f"mqtt://127.0.0.1:{gw.broker.port}"
         # Anyone may publish on a valid-stage topic of the embedded broker: this is no reading.
         bogus = (VALID.format(device="u-1", metric="temperature"), json.dumps({"hello": "world"}))
         await asyncio.to_thread(mqtt_publish, url, [*_readings("u-1", "temperature", start, 5), bogus,
                                                     *_readings("u-1", "temperature", start + 50, 5)])
-        await _until(lambda: _tsdb(gw)["delivered"] == 10 and _tsdb(gw)["dropped"] == 1, 30, "10 delivered, 1 drop")
+        await until(lambda: _tsdb(gw)["delivered"] == 10 and _tsdb(gw)["dropped"] == 1, 30, "10 delivered, 1 drop")
         assert gw.destinations.forwarder is not None
         dest = gw.destinations.forwarder.routes["tsdb"].destination
         assert isinstance(dest, InfluxDestination)
@@ -374,7 +374,7 @@ async def test_writes_are_gzip_compressed_on_the_wire(victoria_metrics: Victoria
         dest = InfluxDestination("tsdb", _settings(f"http://127.0.0.1:{recorder.port}"))
         await dest.start()
         try:
-            await _until(lambda: dest.connected, 15, "ping")
+            await until(lambda: dest.connected, 15, "ping")
             assert await dest.send(events) == 3
         finally:
             await dest.close()
@@ -459,7 +459,7 @@ async def test_a_refused_line_is_found_and_only_it_is_unsendable(refusing: list[
     dest = InfluxDestination("tsdb", _settings(f"http://127.0.0.1:{server.server_address[1]}"))
     await dest.start()
     try:
-        await _until(lambda: dest.connected, 15, "ping")
+        await until(lambda: dest.connected, 15, "ping")
         assert await dest.send(events) == 5  # the five before the refused one
         with pytest.raises(UnsendableEventError) as unsendable:
             await dest.send(events[5:])
@@ -483,7 +483,7 @@ async def test_overload_server_errors_and_auth_keep_the_batch(refusing: list[_Re
     dest = InfluxDestination("tsdb", _settings(f"http://127.0.0.1:{server.server_address[1]}"))
     await dest.start()
     try:
-        await _until(lambda: dest.connected, 15, "ping")
+        await until(lambda: dest.connected, 15, "ping")
         with pytest.raises(DestinationUnavailableError, match=f"HTTP {status}"):
             await dest.send(events)
     finally:
@@ -510,13 +510,13 @@ async def test_the_forwarder_backs_off_while_the_server_is_overloaded(
     server = _serve(503, refusing)
     config = gateway_config(tmp_path, {"url": f"http://127.0.0.1:{server.server_address[1]}"})
     async with Gateway(config) as gw:
-        await _until(lambda: _tsdb(gw)["connected"], 15, "ping")
+        await until(lambda: _tsdb(gw)["connected"], 15, "ping")
         url = f"mqtt://127.0.0.1:{gw.broker.port}"
         await asyncio.to_thread(mqtt_publish, url, _readings("refuse", "temperature", _start_ms(), 3))
-        await _until(lambda: server.requests >= 4, 30, "four attempts")
+        await until(lambda: server.requests >= 4, 30, "four attempts")
         first, *_, fourth = server.request_times[:4]
         assert fourth - first >= 0.4 + 0.8 + 1.6  # exponential waits between attempts, not a busy loop
         assert _tsdb(gw)["delivered"] == 0
         server.refusing = False  # the server recovers
-        await _until(lambda: _tsdb(gw)["delivered"] == 3, 30, "delivery after the overload")
+        await until(lambda: _tsdb(gw)["delivered"] == 3, 30, "delivery after the overload")
     assert len(server.taken) == 3

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from aiokafka.errors import (  # type: ignore[import-untyped, unused-ignore]
     RequestTimedOutError,
     TopicAuthorizationFailedError,
 )
-from conftest import free_port
+from conftest import free_port, until
 
 from gateway.errors import ConfigError, GatewayError
 from gateway.forward.base import Destination, DestinationUnavailableError, OutboundEvent
@@ -139,19 +139,13 @@ class Factory:
         return producer
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-
 @contextlib.asynccontextmanager
 async def started(producer: FakeProducer) -> AsyncIterator[KafkaDestination]:
     """A destination on ``producer``, started and connected; closed on exit."""
     async with KafkaDestination(
         "backbone", KafkaSettings("broker:9092"), producer_factory=Factory(producer)
     ) as destination:
-        await wait_until(lambda: destination.connected)
+        await until(lambda: destination.connected, 5.0)
         yield destination
 
 
@@ -450,7 +444,7 @@ async def test_later_failures_after_the_first_are_retrieved() -> None:
     try:
         async with started(FutureProducer()) as destination:
             sending = asyncio.create_task(destination.send([event(i) for i in range(3)]))
-            await wait_until(lambda: len(futures) == 3)
+            await until(lambda: len(futures) == 3, 5.0)
             futures[0].set_result(None)
             futures[1].set_exception(KafkaTimeoutError())
             futures[2].set_exception(KafkaTimeoutError())
@@ -470,7 +464,7 @@ async def test_send_before_connected_and_after_close_is_unavailable() -> None:
     with pytest.raises(DestinationUnavailableError, match="not connected"):
         await destination.send([event(0)])
     await destination.start()
-    await wait_until(lambda: destination.connected)
+    await until(lambda: destination.connected, 5.0)
     await destination.close()
     assert not destination.connected
     with pytest.raises(DestinationUnavailableError, match="closed"):
@@ -498,7 +492,7 @@ async def test_start_retries_in_the_background_and_logs_state_changes_only(caplo
         "backbone", KafkaSettings("broker:9092"), producer_factory=factory, retry_delay=no_wait
     )
     await destination.start()  # returns at once, does not raise
-    await wait_until(lambda: destination.connected)
+    await until(lambda: destination.connected, 5.0)
     assert factory.calls == 4
     assert delays == [1, 2, 3]
     assert all(p.log == ["start", "stop"] for p in failing)  # each failed producer is closed
@@ -525,7 +519,7 @@ async def test_close_while_retrying_stops_the_retries() -> None:
         retry_delay=lambda _attempt: 60.0,
     )
     await destination.start()
-    await wait_until(lambda: producers[0].stopped)
+    await until(lambda: producers[0].stopped, 5.0)
     async with asyncio.timeout(1):
         await destination.close()
     assert not destination.connected
@@ -560,7 +554,7 @@ async def test_real_producer_against_a_port_without_broker_retries_without_raisi
 
     destination = KafkaDestination("backbone", settings, producer_factory=factory, retry_delay=lambda _a: 0.05)
     await destination.start()
-    await wait_until(lambda: len(built) >= 3, timeout=20)
+    await until(lambda: len(built) >= 3, 20)
     assert not destination.connected
     with pytest.raises(DestinationUnavailableError):
         await destination.send([event(0)])
@@ -590,7 +584,7 @@ async def test_round_trip_through_real_kafka() -> None:
     settings = KafkaSettings(servers, topic=prefix + ".{stage}", linger_ms=5)
     batch = [event(i, key=f"dev-{i % 2}", payload=json.dumps({"i": i}).encode()) for i in range(5)]
     async with KafkaDestination("backbone", settings) as destination:
-        await wait_until(lambda: destination.connected, timeout=30)
+        await until(lambda: destination.connected, 30)
         async with asyncio.timeout(60):
             sent = 0
             while sent < len(batch):  # the first send may wait for the topic to be created

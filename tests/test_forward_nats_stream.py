@@ -11,6 +11,7 @@ from typing import Any
 
 import nats
 import pytest
+from conftest import until
 from http_helpers import get
 from peers import (
     NatsServer,
@@ -22,14 +23,6 @@ from peers import (
 
 from gateway.app import Gateway
 from gateway.config import parse_config
-
-
-async def _until(check: Any, what: str, timeout: float = 30) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def _add_stream(url: str, name: str, subjects: list[str]) -> None:
@@ -63,10 +56,10 @@ async def test_no_stream_for_the_subjects_is_said_once_with_the_fix(
             stats: dict[str, Any] = gw.stats()["forward"]["destinations"]["central"]
             return stats
 
-        await _until(lambda: central()["connected"], "connect")
+        await until(lambda: central()["connected"], 30, "connect")
         readings = [(gw.devices.raw_topic("m-1", "power"), f'{{"value": {i}, "unit": "W"}}'.encode()) for i in range(3)]
         await asyncio.to_thread(mqtt_publish, f"mqtt://127.0.0.1:{gw.broker.port}", readings)  # an MQTT device
-        await _until(lambda: central()["send_failures"] >= 4, "a few attempts")
+        await until(lambda: central()["send_failures"] >= 4, 30, "a few attempts")
         error = central()["error"]
         assert error is not None
         assert error.startswith("no JetStream stream captures subject 'telemetry.valid.1%2E0.s1.generic.m-1.power'")
@@ -83,7 +76,7 @@ async def test_no_stream_for_the_subjects_is_said_once_with_the_fix(
 
         # The operator creates the stream: what waited is delivered, the error and the 503 go away.
         await _add_stream(nats_server.url, stream or "IOTGW", ["telemetry.valid.>"])
-        await _until(lambda: central()["depth"] == 0, "the outbox to drain")
+        await until(lambda: central()["depth"] == 0, 30, "the outbox to drain")
         assert central()["error"] is None
         ready = await asyncio.to_thread(get, gw.http.url + "readyz")
         assert ready.status == 200, ready.text

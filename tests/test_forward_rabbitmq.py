@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import threading
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
 import aiormq
-import paho.mqtt.client as mqtt
 import pytest
+from conftest import until
+from gatewayproc import RAW, Device, RunningGateway, kill_9_under_load, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
-from paho.mqtt.enums import CallbackAPIVersion
 from peers import (
     AmqpMessage,
     MqttCollector,
@@ -33,8 +30,7 @@ from peers import (
     mqtt_publish,
     rabbitmq_fixture,  # noqa: F401  (pytest fixture)
 )
-from test_crash import RAW, _start, _was_acked
-from test_forward import Device, _dest, _until, _valid_seqs, devices, gateway_config  # noqa: F401  (a fixture)
+from test_forward import _dest, _valid_seqs, devices, gateway_config  # noqa: F401  (a fixture)
 
 from gateway.app import Gateway
 from gateway.config import ConfigError, parse_config
@@ -162,7 +158,7 @@ def _event(i: int, device: str = "d-1") -> OutboundEvent:
 
 async def _connected(destination: RabbitDestination) -> RabbitDestination:
     await destination.start()
-    await _until(lambda: destination.connected, 20, "connect")
+    await until(lambda: destination.connected, 20, "connect")
     return destination
 
 
@@ -243,7 +239,7 @@ async def test_outage_loses_nothing_keeps_order_and_publishes_each_event_once(
     async with Gateway(config) as gw:
         def amq() -> dict[str, Any]:
             return _dest(gw, "amq")
-        await _until(lambda: amq()["connected"], 30, "connect")
+        await until(lambda: amq()["connected"], 30, "connect")
         devices += [Device(gw.broker.port, f"r-{i}", rate_hz=20).start() for i in (1, 2)]
         await asyncio.sleep(3)
         await asyncio.to_thread(rabbitmq.stop)
@@ -255,7 +251,7 @@ async def test_outage_loses_nothing_keeps_order_and_publishes_each_event_once(
         await asyncio.sleep(3)
         for device in devices:
             device.stop()
-        await _until(lambda: amq()["depth"] == 0, 60, "the outbox to drain")
+        await until(lambda: amq()["depth"] == 0, 60, "the outbox to drain")
     stored = await amqp_messages(rabbitmq.url, "events")
     assert {m.routing_key.split(".")[1] for m in stored} == {"valid"}
     assert all(m.content_type == "application/cloudevents+json" for m in stored)
@@ -275,57 +271,24 @@ def test_kill_9_of_the_gateway_twice_loses_nothing_and_publishes_each_event_once
         f'[[forward]]\nname = "amq"\ntype = "rabbitmq"\nurl = "{rabbitmq.url}"\ntopics = ["telemetry/valid/#"]\n'
         'queue = "events"\n'
     )
-    proc = _start(config, port)
-    sent: dict[str, list[tuple[int, mqtt.MQTTMessageInfo]]] = defaultdict(list)
-    stop = threading.Event()
-    clients = []
-    for device in ("k-1", "k-2"):
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{device}")
-        client.reconnect_delay_set(min_delay=1, max_delay=1)
-        client.connect("127.0.0.1", port)
-        client.loop_start()
-        clients.append(client)
-
-    def publish(device: str, client: mqtt.Client) -> None:
-        seq = 0
-        while not stop.is_set():
-            seq += 1
-            sent[device].append((seq, client.publish(RAW.format(device=device), json.dumps(
-                {"value": float(seq), "seq": seq}), qos=1)))
-            time.sleep(0.01)
-
-    threads = [threading.Thread(target=publish, args=(d, c)) for d, c in zip(("k-1", "k-2"), clients, strict=True)]
-    for t in threads:
-        t.start()
+    gateway = RunningGateway(config, mqtt_port=port)
+    load: list[Device] = []
+    stored: list[AmqpMessage] = []
     try:
-        for _ in range(2):
-            time.sleep(3)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            time.sleep(0.5)
-            proc = _start(config, port)
-        time.sleep(3)
-        stop.set()
-        for t in threads:
-            t.join(10)
-        time.sleep(3)  # the devices' last resends after the final reconnect
-        acked = {device: [seq for seq, info in items if _was_acked(info)] for device, items in sent.items()}
+        load += [Device(port, d, 100, unit=None, reconnect_max_s=1).start() for d in ("k-1", "k-2")]
+        acked = kill_9_under_load(gateway, load, kills=2, run_s=3, away_s=0.5, settle_s=3, resend_s=3)
         assert sum(len(a) for a in acked.values()) > 500
-        stored: list[AmqpMessage] = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            stored += asyncio.run(amqp_messages(rabbitmq.url, "events"))
+
+        def delivered() -> bool:
+            stored.extend(asyncio.run(amqp_messages(rabbitmq.url, "events")))
             seqs = _by_device(stored)
-            if all(set(acked[d]) <= set(seqs[d]) for d in acked):
-                break
-            time.sleep(0.5)
+            return all(set(acked[d]) <= set(seqs[d]) for d in acked)
+
+        wait_for(delivered, 90)
     finally:
-        stop.set()
-        for client in clients:
-            client.disconnect()
-            client.loop_stop()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        for d in load:
+            d.close()
+        gateway.stop(30)
     _assert_once_in_order(stored, acked, device_order=False)
 
 
@@ -335,7 +298,7 @@ async def test_downlink_commands_come_from_a_durable_queue(tmp_path: Path, rabbi
         "subscribe": ["cmd/s1/#"],
     }])
     async with Gateway(config) as gw:
-        await _until(lambda: _dest(gw, "amq")["connected"], 30, "connect")
+        await until(lambda: _dest(gw, "amq")["connected"], 30, "connect")
         device = await asyncio.to_thread(
             MqttCollector, f"mqtt://127.0.0.1:{gw.broker.port}", ["cmd/s1/valve-1/#"], client_id="valve-1")
         try:
@@ -344,7 +307,7 @@ async def test_downlink_commands_come_from_a_durable_queue(tmp_path: Path, rabbi
                 (topic_to_routing_key("cmd/s2/valve-1/open"), b'{"percent": 99}'),  # another site's
             ])
             got = await asyncio.to_thread(device.wait_for, 1, 10)
-            await _until(lambda: _dest(gw, "amq")["delivered"] >= 1, 10, "the command's ack")
+            await until(lambda: _dest(gw, "amq")["delivered"] >= 1, 10, "the command's ack")
         finally:
             device.close()
     assert [(m.topic, json.loads(m.payload)) for m in got] == [("cmd/s1/valve-1/open", {"percent": 40})]
@@ -363,7 +326,7 @@ async def test_a_broker_that_is_not_there_yet_is_waited_for(tmp_path: Path) -> N
         await asyncio.sleep(1)
         assert not destination.connected
         await asyncio.to_thread(server.start)
-        await _until(lambda: destination.connected, 30, "connect")
+        await until(lambda: destination.connected, 30, "connect")
         assert await destination.send([_event(1)]) == 1
     finally:
         await destination.close()
@@ -375,10 +338,10 @@ async def test_mqtt_publish_reaches_the_exchange_through_the_whole_gateway(tmp_p
         "name": "amq", "type": "rabbitmq", "url": rabbitmq.url, "topics": ["telemetry/valid/#"], "queue": "events",
     }])
     async with Gateway(config) as gw:
-        await _until(lambda: _dest(gw, "amq")["connected"], 30, "connect")
+        await until(lambda: _dest(gw, "amq")["connected"], 30, "connect")
         await asyncio.to_thread(mqtt_publish, f"mqtt://127.0.0.1:{gw.broker.port}",
                                 [(RAW.format(device="m-1"), json.dumps({"value": i, "seq": i})) for i in range(1, 6)])
-        await _until(lambda: _dest(gw, "amq")["delivered"] == 5, 15, "confirmations")
+        await until(lambda: _dest(gw, "amq")["delivered"] == 5, 15, "confirmations")
     stored = await amqp_messages(rabbitmq.url, "events")
     assert [m.routing_key for m in stored] == ["telemetry.valid.1%2E0.s1.meter.m-1.power"] * 5
     assert [json.loads(m.body)["data"]["seq"] for m in stored] == [1, 2, 3, 4, 5]

@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import threading
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 import redis.asyncio as aioredis
-from paho.mqtt.enums import CallbackAPIVersion
+from conftest import until
+from gatewayproc import Device, RunningGateway, kill_9_under_load, wait_for
 from peers import RedisServer, free_port, redis_server_fixture  # noqa: F401  (pytest fixture)
-from test_crash import RAW, _start, _was_acked
-from test_forward import Device, _dest, _until, devices, gateway_config  # noqa: F401  (a fixture)
+from test_forward import _dest, devices, gateway_config  # noqa: F401  (a fixture)
 
 from gateway.app import Gateway
 from gateway.config import ConfigError, parse_config
@@ -73,7 +69,7 @@ def _settings(server: RedisServer, **kw: Any) -> RedisSettings:
 
 async def _connected(destination: RedisDestination) -> RedisDestination:
     await destination.start()
-    await _until(lambda: destination.connected, 15, "connect")
+    await until(lambda: destination.connected, 15, "connect")
     return destination
 
 
@@ -145,7 +141,7 @@ async def test_a_server_that_lost_its_scripts_is_reloaded(redis_server: RedisSer
         await client.script_flush()  # what a restart without persistence of the script cache does
         with pytest.raises(DestinationUnavailableError):
             await destination.send([_event(2)])
-        await _until(lambda: destination.connected, 15, "the script to be loaded again")
+        await until(lambda: destination.connected, 15, "the script to be loaded again")
         assert await destination.send([_event(2)]) == 1
     finally:
         await destination.close()
@@ -185,7 +181,7 @@ async def test_outage_loses_nothing_and_keeps_order(
     async with Gateway(config) as gw:
         def rs() -> dict[str, Any]:
             return _dest(gw, "rs")
-        await _until(lambda: rs()["connected"], 15, "connect")
+        await until(lambda: rs()["connected"], 15, "connect")
         devices += [Device(gw.broker.port, f"r-{i}", rate_hz=20).start() for i in (1, 2)]
         await asyncio.sleep(3)
         await asyncio.to_thread(redis_server.stop)
@@ -197,7 +193,7 @@ async def test_outage_loses_nothing_and_keeps_order(
         await asyncio.sleep(3)
         for device in devices:
             device.stop()
-        await _until(lambda: rs()["depth"] == 0, 60, "the outbox to drain")
+        await until(lambda: rs()["depth"] == 0, 60, "the outbox to drain")
     entries = await _entries(client, "iotgw:valid:s1")
     _assert_once_in_order(entries, {d.device_id: d.acked() for d in devices})
     assert len(_seqs(entries)["r-1"]) > 300
@@ -214,28 +210,9 @@ def test_kill_9_of_the_gateway_twice_loses_nothing_and_adds_each_event_once(
         f'[[forward]]\nname = "rs"\ntype = "redis"\nurl = "redis://127.0.0.1:{redis_server.port}/0"\n'
         'topics = ["telemetry/valid/#"]\n'
     )
-    proc = _start(config, port)
-    sent: dict[str, list[tuple[int, mqtt.MQTTMessageInfo]]] = defaultdict(list)
-    stop = threading.Event()
-    clients = []
-    for device in ("k-1", "k-2"):
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{device}")
-        c.reconnect_delay_set(min_delay=1, max_delay=1)
-        c.connect("127.0.0.1", port)
-        c.loop_start()
-        clients.append(c)
-
-    def publish(device: str, c: mqtt.Client) -> None:
-        seq = 0
-        while not stop.is_set():
-            seq += 1
-            sent[device].append((seq, c.publish(RAW.format(device=device), json.dumps(
-                {"value": float(seq), "seq": seq}), qos=1)))
-            time.sleep(0.01)
-
-    threads = [threading.Thread(target=publish, args=(d, c)) for d, c in zip(("k-1", "k-2"), clients, strict=True)]
-    for t in threads:
-        t.start()
+    gateway = RunningGateway(config, mqtt_port=port)
+    load: list[Device] = []
+    entries: list[dict[str, str]] = []
 
     async def read() -> list[dict[str, str]]:
         r = aioredis.Redis(port=redis_server.port)
@@ -245,33 +222,20 @@ def test_kill_9_of_the_gateway_twice_loses_nothing_and_adds_each_event_once(
             await r.aclose()
 
     try:
-        for _ in range(2):
-            time.sleep(3)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            time.sleep(0.5)
-            proc = _start(config, port)
-        time.sleep(3)
-        stop.set()
-        for t in threads:
-            t.join(10)
-        time.sleep(3)
-        acked = {device: [seq for seq, info in items if _was_acked(info)] for device, items in sent.items()}
+        load += [Device(port, d, 100, unit=None, reconnect_max_s=1).start() for d in ("k-1", "k-2")]
+        acked = kill_9_under_load(gateway, load, kills=2, run_s=3, away_s=0.5, settle_s=3, resend_s=3)
         assert sum(len(a) for a in acked.values()) > 500
-        deadline = time.monotonic() + 90
-        while True:
-            entries = asyncio.run(read())
+
+        def delivered() -> bool:
+            entries[:] = asyncio.run(read())
             got = _seqs(entries)
-            if all(set(acked[d]) <= {s for s, _ in got[d]} for d in acked) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+            return all(set(acked[d]) <= {s for s, _ in got[d]} for d in acked)
+
+        wait_for(delivered, 90)
     finally:
-        stop.set()
-        for c in clients:
-            c.disconnect()
-            c.loop_stop()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        for d in load:
+            d.close()
+        gateway.stop(30)
     _assert_once_in_order(entries, acked, device_order=False)
 
 

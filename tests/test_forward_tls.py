@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from amqtt.broker import Broker
+from conftest import until
 from peers import Mosquitto, MqttCollector, free_port, mqtt_publish
 
 from gateway.app import Gateway
@@ -17,15 +17,6 @@ from gateway.config import parse_config
 from gateway.forward.mqtt.destination import MqttDestination
 
 RAW = "telemetry/raw/1.0/s1/meter/t-1/power"
-
-
-async def _until(check: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.1)
-    return True
 
 
 def _config(tmp_path: Path, forward: dict[str, Any]) -> Any:
@@ -54,7 +45,7 @@ async def test_tls_with_client_certificate(tmp_path: Path, pki: dict[str, Path])
         })
         try:
             async with Gateway(good) as gw:
-                assert await _until(lambda: gw.stats()["forward"]["destinations"]["central"]["connected"], 10)
+                await until(lambda: gw.stats()["forward"]["destinations"]["central"]["connected"], 10, "connect")
                 await asyncio.to_thread(mqtt_publish, f"mqtt://127.0.0.1:{gw.broker.port}",
                                         [(RAW, json.dumps({"value": i, "seq": i})) for i in range(1, 4)])
                 got = await asyncio.to_thread(collector.wait_for, 3, 15)
@@ -82,7 +73,7 @@ async def test_falls_back_to_mqtt_3_1_1_when_the_remote_refuses_mqtt_5(tmp_path:
                                             client_id="old-collector")
         try:
             async with Gateway(_config(tmp_path, {"url": f"mqtt://127.0.0.1:{port}"})) as gw:
-                assert await _until(lambda: gw.stats()["forward"]["destinations"]["central"]["connected"], 20)
+                await until(lambda: gw.stats()["forward"]["destinations"]["central"]["connected"], 20, "connect")
                 forwarder = gw.destinations.forwarder
                 destination = forwarder.routes["central"].destination if forwarder else None
                 assert isinstance(destination, MqttDestination)

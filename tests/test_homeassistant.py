@@ -18,8 +18,9 @@ from typing import Any
 
 import jsonschema
 import pytest
+from conftest import until
 from peers import Mosquitto, MqttCollector, mosquitto_fixture, mqtt_publish  # noqa: F401  (fixture)
-from test_external import external_config, retained, until
+from test_external import external_config, retained
 
 from gateway.app import Gateway
 from gateway.config import ConfigError, parse_config

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from peers import Mosquitto, MqttCollector, free_port, mosquitto_fixture, mqtt_publish  # noqa: F401  (fixture)
 from test_external import external_config, retained
-from test_external_workers import Running
+from test_external_workers import running
 
 from gateway.app import Gateway
 from gateway.config import ConfigError, inactivity_rules, parse_config
@@ -142,7 +142,7 @@ def test_birth_and_last_will_on_the_external_broker_and_a_forward_destination(
             f'[[forward]]\nname = "central"\ntype = "mqtt"\nurl = "{backbone.url}"\ntopics = ["alert/#"]\n'
             f'topic_prefix = "plant-7/"\n'
         )
-        gateway = Running(config, http_port)
+        gateway = running(config, http_port)
         site_status, central_status = "status/s1/gw-l", "plant-7/status/s1/gw-l"
         deadline = time.monotonic() + 10
         while retained(backbone.url, central_status) != b"online":  # the destination connects in the background

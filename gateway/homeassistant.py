@@ -1,10 +1,11 @@
 """Home Assistant MQTT discovery: every device and metric the gateway knows appears in a Home Assistant
 on the same broker, without configuration.
 
-For each series (device, metric) the store holds, a retained sensor config is published on
-``<prefix>/sensor/iotgw_<gateway_id>/<device>_<metric>/config``: the valid-stage topic as its state topic
-(the value read from the CloudEvent's ``data.value``), the unit, a device class and state class where the
-metric and unit make one (Home Assistant's table of units per device class), the device it belongs to,
+For each series (device, metric) the store holds, and each one the config declares before it has reported
+(a Modbus device's registers, a GATT sensor's metric: :func:`configured_series`), a retained sensor config
+is published on ``<prefix>/sensor/iotgw_<gateway_id>/<device>_<metric>/config``: the valid-stage topic as
+its state topic (the value read from the CloudEvent's ``data.value``), the unit, a device class and state
+class where the metric and unit make one (Home Assistant's table of units per device class), the device it belongs to,
 and availability tied to the gateway's retained online/offline status. New series are found every
 ``interval_s``; everything is published again after each (re)connection to the broker.
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from gateway.config import GatewayConfig
+from gateway.config import BleDevice, GatewayConfig, SerialDevice
 from pipeline.store import StoreError, StoreReader
 from pipeline.topics import TopicFields, TopicTemplate
 
@@ -169,6 +170,29 @@ def known_series(data_dir: Path) -> tuple[list[Series], dict[str, int]]:
     return series, {d.device_id: d.last_seen_ms for d in devices.values()}
 
 
+def configured_series(config: GatewayConfig) -> list[Series]:
+    """The series the config declares before any reading: a Modbus device's registers and a GATT sensor's
+    metric, with their units. Other devices declare no metrics (their protocol or payload names them):
+    they are discovered from their first reading."""
+    series: list[Series] = []
+    for device in config.devices:
+        declared: list[tuple[str, str | None]] = []
+        if isinstance(device, SerialDevice):
+            declared = [(register.name, register.unit) for register in device.registers]
+        elif isinstance(device, BleDevice) and device.metric is not None:
+            declared = [(device.metric, device.unit)]
+        series += [Series(config.site, config.device_class(device), device.id, metric, unit, device.transport)
+                   for metric, unit in declared]
+    return series
+
+
+def merged(stored: list[Series], configured: list[Series]) -> list[Series]:
+    """The store's series, then the configured ones it does not hold yet (the store's unit is the one
+    readings carry after cleaning)."""
+    seen = {(s.device_id, s.metric) for s in stored}
+    return stored + [s for s in configured if (s.device_id, s.metric) not in seen]
+
+
 class HomeAssistantDiscovery:
     """``run()`` until cancelled: discovery for new series, removal for devices removed from the config."""
 
@@ -230,7 +254,8 @@ class HomeAssistantDiscovery:
             for device_id in configured:
                 self._removed.pop(device_id, None)
             self._configured = configured
-            series, last_seen = await asyncio.to_thread(known_series, self._config.storage.data_dir)
+            stored, last_seen = await asyncio.to_thread(known_series, self._config.storage.data_dir)
+            series = merged(stored, configured_series(self._config))
             gone = [d for d, removed_at in self._removed.items() if last_seen.get(d, 0) <= removed_at]
             for device_id in gone:
                 await self._remove(device_id)

@@ -24,7 +24,7 @@ from test_external import external_config, retained
 
 from gateway.app import Gateway
 from gateway.config import ConfigError, parse_config
-from gateway.homeassistant import Availability, Series, sensor_config
+from gateway.homeassistant import Availability, Series, configured_series, sensor_config
 from pipeline.topics import TopicTemplate
 
 SCHEMA = json.loads((Path(__file__).parent / "fixtures" / "homeassistant" / "mqtt_sensor.schema.json").read_text())
@@ -114,6 +114,25 @@ def test_discovery_needs_the_external_broker() -> None:
         parse_config({"homeassistant": {"discovery": True}})
 
 
+def test_configured_devices_declare_their_metrics_or_wait_for_a_reading() -> None:
+    """A Modbus device's registers and a GATT sensor's metric are announced before they report; devices
+    whose metrics the config does not name (a serial protocol's, BTHome's, an MQTT device's) are not."""
+    config = parse_config({"site": "s1", "devices": [
+        {"id": "em-1", "transport": "serial", "port": "/dev/ttyUSB0", "protocol": "modbus", "device_class": "meter",
+         "registers": [{"name": "voltage", "address": 0, "unit": "V"}, {"name": "energy", "address": 2}]},
+        {"id": "g-1", "transport": "ble", "address": "A4:C1:38:00:00:01", "protocol": "gatt",
+         "characteristic": "2a6e", "metric": "temperature", "unit": "°C"},
+        {"id": "pm-1", "transport": "serial", "port": "/dev/ttyUSB1", "protocol": "sds011"},
+        {"id": "t-1", "transport": "ble", "address": "A4:C1:38:00:00:02", "protocol": "bthome"},
+        {"id": "kitchen", "transport": "mqtt"},
+    ]})
+    assert configured_series(config) == [
+        Series("s1", "meter", "em-1", "voltage", "V", "serial"),
+        Series("s1", "meter", "em-1", "energy", None, "serial"),
+        Series("s1", "environment", "g-1", "temperature", "°C", "ble"),
+    ]
+
+
 def value_json_data_value(template: str, payload: bytes) -> object:
     """``{{ value_json.data.value }}``, as Home Assistant renders it on a state message."""
     assert template == "{{ value_json.data.value }}"
@@ -166,3 +185,4 @@ async def test_discovery_on_the_site_broker_and_removal(tmp_path: Path, mosquitt
     async with Gateway(config.model_copy(update={"devices": config.devices[:1]})) as gw:
         await until(lambda: gw.homeassistant is not None and gw.homeassistant.published >= 3, 10, "republished")
         assert await asyncio.to_thread(retained, url, hall) is None
+

@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from gateway.alerts import GatewayAlerts
-from gateway.broker.base import GatewayBroker, RetainedBroker, build_broker
+from gateway.broker.base import GatewayBroker, build_broker
 from gateway.config import GatewayConfig, build_dialects, inactivity_rules, series_rules
 from gateway.config.reload import FIXED_FIELDS, ReloadPlan, plan_reload
 from gateway.destinations import Destinations, forward_filters
@@ -132,7 +132,7 @@ class Gateway:
         self.windows = Windows(self.analyze, self.publisher)
         self.inactivity = InactivityWatch(self.liveness, self.publisher)
         self.homeassistant: HomeAssistantDiscovery | None = None
-        if config.homeassistant.discovery and isinstance(self.broker, RetainedBroker):
+        if config.homeassistant.discovery:
             self.homeassistant = HomeAssistantDiscovery(config, self.broker, template)
             self.broker.when_connected(self.homeassistant.republish)
 

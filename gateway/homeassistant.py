@@ -7,7 +7,9 @@ is published on ``<prefix>/sensor/iotgw_<gateway_id>/<device>_<metric>/config``:
 its state topic (the value read from the CloudEvent's ``data.value``), the unit, a device class and state
 class where the metric and unit make one (Home Assistant's table of units per device class), the device it belongs to,
 and availability tied to the gateway's retained online/offline status. New series are found every
-``interval_s``; everything is published again after each (re)connection to the broker.
+``interval_s``; everything is published again after each (re)connection to the broker. Either broker takes
+them (gateway/broker/base.py ``RetainedBroker``): the embedded one keeps them with its retained messages,
+and then also the gateway's status, so a Home Assistant connected to the gateway itself sees the fleet.
 
 A device removed from the config has its configs removed (an empty retained message each), and is not
 discovered again unless it sends a reading after its removal. What was published is remembered in
@@ -150,7 +152,7 @@ def sensor_config(series: Series, *, gateway_id: str, template: TopicTemplate, v
 
 
 class RetainedBroker(Protocol):
-    """Where discovery goes (gateway/broker/base.py ``RetainedBroker``: the external broker)."""
+    """Where discovery goes (gateway/broker/base.py ``RetainedBroker``: the embedded broker or the external one)."""
 
     async def publish_retained(self, topic: str, payload: bytes) -> bool: ...
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import jsonschema
 import pytest
-from conftest import until
-from peers import Mosquitto, MqttCollector, mosquitto_fixture, mqtt_publish  # noqa: F401  (fixture)
+from conftest import Watcher, until
+from peers import Mosquitto, MqttCollector, free_port, mosquitto_fixture, mqtt_publish  # noqa: F401  (fixture)
 from test_external import external_config, retained
 
 from gateway.app import Gateway
-from gateway.config import ConfigError, parse_config
+from gateway.config import parse_config
 from gateway.homeassistant import Availability, Series, configured_series, sensor_config
 from pipeline.topics import TopicTemplate
 
@@ -109,11 +109,6 @@ def test_a_whole_config() -> None:
     }
 
 
-def test_discovery_needs_the_external_broker() -> None:
-    with pytest.raises(ConfigError, match=r"homeassistant\.discovery needs"):
-        parse_config({"homeassistant": {"discovery": True}})
-
-
 def test_configured_devices_declare_their_metrics_or_wait_for_a_reading() -> None:
     """A Modbus device's registers and a GATT sensor's metric are announced before they report; devices
     whose metrics the config does not name (a serial protocol's, BTHome's, an MQTT device's) are not."""
@@ -186,3 +181,64 @@ async def test_discovery_on_the_site_broker_and_removal(tmp_path: Path, mosquitt
         await until(lambda: gw.homeassistant is not None and gw.homeassistant.published >= 3, 10, "republished")
         assert await asyncio.to_thread(retained, url, hall) is None
 
+
+async def test_discovery_on_the_embedded_broker(tmp_path: Path) -> None:
+    """The default mode: a Home Assistant connecting to the gateway's own broker (paho, as Home Assistant's
+    MQTT integration is) gets a retained config for every series, the reported one and the configured
+    Modbus registers that have not reported yet, and the gateway's retained status: ``online`` while it
+    runs, ``offline`` once it stops cleanly."""
+    port = free_port()
+    config = parse_config({
+        "site": "s1", "gateway_id": "gw-e", "broker": {"port": port, "allow_anonymous": True},
+        "storage": {"data_dir": str(tmp_path / "gw")}, "pipeline": {"max_latency_s": 0.05},
+        "homeassistant": {"discovery": True, "interval_s": 0.2},
+        "devices": [
+            {"id": "kitchen", "transport": "mqtt", "device_class": "zigbee"},
+            {"id": "em-1", "transport": "serial", "port": str(tmp_path / "ttyNone"), "protocol": "modbus",
+             "device_class": "meter", "registers": [{"name": "voltage", "address": 0, "unit": "V"},
+                                                    {"name": "power", "address": 1, "unit": "W"}]},
+        ],
+    })
+    url = f"mqtt://127.0.0.1:{port}"
+    status = "status/s1/gw-e"
+    ha: Watcher | None = None
+    try:
+        async with Gateway(config) as gw:
+            await asyncio.to_thread(mqtt_publish, url, [
+                ("telemetry/raw/1.0/s1/zigbee/kitchen/temperature", b'{"value": 19.5, "unit": "\\u00b0C"}')])
+            await until(lambda: gw.homeassistant is not None and gw.homeassistant.published >= 3, 10, "3 configs")
+            ha = watcher = await asyncio.to_thread(Watcher, port, ["homeassistant/#", status, "telemetry/valid/#"])
+            await until(lambda: len(watcher.json("homeassistant/")) >= 3 and status in watcher.topics(), 10,
+                        "the retained configs and status")
+            configs = {t: json.loads(p) for t, p in watcher.messages if t.startswith("homeassistant/")}
+            assert sorted(configs) == [
+                "homeassistant/sensor/iotgw_gw-e/em-1_power/config",
+                "homeassistant/sensor/iotgw_gw-e/em-1_voltage/config",
+                "homeassistant/sensor/iotgw_gw-e/kitchen_temperature/config",
+            ]
+            for topic, payload in configs.items():
+                check(topic, payload)
+                assert payload["availability"] == [
+                    {"topic": status, "payload_available": "online", "payload_not_available": "offline"}]
+            assert configs["homeassistant/sensor/iotgw_gw-e/em-1_power/config"]["device_class"] == "power"
+            assert [p for t, p in watcher.messages if t == status] == [b"online"]
+            # A new reading reaches the state topic Home Assistant subscribed to, and its template reads it.
+            temperature = configs["homeassistant/sensor/iotgw_gw-e/kitchen_temperature/config"]
+            await asyncio.to_thread(mqtt_publish, url, [
+                ("telemetry/raw/1.0/s1/zigbee/kitchen/temperature", b'{"value": 20.25, "unit": "\\u00b0C"}')])
+            await until(lambda: temperature["state_topic"] in watcher.topics(), 10, "a state on the state topic")
+            state = [p for t, p in watcher.messages if t == temperature["state_topic"]][-1]
+            assert value_json_data_value(temperature["value_template"], state) == 20.25
+        # The gateway stopped cleanly: Home Assistant, connected until the broker closed, was told.
+        assert [p for t, p in ha.messages if t == status] == [b"online", b"offline"]
+    finally:
+        if ha is not None:
+            ha.close()
+    # Across a restart: the configs are still retained (sessions.sqlite3), the status is online again.
+    async with Gateway(config):
+        again = await asyncio.to_thread(Watcher, port, ["homeassistant/#", status])
+        try:
+            await until(lambda: len(again.json("homeassistant/")) >= 3 and status in again.topics(), 10, "retained")
+            assert [p for t, p in again.messages if t == status] == [b"online"]
+        finally:
+            again.close()

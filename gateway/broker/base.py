@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, Protocol, Self
 
 from gateway.broker.auth import BrokerSecurity
 from gateway.broker.embedded import EmbeddedBroker, Ingest, Traffic
@@ -16,7 +16,22 @@ from gateway.config import GatewayConfig
 from gateway.forward.mqtt.connect import Presence
 
 
-class GatewayBroker(Protocol):
+class RetainedBroker(Protocol):
+    """A broker the gateway leaves retained messages of its own on (Home Assistant's discovery): both modes.
+    The embedded broker keeps them with its retained messages; the external one sends them to the site's
+    broker, and calls ``when_connected``'s callbacks again after each reconnection."""
+
+    async def publish_retained(self, topic: str, payload: bytes) -> bool:
+        """Retain ``payload`` on ``topic`` (empty: clear it); False when the broker cannot take it now
+        (not connected, not running): publish it again from a :meth:`when_connected` callback."""
+        ...
+
+    def when_connected(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Call ``callback`` (on the event loop) once the broker is up, and after every reconnection."""
+        ...
+
+
+class GatewayBroker(RetainedBroker, Protocol):
     """Where devices' messages come from and the gateway's events go (gateway/publish.py ``Broker``)."""
 
     @property
@@ -53,28 +68,21 @@ class GatewayBroker(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
-@runtime_checkable
-class RetainedBroker(Protocol):
-    """A broker the gateway can leave retained messages on (Home Assistant's discovery): the external one."""
-
-    async def publish_retained(self, topic: str, payload: bytes) -> bool: ...
-
-    def when_connected(self, callback: Callable[[], Awaitable[None]]) -> None: ...
-
-
 def build_broker(
     config: GatewayConfig, ingest: Ingest, room: Callable[[], Awaitable[None]], *, filters: Sequence[str],
     raw_filter: str, port_option: str, traffic: Traffic | None, data_dir: Path,
 ) -> GatewayBroker:
     """The broker ``config.broker.mode`` names; ``filters``: what the pipeline reads (an external broker
     subscribes to them)."""
-    settings = config.broker
+    settings, liveness = config.broker, config.liveness
+    presence = Presence(config.status_topic, liveness.online, liveness.offline)
     if settings.mode == "embedded" or settings.external is None:
-        return EmbeddedBroker(settings, ingest, room, port_option=port_option, traffic=traffic, data_dir=data_dir)
+        # The gateway's status on its own broker is what Home Assistant's discovery ties availability to:
+        # kept there only with discovery on (the broker's retained messages are the clients' otherwise).
+        return EmbeddedBroker(settings, ingest, room, port_option=port_option, traffic=traffic, data_dir=data_dir,
+                              presence=presence if config.homeassistant.discovery else None)
     external = settings.external
-    liveness = config.liveness
     return ExternalBroker(
         external, ingest, client_id=external.client_id or f"iotgw-{config.effective_gateway_id}", filters=filters,
-        raw_filter=raw_filter, presence=Presence(config.status_topic, liveness.online, liveness.offline),
-        traffic=traffic,
+        raw_filter=raw_filter, presence=presence, traffic=traffic,
     )

@@ -693,6 +693,15 @@ class BrokerCore:
             self.in_tap -= 1
         return futures
 
+    def retain(self, topic: str, payload: bytes, qos: int) -> list[asyncio.Future[None]]:
+        """A retained message of the gateway's own (its status, Home Assistant's discovery): to the
+        subscribers and the retained messages, not to the ingest (it is no reading); an empty payload
+        clears the topic. The futures resolve once it is durable."""
+        futures = self._route(Body(topic, payload), qos)
+        if (kept := self.retained.set(topic, payload, qos)) is not None:
+            futures.append(kept)
+        return futures
+
     def _route(self, body: Body, qos: int) -> list[asyncio.Future[None]]:
         """Queue a message for every session subscribed to its topic, once each, at min(publish QoS, the
         highest QoS granted among its matching filters), if its owner may read it."""

@@ -11,6 +11,10 @@ sessions, offline queues and redelivery (gateway/broker/sessions.py), retained m
 broker/retained.py), malformed packets and deadlines (gateway/broker/firewall.py), passwords and ACLs
 (gateway/broker/auth.py), the decisions and bounds (gateway/broker/core.py). amqtt reads the packets,
 behind gateway/broker/amqtt_adapter.py.
+
+Retained messages of the gateway's own (Home Assistant's discovery, gateway/homeassistant.py) go in
+through :meth:`EmbeddedBroker.publish_retained`, without a client. Given a ``presence``, the broker keeps
+the gateway's status there too: ``online`` once it listens, ``offline`` when the gateway stops cleanly.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from gateway.broker.listeners import Listeners
 from gateway.broker.sessions import Sessions
 from gateway.config import BrokerSettings
 from gateway.errors import GatewayError, PortInUseError
+from gateway.forward.mqtt.connect import Presence
 
 __all__ = ["EmbeddedBroker", "Ingest", "Resend", "Traffic"]
 
@@ -45,9 +50,10 @@ class EmbeddedBroker:
         self, settings: BrokerSettings, ingest: Ingest, room: Callable[[], Awaitable[None]], *, port_option: str,
         traffic: Traffic | None = None,
         data_dir: Path | None = None,
+        presence: Presence | None = None,
     ) -> None:
         """``data_dir`` holds the persistent MQTT sessions and retained messages (None: in memory, for
-        this process only)."""
+        this process only); ``presence``: where the gateway's retained status goes (None: nowhere)."""
         self._settings = settings
         self._traffic = traffic
         self._port_option = port_option
@@ -58,6 +64,10 @@ class EmbeddedBroker:
         self.sessions = Sessions(settings, data_dir)
         self.port = settings.port
         self.security: BrokerSecurity | None = None
+        self._presence = presence
+        self._on_started: list[Callable[[], Awaitable[None]]] = []
+        self._callbacks: set[asyncio.Future[None]] = set()
+        self._offline = False
 
     async def __aenter__(self) -> Self:
         self.security = BrokerSecurity(self._settings)  # a ConfigError when [broker] is unusable
@@ -80,15 +90,25 @@ class EmbeddedBroker:
         log.info("MQTT broker listening on %s:%d", self._settings.host, self.port)
         for where in listeners.names[1:]:
             log.info("MQTT broker listening (%s)", where)
+        if self._presence is not None:
+            await self.publish_retained(self._presence.topic, self._presence.online.encode())
+        for callback in self._on_started:
+            task = asyncio.ensure_future(callback())  # each logs its own failure
+            self._callbacks.add(task)
+            task.add_done_callback(self._callbacks.discard)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
+            for task in self._callbacks:
+                task.cancel()
+            await asyncio.gather(*self._callbacks, return_exceptions=True)
             if self._listeners is not None:
                 self._listeners.stop_listening()
             if self._core is not None:
+                await self._say_offline()
                 await self._core.close()
             if self._listeners is not None:
                 await self._listeners.close()
@@ -120,6 +140,31 @@ class EmbeddedBroker:
         where it came from (None: this gateway) and ``event_id`` keeps the id it already has. No write
         check: the gateway's drivers and pipeline publish where they must."""
         await self._running.publish(topic, payload, qos, origin=origin, event_id=event_id)
+
+    async def publish_retained(self, topic: str, payload: bytes) -> bool:
+        """Retain a message of the gateway's own (QoS 1; empty: clear the topic) and deliver it to the
+        subscribers, without the ingest; True once it is durable, False when the broker is not running."""
+        core = self._core
+        if core is None:
+            return False
+        futures = core.retain(topic, payload, 1)
+        if futures:
+            await asyncio.gather(*futures)
+        return True
+
+    def when_connected(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Call ``callback`` once the broker listens (it has no connection to lose and get back)."""
+        self._on_started.append(callback)
+
+    async def _say_offline(self) -> None:
+        """The gateway stops cleanly: its retained status says so (once; no-op without a ``presence``)."""
+        if self._presence is None or self._offline or self._core is None:
+            return
+        self._offline = True
+        try:
+            await self.publish_retained(self._presence.topic, self._presence.offline.encode())
+        except Exception as exc:  # a failing disk: the stop goes on
+            log.warning("the gateway's offline status was not retained: %s", exc)
 
     def has_subscriber(self, topic: str) -> bool:
         """Whether any session (connected, or persistent and away) has a filter matching ``topic``."""
@@ -153,6 +198,7 @@ class EmbeddedBroker:
         Returns how many messages were still pending at the deadline (0 when fully drained).
         """
         core = self._running
+        await self._say_offline()  # while the clients are still connected to read it
         core.draining.set()
         if self._listeners is not None:
             self._listeners.stop_listening()

@@ -183,9 +183,6 @@ class GatewayConfig(Model):
         rule_names = [r.name for r in self.rules]
         if len(rule_names) != len(set(rule_names)):
             raise ValueError("rule names must be unique")
-        if self.homeassistant.discovery and self.broker.mode != "external":
-            raise ValueError('homeassistant.discovery needs [broker] mode = "external" (retained messages on the '
-                             "site's broker, where Home Assistant reads them)")
         dialects = [d.effective_name for d in self.dialects]
         if len(dialects) != len(set(dialects)):
             raise ValueError("dialect names must be unique (give a second use of a preset a name)")

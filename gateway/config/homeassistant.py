@@ -1,4 +1,5 @@
-"""``[homeassistant]``: MQTT discovery for Home Assistant on the site's broker (gateway/homeassistant.py)."""
+"""``[homeassistant]``: MQTT discovery for Home Assistant on the gateway's broker, the embedded one or the
+site's (gateway/homeassistant.py)."""
 
 from __future__ import annotations
 

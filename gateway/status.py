@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -227,6 +228,21 @@ class Health:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def broker_readiness(broker: BrokerStatus) -> str:
+    """``/readyz``'s broker check: "up", or why not. The external broker away is said as such (the
+    gateway keeps reconnecting), not as the gateway starting or stopping."""
+    if broker.serving:
+        return "up"
+    external = broker.external
+    if broker.mode == "external" and external is not None:
+        if not external.connected:
+            url = urlparse(external.url)  # host and port only: no credentials a URL may carry
+            where = f"{url.hostname}:{url.port}" if url.port else url.hostname
+            return f"the external MQTT broker {where} is unreachable (reconnecting)"
+        return "the gateway is stopping (no longer reading from the external MQTT broker)"
+    return "the MQTT broker is not serving (starting or stopping)"
 
 
 def health(status: GatewayStatus, *, stall_s: float) -> Health:

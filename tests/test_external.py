@@ -9,6 +9,7 @@ import json
 import logging
 import time
 import tomllib
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -155,9 +156,30 @@ async def test_an_outage_of_the_broker_is_survived_and_logged_once(
     assert sum("connected to" in line for line in lines) == 2, lines  # at start, and once back
 
 
+async def test_readyz_says_the_external_broker_is_unreachable(tmp_path: Path) -> None:
+    """Nothing listens where the site's broker should be: /readyz answers 503 and names the broker as away
+    (not the gateway as starting or stopping); the gateway itself is healthy and keeps trying."""
+    http_port, away = free_port(), free_port()
+    config = parse_config({
+        "site": "s1", "gateway_id": "gw-x", "storage": {"data_dir": str(tmp_path / "gw")},
+        "broker": {"mode": "external", "external": {"url": f"mqtt://user:secret@127.0.0.1:{away}"}},
+        "http": {"enabled": True, "port": http_port},
+    })
+    async with Gateway(config) as gw:
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            await asyncio.to_thread(get_json, http_port, "/readyz")
+        assert answer.value.code == 503
+        body = json.loads(answer.value.read())
+        assert body["checks"]["broker"] == f"the external MQTT broker 127.0.0.1:{away} is unreachable (reconnecting)"
+        assert "secret" not in json.dumps(body)
+        assert "secret" not in str(answer.value.reason)
+        assert body["checks"]["pipeline"] == "up"
+        assert gw.health().ok
+
+
 def test_the_samples_external_block_is_a_valid_config(tmp_path: Path) -> None:
     """gateway/sample-config.toml shows [broker.external] commented out: uncommented, it loads (with Home
-    Assistant's discovery, which needs it)."""
+    Assistant's discovery)."""
     text = (Path(__file__).parent.parent / "gateway" / "sample-config.toml").read_text()
     start = text.index("# [broker.external]")
     block = text[start:text.index("\n[storage]", start)]

@@ -45,7 +45,7 @@ from gateway.http.portal import PortalRoutes
 from gateway.http.views import AlertView, CatalogView, NoSignal, SignalView
 from gateway.portal import Portal
 from gateway.query import AGGREGATES, QueryError, iso_ms, parse_duration, parse_time, query_series
-from gateway.status import BrokerStatus, StatusSource
+from gateway.status import BrokerStatus, StatusSource, broker_readiness
 from pipeline.db import SqliteThread
 from pipeline.store import READER_PRAGMAS, StoreReader, db_path
 
@@ -364,7 +364,7 @@ class HttpApi:
     async def _readyz(self, request: web.Request) -> web.Response:
         status = self._status()
         checks: dict[str, str] = {}
-        checks["broker"] = "up" if status.broker.serving else "the MQTT broker is not serving (starting or stopping)"
+        checks["broker"] = broker_readiness(status.broker)
         checks["pipeline"] = "up" if status.pipeline.running else "the pipeline task is not running"
         if problems := [f"{name}: {d.error}" for name, d in status.forward.destinations.items() if d.error]:
             checks["forward"] = "; ".join(problems)  # a config problem: the outbox fills until it is fixed

@@ -242,3 +242,20 @@ async def test_discovery_on_the_embedded_broker(tmp_path: Path) -> None:
             assert [p for t, p in again.messages if t == status] == [b"online"]
         finally:
             again.close()
+
+
+async def test_a_config_the_embedded_broker_cannot_retain_is_not_counted_as_published(tmp_path: Path) -> None:
+    """At the bound of retained messages (here 2: the status and one config), the second config is refused:
+    discovery does not take it as published, and tries again at its next pass."""
+    config = parse_config({
+        "site": "s1", "gateway_id": "gw-b", "broker": {"port": free_port(), "max_retained_messages": 2},
+        "storage": {"data_dir": str(tmp_path / "gw")}, "homeassistant": {"discovery": True, "interval_s": 0.1},
+        "devices": [{"id": "em-1", "transport": "serial", "port": str(tmp_path / "ttyNone"), "protocol": "modbus",
+                     "registers": [{"name": "voltage", "address": 0, "unit": "V"},
+                                   {"name": "power", "address": 1, "unit": "W"}]}],
+    })
+    async with Gateway(config) as gw:
+        await until(lambda: gw.stats()["broker"]["limits"]["retained_refused"] >= 3, 10, "refusals at each pass")
+        assert gw.homeassistant is not None
+        assert gw.homeassistant.published == 1
+        assert gw.stats()["broker"]["retained"]["messages"] == 2

@@ -143,14 +143,16 @@ class EmbeddedBroker:
 
     async def publish_retained(self, topic: str, payload: bytes) -> bool:
         """Retain a message of the gateway's own (QoS 1; empty: clear the topic) and deliver it to the
-        subscribers, without the ingest; True once it is durable, False when the broker is not running."""
+        subscribers, without the ingest; True once it is durable, False when the broker is not running or
+        its retained messages are at their bound (``max_retained_messages``, ``max_retained_bytes``)."""
         core = self._core
         if core is None:
             return False
+        refused = core.retained.refused
         futures = core.retain(topic, payload, 1)
         if futures:
             await asyncio.gather(*futures)
-        return True
+        return core.retained.refused == refused
 
     def when_connected(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Call ``callback`` once the broker listens (it has no connection to lose and get back)."""

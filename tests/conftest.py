@@ -140,6 +140,23 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     return {p.stem + p.suffix.replace(".", "_"): p for p in d.iterdir()}
 
 
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition", *, interval: float = 0.05,
+    fail: bool = True,
+) -> Any:
+    """:func:`until` for tests without an event loop: poll ``condition()`` until it returns something truthy,
+    and return that. At the timeout, fail naming ``what``; with ``fail=False`` return the last result instead
+    (the caller's own assertions then say what is missing)."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            if fail:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            return result
+        time.sleep(interval)
+    return result
+
+
 async def until(
     check: Callable[[], Any], timeout: float = 30.0, what: str | Callable[[], str] = "condition"
 ) -> None:

@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Self
 
@@ -146,6 +146,21 @@ class RunningGateway:
         self._closed()
 
 
+def crash_config(path: Path, port: int, forward: str) -> Path:
+    """``iotgw run``'s config for the kill -9 tests: the embedded broker on ``port`` (anonymous), its data in
+    ``d`` beside ``path``, and one ``[[forward]]`` destination (its TOML lines)."""
+    path.write_text(
+        f'site = "s1"\ngateway_id = "gw-crash"\n[broker]\nport = {port}\nallow_anonymous = true\n'
+        f'[storage]\ndata_dir = "{path.parent / "d"}"\n[pipeline]\nmax_latency_s = 0.05\n[[forward]]\n{forward}'
+    )
+    return path
+
+
+def crash_load(port: int) -> list[Device]:
+    """Two devices (k-1, k-2) publishing to the gateway's broker at 100/s, reconnecting every second."""
+    return [Device(port, d, 100, unit=None, reconnect_max_s=1).start() for d in ("k-1", "k-2")]
+
+
 def kill_9_under_load(gateway: RunningGateway, devices: Sequence[Device], *, kills: int, run_s: float,
                       away_s: float, settle_s: float, resend_s: float) -> dict[str, list[int]]:
     """With ``devices`` publishing (started): ``kills`` times, let the gateway run ``run_s``, SIGKILL it, wait
@@ -161,13 +176,3 @@ def kill_9_under_load(gateway: RunningGateway, devices: Sequence[Device], *, kil
         device.stop()
     time.sleep(resend_s)
     return {device.device_id: device.acked() for device in devices}
-
-
-def wait_for(check: Callable[[], bool], timeout_s: float, interval_s: float = 0.5) -> bool:
-    """Call ``check`` (at least once) until it holds or ``timeout_s`` has passed; whether it held."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval_s)
-    return True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
-from conftest import GatewayProcess, free_port
+from conftest import GatewayProcess, free_port, wait_for
 
 
 @dataclass(frozen=True)
@@ -36,17 +35,6 @@ def get(url: str, token: str | None = None, timeout: float = 30) -> Answer:
     except urllib.error.HTTPError as exc:
         with exc:  # it holds the connection
             return Answer(exc.code, exc.headers, exc.read())
-
-
-def wait_for(condition: Any, timeout: float, what: str) -> Any:
-    """Poll ``condition()`` until it returns something truthy (generous timeouts: the machine is shared)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class DemoWithHttp:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GatewayProcess
+from conftest import GatewayProcess, wait_for
 from mqttwire import (
     GatewayThread,
     Paho,
@@ -29,7 +29,6 @@ from mqttwire import (
     string,
     subscribe,
     varint,
-    wait_for,
 )
 from test_security import NOT_AUTHORIZED, Client, passwd_file
 
@@ -129,7 +128,7 @@ def test_queued_and_retained_deliveries_are_checked_like_live_ones(tmp_path: Pat
         reader = Client(port, "reader", username="alice", password="a", clean=False)
         queued = reader.wait_for("d/open/kept")
         assert reader.subscribe([("d/+/kept", 1)]) == [1]
-        wait_for(lambda: len(reader.topics()) > len(queued), "the retained message")
+        wait_for(lambda: len(reader.topics()) > len(queued), 30, "the retained message")
         time.sleep(0.3)  # a retained d/secret/kept would have come by now
         retained = reader.messages[len(queued):]
         reader.close()
@@ -240,7 +239,7 @@ def test_an_anonymous_loopback_device_resumes_its_session_after_a_restart(tmp_pa
         device = Paho(port, "dev-9", clean=False)  # was refused: the restored session had no address
         assert device.session_present is True
         Paho(port, "ops").publish("cmd/dev-9", b"reboot", 1)
-        wait_for(lambda: len(device.received()) == 1, "the command")
+        wait_for(lambda: len(device.received()) == 1, 30, "the command")
         device.close()
 
 
@@ -343,7 +342,7 @@ def test_connections_are_capped_in_total_and_per_address(tmp_path: Path, port: i
         for raw in mine + theirs:
             raw.close()
         # once they are gone, a client connects again
-        wait_for(lambda: gw.stats()["broker"]["connections"] == 0, "the connections to close")
+        wait_for(lambda: gw.stats()["broker"]["connections"] == 0, 30, "the connections to close")
         ok = Paho(port, "after-the-flood")
         ok.close()
     assert refused_here == [False] * 4 + [True] * 2  # per address: 4
@@ -425,7 +424,7 @@ def test_ghost_sessions_are_bounded_and_expire(tmp_path: Path, port: int) -> Non
         sessions = gw.stats()["broker"]["sessions"]
         size = sum(p.stat().st_size for p in (tmp_path / "data").glob("sessions.sqlite3*"))
         limits = _limits(gw)
-        wait_for(lambda: gw.stats()["broker"]["sessions"]["persistent"] == 0, "the sessions to expire", timeout=20)
+        wait_for(lambda: gw.stats()["broker"]["sessions"]["persistent"] == 0, 20, "the sessions to expire")
         expired = _limits(gw)["sessions_expired"]
         fresh = RawClient(port)  # a new persistent session is taken again
         fresh.send(connect("ghost-new", clean=False))
@@ -459,7 +458,7 @@ def test_retained_messages_are_bounded_and_survive_kill_9(
     gw.stop(signal.SIGKILL)
     gw = gateway_process(["run", "--config", str(config)], port)
     sub = Paho(port, "ret-sub", subscribe=[("ret/#", 1)])
-    wait_for(lambda: len(sub.received()) >= 5, "the retained messages")
+    wait_for(lambda: len(sub.received()) >= 5, 30, "the retained messages")
     time.sleep(0.5)
     got = sorted((m.topic, m.payload) for m in sub.received())
     sub.close()
@@ -506,7 +505,7 @@ def test_a_qos2_message_answered_with_pubrec_survives_kill_9(
     answers = [raw.read(), raw.read()]
     raw.close()
     sub = Paho(port, "q2-sub", clean=False)
-    wait_for(lambda: len(sub.received()) >= 1, "the QoS 2 message")
+    wait_for(lambda: len(sub.received()) >= 1, 30, "the QoS 2 message")
     time.sleep(1)
     got = [(m.topic, m.payload) for m in sub.received()]
     sub.close()

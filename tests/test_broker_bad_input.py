@@ -8,9 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mqttwire import GatewayThread, Paho, RawClient, connect, packet, publish, string, wait_for
+from mqttwire import GatewayThread, Paho, RawClient, connect, packet, publish, string
 
 from gateway.broker.firewall import check_packet
 from gateway.config import BrokerSettings, GatewayConfig, StorageSettings
@@ -62,12 +63,12 @@ class Traffic:
     def still_flowing(self) -> None:
         """Another message gets through now."""
         target = self.sent + 1
-        wait_for(lambda: len(self.sub.received()) >= target, "the good client's traffic")
+        wait_for(lambda: len(self.sub.received()) >= target, 30, "the good client's traffic")
 
     def finish(self) -> None:
         self._stop.set()
         self._thread.join(30)
-        wait_for(lambda: len(self.sub.received()) >= self.sent, "every good message")
+        wait_for(lambda: len(self.sub.received()) >= self.sent, 30, "every good message")
         assert [int(m.payload) for m in self.sub.received()] == list(range(self.sent))
         self.pub.close()
         self.sub.close()
@@ -161,7 +162,7 @@ def test_packets_sent_together_are_taken_up_to_a_bad_one(gateway: GatewayThread)
         assert raw.closed_by_server()
     finally:
         raw.close()
-    wait_for(lambda: len(sub.received()) >= 20, "the good packets")
+    wait_for(lambda: len(sub.received()) >= 20, 30, "the good packets")
     assert sorted(int(m.payload) for m in sub.received()) == list(range(20))
     sub.close()
     assert gateway.stats()["broker"]["offences"] == {"wildcard_topic": 1}

@@ -8,24 +8,20 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from gatewayproc import Device, RunningGateway, kill_9_under_load, wait_for
+from conftest import wait_for
+from gatewayproc import Device, RunningGateway, crash_config, crash_load, kill_9_under_load
 from peers import Mosquitto, MqttCollector, free_port, mosquitto_fixture  # noqa: F401  (pytest fixture)
 
 
 def test_kill_9_under_load_three_times_loses_nothing_acknowledged(tmp_path: Path, mosquitto: Mosquitto) -> None:
     port = free_port()
-    config = tmp_path / "gw.toml"
-    config.write_text(
-        f'site = "s1"\ngateway_id = "gw-crash"\n[broker]\nport = {port}\nallow_anonymous = true\n'
-        f'[storage]\ndata_dir = "{tmp_path / "d"}"\n'
-        f'[pipeline]\nmax_latency_s = 0.05\n'
-        f'[[forward]]\nname = "central"\ntype = "mqtt"\nurl = "{mosquitto.url}"\ntopics = ["telemetry/valid/#"]\n'
-    )
+    config = crash_config(tmp_path / "gw.toml", port,
+                          f'name = "central"\ntype = "mqtt"\nurl = "{mosquitto.url}"\ntopics = ["telemetry/valid/#"]\n')
     collector = MqttCollector(mosquitto.url, ["telemetry/valid/#"], client_id="crash-collector")
     gateway = RunningGateway(config, mqtt_port=port)
     load: list[Device] = []
     try:
-        load += [Device(port, d, 100, unit=None, reconnect_max_s=1).start() for d in ("k-1", "k-2")]
+        load += crash_load(port)
         acked = kill_9_under_load(gateway, load, kills=3, run_s=2.5, away_s=0.5, settle_s=3, resend_s=3)
         expected = sum(len(a) for a in acked.values())
         assert expected > 500
@@ -37,7 +33,7 @@ def test_kill_9_under_load_three_times_loses_nothing_acknowledged(tmp_path: Path
                 got[data["device_id"]].add(data["seq"])
             return all(set(acked[d]) <= got[d] for d in acked)
 
-        wait_for(delivered, 90)
+        wait_for(delivered, 90, interval=0.5, fail=False)
     finally:
         for d in load:
             d.close()

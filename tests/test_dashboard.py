@@ -11,13 +11,14 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from http_helpers import DemoWithHttp, get, wait_for
+from conftest import wait_for
+from http_helpers import DemoWithHttp, get
 
 from pipeline.store import StoreReader
 
@@ -57,6 +58,19 @@ class DevTools:
         if "exceptionDetails" in result:
             raise AssertionError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
+
+    async def value_when(self, expression: str, ok: Callable[[Any], object], what: str, *, timeout: float,
+                         interval: float = 0.5) -> Any:
+        """Evaluate ``expression`` until ``ok`` holds for its value, and return that value; fail naming
+        ``what`` and the last value (the page's state) after ``timeout`` seconds."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            value = await self.evaluate(expression)
+            if ok(value):
+                return value
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; page state: {json.dumps(value)}")
+            await asyncio.sleep(interval)
 
 
 @pytest.fixture
@@ -114,14 +128,8 @@ async def test_dashboard_shows_live_charts_devices_and_catalog(demo: DemoWithHtt
     assert len(expected) >= 7  # pm-1: pm2_5 pm10; t-1: temperature humidity battery; co2-1: co2 temperature
 
     async def state_when(ok: Any, what: str, timeout: float = 90) -> dict[str, Any]:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            state: dict[str, Any] = await browser.evaluate(STATE)
-            if ok(state):
-                return state
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; page state: {json.dumps(state)}")
-            await asyncio.sleep(0.5)
+        state: dict[str, Any] = await browser.value_when(STATE, ok, what, timeout=timeout)
+        return state
 
     first = await state_when(
         lambda s: s["rendered"] >= 1 and expected <= set(s["charts"])
@@ -195,12 +203,16 @@ async def _wait_bucket(browser: DevTools, series: str, ok: Any, timeout: float =
     """Wait until the chart of ``series`` shows a bucket size (seconds, from its caption) that is ``ok``."""
     expression = (f"(() => {{ const s = document.querySelector('svg[data-series=\"{series}\"]');"
                   " return [s.closest('figure').querySelector('.meta').textContent, Number(s.dataset.points)]; })()")
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        meta, points = await browser.evaluate(expression)
+
+    def bucket(meta: str) -> float | None:
         match = re.search(r"per ([0-9.]+) s", meta)
-        if match and ok(float(match[1])):
-            return float(match[1]), int(points)
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for the bucket of {series}: {meta!r}")
-        await asyncio.sleep(0.5)
+        return float(match[1]) if match else None
+
+    def shown(value: list[Any]) -> bool:
+        size = bucket(value[0])
+        return size is not None and bool(ok(size))
+
+    meta, points = await browser.value_when(expression, shown, f"the bucket of {series}", timeout=timeout)
+    size = bucket(meta)
+    assert size is not None
+    return size, int(points)

@@ -9,7 +9,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from gatewayproc import Device, RunningGateway, kill_9_under_load, wait_for
+from conftest import wait_for
+from gatewayproc import Device, RunningGateway, kill_9_under_load
 from peers import Mosquitto, free_port, mosquitto_fixture  # noqa: F401  (pytest fixture)
 
 
@@ -59,7 +60,8 @@ def test_kill_9_under_load_twice_loses_nothing_the_broker_acknowledged(tmp_path:
         acked = {name: set(seqs) for name, seqs in kill_9_under_load(
             gateway, devices, kills=2, run_s=2.5, away_s=1.0, settle_s=2, resend_s=0).items()}
         assert sum(map(len, acked.values())) > 800
-        wait_for(lambda: all(seqs <= stored(tmp_path / "gw-k")[name].keys() for name, seqs in acked.items()), 60)
+        wait_for(lambda: all(seqs <= stored(tmp_path / "gw-k")[name].keys() for name, seqs in acked.items()),
+                 60, interval=0.5, fail=False)
         assert gateway.stop() == 0
     finally:
         for device in devices:
@@ -90,7 +92,8 @@ def test_two_shared_subscription_workers_store_every_message_once(tmp_path: Path
         acked = {d.device_id: set(d.acked()) for d in devices}
         sent = {d.device_id: {seq for seq, _ in d.sent} for d in devices}
         wait_for(lambda: sum(len(by_seq) for name in ("w-1", "w-2") for by_seq in stored(tmp_path / name).values())
-                 >= sum(map(len, sent.values())), 60)
+                 >= sum(map(len, sent.values())), 60,
+                 interval=0.5, fail=False)
         assert [w.stop() for w in workers] == [0, 0]
     finally:
         for device in devices:

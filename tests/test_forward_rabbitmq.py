@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import aiormq
 import pytest
-from conftest import until
-from gatewayproc import RAW, Device, RunningGateway, kill_9_under_load, wait_for
+from conftest import until, wait_for
+from gatewayproc import RAW, Device, RunningGateway, crash_config, crash_load, kill_9_under_load
 from hypothesis import given
 from hypothesis import strategies as st
 from peers import (
@@ -264,18 +264,13 @@ def test_kill_9_of_the_gateway_twice_loses_nothing_and_publishes_each_event_once
     tmp_path: Path, rabbitmq: RabbitMq
 ) -> None:
     port = free_port()
-    config = tmp_path / "gw.toml"
-    config.write_text(
-        f'site = "s1"\ngateway_id = "gw-crash"\n[broker]\nport = {port}\nallow_anonymous = true\n'
-        f'[storage]\ndata_dir = "{tmp_path / "d"}"\n[pipeline]\nmax_latency_s = 0.05\n'
-        f'[[forward]]\nname = "amq"\ntype = "rabbitmq"\nurl = "{rabbitmq.url}"\ntopics = ["telemetry/valid/#"]\n'
-        'queue = "events"\n'
-    )
+    config = crash_config(tmp_path / "gw.toml", port, f'name = "amq"\ntype = "rabbitmq"\nurl = "{rabbitmq.url}"\n'
+                                                     'topics = ["telemetry/valid/#"]\nqueue = "events"\n')
     gateway = RunningGateway(config, mqtt_port=port)
     load: list[Device] = []
     stored: list[AmqpMessage] = []
     try:
-        load += [Device(port, d, 100, unit=None, reconnect_max_s=1).start() for d in ("k-1", "k-2")]
+        load += crash_load(port)
         acked = kill_9_under_load(gateway, load, kills=2, run_s=3, away_s=0.5, settle_s=3, resend_s=3)
         assert sum(len(a) for a in acked.values()) > 500
 
@@ -284,7 +279,7 @@ def test_kill_9_of_the_gateway_twice_loses_nothing_and_publishes_each_event_once
             seqs = _by_device(stored)
             return all(set(acked[d]) <= set(seqs[d]) for d in acked)
 
-        wait_for(delivered, 90)
+        wait_for(delivered, 90, interval=0.5, fail=False)
     finally:
         for d in load:
             d.close()

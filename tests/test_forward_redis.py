@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import until
-from gatewayproc import Device, RunningGateway, kill_9_under_load, wait_for
+from conftest import until, wait_for
+from gatewayproc import Device, RunningGateway, crash_config, crash_load, kill_9_under_load
 from peers import RedisServer, free_port, redis_server_fixture  # noqa: F401  (pytest fixture)
 from test_forward import _dest, devices, gateway_config  # noqa: F401  (a fixture)
 
@@ -203,13 +203,8 @@ def test_kill_9_of_the_gateway_twice_loses_nothing_and_adds_each_event_once(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     port = free_port()
-    config = tmp_path / "gw.toml"
-    config.write_text(
-        f'site = "s1"\ngateway_id = "gw-crash"\n[broker]\nport = {port}\nallow_anonymous = true\n'
-        f'[storage]\ndata_dir = "{tmp_path / "d"}"\n[pipeline]\nmax_latency_s = 0.05\n'
-        f'[[forward]]\nname = "rs"\ntype = "redis"\nurl = "redis://127.0.0.1:{redis_server.port}/0"\n'
-        'topics = ["telemetry/valid/#"]\n'
-    )
+    config = crash_config(tmp_path / "gw.toml", port, f'name = "rs"\ntype = "redis"\n'
+                          f'url = "redis://127.0.0.1:{redis_server.port}/0"\ntopics = ["telemetry/valid/#"]\n')
     gateway = RunningGateway(config, mqtt_port=port)
     load: list[Device] = []
     entries: list[dict[str, str]] = []
@@ -222,7 +217,7 @@ def test_kill_9_of_the_gateway_twice_loses_nothing_and_adds_each_event_once(
             await r.aclose()
 
     try:
-        load += [Device(port, d, 100, unit=None, reconnect_max_s=1).start() for d in ("k-1", "k-2")]
+        load += crash_load(port)
         acked = kill_9_under_load(gateway, load, kills=2, run_s=3, away_s=0.5, settle_s=3, resend_s=3)
         assert sum(len(a) for a in acked.values()) > 500
 
@@ -231,7 +226,7 @@ def test_kill_9_of_the_gateway_twice_loses_nothing_and_adds_each_event_once(
             got = _seqs(entries)
             return all(set(acked[d]) <= {s for s, _ in got[d]} for d in acked)
 
-        wait_for(delivered, 90)
+        wait_for(delivered, 90, interval=0.5, fail=False)
     finally:
         for d in load:
             d.close()

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import GatewayProcess
-from mqttwire import GatewayThread, Paho, RawClient, RawPacket, connect, packet, puback, subscribe, wait_for
+from conftest import GatewayProcess, wait_for
+from mqttwire import GatewayThread, Paho, RawClient, RawPacket, connect, packet, puback, subscribe
 
 from gateway.broker.sessions import _SCHEMA, Restored, SessionStore, _apply, _Op
 from gateway.config import BrokerSettings, GatewayConfig, StorageSettings
@@ -36,7 +36,7 @@ def test_offline_persistent_session_gets_qos1_and_qos2_on_reconnect(tmp_path: Pa
         pub.close()
         sub = Paho(port, "sub-offline", clean=False)
         expected = [(p, q) for p, q in sent if q]  # QoS 0 is not kept for an offline client
-        wait_for(lambda: len(sub.received()) >= len(expected), "the queued messages")
+        wait_for(lambda: len(sub.received()) >= len(expected), 30, "the queued messages")
         assert sub.session_present is True
         got = [(m.payload, m.qos) for m in sub.received()]
         # paho hands a QoS 2 message over at PUBREL, a QoS 1 one at PUBLISH: compare per QoS.
@@ -56,18 +56,18 @@ def test_unacknowledged_messages_are_redelivered_with_dup_in_order(tmp_path: Pat
         pub = Paho(port, "pub-noack")
         for i in range(5):
             pub.publish("sess/noack", f"n{i}".encode(), 1)
-        wait_for(lambda: len(sub.received()) == 5, "first delivery")
+        wait_for(lambda: len(sub.received()) == 5, 30, "first delivery")
         assert [m.dup for m in sub.received()] == [False] * 5
         sub.close()  # never acknowledged
         again = Paho(port, "sub-noack", clean=False)  # acknowledges automatically
-        wait_for(lambda: len(again.received()) >= 5, "redelivery")
+        wait_for(lambda: len(again.received()) >= 5, 30, "redelivery")
         assert [(m.payload, m.dup, m.qos) for m in again.received()] == [(f"n{i}".encode(), True, 1) for i in range(5)]
         pub.publish("sess/noack", b"after", 1)
-        wait_for(lambda: len(again.received()) == 6, "a new message after the redelivery")
+        wait_for(lambda: len(again.received()) == 6, 30, "a new message after the redelivery")
         again.close()
         third = Paho(port, "sub-noack", clean=False)
         pub.publish("sess/noack", b"last", 1)
-        wait_for(lambda: len(third.received()) >= 1, "the next message")
+        wait_for(lambda: len(third.received()) >= 1, 30, "the next message")
         assert [m.payload for m in third.received()] == [b"last"]  # acknowledged ones are not sent again
         third.close()
         pub.close()
@@ -174,7 +174,7 @@ def test_will_on_keepalive_expiry_and_on_dropped_connection_but_not_after_discon
         started = time.monotonic()  # the broker's clock for this client starts later than this
         silent.send(connect("silent", keepalive=1, will=("will/silent", b"gone quiet", 1)))
         assert silent.read() is not None  # CONNACK; then nothing more from this client
-        wait_for(lambda: any(m.topic == "will/silent" for m in watcher.received()), "the keep-alive will")
+        wait_for(lambda: any(m.topic == "will/silent" for m in watcher.received()), 30, "the keep-alive will")
         assert time.monotonic() - started >= 1.45  # not before one and a half keep-alive periods
         assert silent.closed_by_server()
         silent.close()
@@ -190,7 +190,8 @@ def test_will_on_keepalive_expiry_and_on_dropped_connection_but_not_after_discon
         dropped.send(connect("dropped", will=("will/dropped", b"connection lost", 1)))
         assert dropped.read() is not None
         dropped.close()  # no DISCONNECT
-        wait_for(lambda: any(m.topic == "will/dropped" for m in watcher.received()), "the dropped connection's will")
+        wait_for(lambda: any(m.topic == "will/dropped" for m in watcher.received()), 30,
+                 "the dropped connection's will")
         assert [(m.topic, m.payload) for m in watcher.received()] == [
             ("will/silent", b"gone quiet"), ("will/dropped", b"connection lost")]
         watcher.close()
@@ -204,19 +205,19 @@ def test_delivery_qos_is_minimum_of_publish_and_subscription(tmp_path: Path, por
         for qos in (0, 1, 2):
             pub.publish("qos/min", str(qos).encode(), qos)
         for granted, sub in subs.items():
-            wait_for(lambda s=sub: len(s.received()) == 3, f"messages at subscription QoS {granted}")  # type: ignore[misc]
+            wait_for(lambda s=sub: len(s.received()) == 3, 30, f"messages at subscription QoS {granted}")  # type: ignore[misc]
             on_wire = {int(m.payload): m.qos for m in sub.received()}
             assert on_wire == {p: min(p, granted) for p in (0, 1, 2)}, f"subscription QoS {granted}"
         # Subscribing again to the same filter replaces the subscription's QoS [MQTT-3.8.4-3].
         subs[0].subscribe([("qos/min", 2)])
         pub.publish("qos/min", b"2", 2)
-        wait_for(lambda: len(subs[0].received()) == 4, "the message after resubscribing")
+        wait_for(lambda: len(subs[0].received()) == 4, 30, "the message after resubscribing")
         assert subs[0].received()[-1].qos == 2
         # Overlapping subscriptions of one client: one copy, at the highest granted QoS [MQTT-3.3.5-1].
         both = Paho(port, "sub-overlap", subscribe=[("qos/#", 0), ("qos/min", 1)])
         pub.publish("qos/min", b"2", 2)
-        wait_for(lambda: len(subs[2].received()) == 5, "the overlap message")
-        wait_for(lambda: len(both.received()) >= 1, "the overlap message")
+        wait_for(lambda: len(subs[2].received()) == 5, 30, "the overlap message")
+        wait_for(lambda: len(both.received()) >= 1, 30, "the overlap message")
         assert [(m.payload, m.qos) for m in both.received()] == [(b"2", 1)]
         for client in (*subs.values(), pub, both):
             client.close()
@@ -227,18 +228,18 @@ def test_retained_messages_go_to_a_new_subscription_only(tmp_path: Path, port: i
         other = Paho(port, "ret-other", subscribe=[("ret/#", 1)])
         pub = Paho(port, "ret-pub")
         pub.publish("ret/a", b"kept", 1, retain=True)
-        wait_for(lambda: len(other.received()) == 1, "the live copy")
+        wait_for(lambda: len(other.received()) == 1, 30, "the live copy")
         assert other.received()[0].retain is False  # [MQTT-3.3.1-9]: a live delivery is not marked retained
         # amqtt sent a newly connected client the retained messages of every filter anyone subscribed to.
         newcomer = Paho(port, "ret-new", clean=False)
         newcomer.subscribe([("ret/a", 2)])
-        wait_for(lambda: len(newcomer.received()) >= 1, "the retained message")
+        wait_for(lambda: len(newcomer.received()) >= 1, 30, "the retained message")
         newcomer.close()
         assert [(m.payload, m.qos, m.retain) for m in newcomer.received()] == [(b"kept", 1, True)]
         # A persistent session reconnecting made no new subscription: no retained message again.
         back = Paho(port, "ret-new", clean=False)
         pub.publish("ret/a", b"live", 1)
-        wait_for(lambda: len(back.received()) >= 1, "the live message")
+        wait_for(lambda: len(back.received()) >= 1, 30, "the live message")
         assert [(m.payload, m.retain) for m in back.received()] == [(b"live", False)]
         for client in (other, pub, back):
             client.close()
@@ -259,10 +260,10 @@ def test_offline_queue_is_bounded_and_drops_are_counted(
         assert sessions["dropped"] == {"sub-bounded": 7}
         assert sessions["queued"] == 5
         sub = Paho(port, "sub-bounded", clean=False)
-        wait_for(lambda: len(sub.received()) >= 5, "the bounded queue")
+        wait_for(lambda: len(sub.received()) >= 5, 30, "the bounded queue")
         kept = range(7, 12) if policy == "drop_oldest" else range(5)
         assert [int(m.payload) for m in sub.received()] == list(kept)
-        wait_for(lambda: gw.stats()["broker"]["sessions"]["queued"] == 0, "the queue to empty")
+        wait_for(lambda: gw.stats()["broker"]["sessions"]["queued"] == 0, 30, "the queue to empty")
         sub.close()
         pub.close()
     full = [r for r in caplog.records if "queue full" in r.getMessage()]
@@ -288,7 +289,7 @@ def test_persistent_sessions_survive_kill_9(tmp_path: Path, port: int, gateway_p
     gw.stop(signal.SIGKILL)
     gw = gateway_process(["run", "--config", str(config)], port)
     sub = Paho(port, "sub-durable", clean=False)
-    wait_for(lambda: len(sub.received()) >= len(sent), "the messages queued before kill -9")
+    wait_for(lambda: len(sub.received()) >= len(sent), 30, "the messages queued before kill -9")
     assert sub.session_present is True
     got = [(m.topic, m.payload) for m in sub.received()]
     for topic in ("durable/a", "durable/b"):  # each topic in order (paho hands QoS 2 over at PUBREL)
@@ -297,7 +298,7 @@ def test_persistent_sessions_survive_kill_9(tmp_path: Path, port: int, gateway_p
     # The subscriptions survived too: a new message after the restart reaches the client.
     pub = Paho(port, "pub-durable-2")
     pub.publish("durable/a", b"after restart", 1)
-    wait_for(lambda: len(sub.received()) == len(sent) + 1, "a message after the restart")
+    wait_for(lambda: len(sub.received()) == len(sent) + 1, 30, "a message after the restart")
     sub.close()
     pub.close()
     gw.stop()

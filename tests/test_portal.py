@@ -339,14 +339,8 @@ async def _browse_the_portal(page: DevTools, base: str) -> None:
     await page.call("Page.navigate", url=base + "/")
 
     async def until(ok: Any, what: str, timeout: float = 60) -> dict[str, Any]:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            state: dict[str, Any] = await page.evaluate(PORTAL_STATE)
-            if ok(state):
-                return state
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; portal state: {json.dumps(state)}")
-            await asyncio.sleep(0.3)
+        state: dict[str, Any] = await page.value_when(PORTAL_STATE, ok, what, timeout=timeout, interval=0.3)
+        return state
 
     async def search(query: str) -> dict[str, Any]:
         await page.evaluate(f"(() => {{ const q = document.getElementById('portal-q');"

@@ -213,10 +213,38 @@ def rollup_rows(rows: Iterable[tuple[Any, ...]]) -> dict[str, list[tuple[int, in
     return _widths(_minutes(rows))
 
 
-def rollup_runs(runs: Iterable[tuple[int, Run]]) -> dict[str, list[tuple[int, int, int, float, float, float]]]:
+def rollup_runs(runs: Sequence[tuple[int, Run]]) -> dict[str, list[tuple[int, int, int, float, float, float]]]:
     """:func:`rollup_rows` of every reading of ``(series_id, run)``: the readings of a run that fall in one
     minute (all of them, usually; else the run is cut where the minutes change, if its times are in order)
-    are summed up at once."""
+    are summed up at once. A run that is the only one of its series in the batch and falls in one minute
+    (the usual case) makes its 1-minute and 1-hour rows straight away, with no merging."""
+    if len({series_id for series_id, _ in runs}) != len(runs):  # a series in two runs: merge them
+        return _widths(_run_minutes(runs))
+    out_1m: list[tuple[int, int, int, float, float, float]] = []
+    out_1h: list[tuple[int, int, int, float, float, float]] = []
+    rest = []
+    for series_id, run in runs:
+        ts, values = run.ts_ms, run.values
+        first = ts[0]
+        minute = first - first % 60_000
+        if len(ts) == 1:
+            value = values[0]
+            part = (1, value, value, value)
+        elif min(ts) >= minute and max(ts) < minute + 60_000:
+            part = (len(ts), mean_of(values), min(values), max(values))
+        else:
+            rest.append((series_id, run))
+            continue
+        out_1m.append((series_id, minute, *part))
+        out_1h.append((series_id, minute - minute % 3_600_000, *part))
+    if rest:  # series of their own: their rows cannot meet those above
+        more = _widths(_run_minutes(rest))
+        out_1m += more["1m"]
+        out_1h += more["1h"]
+    return {"1m": out_1m, "1h": out_1h}
+
+
+def _run_minutes(runs: Iterable[tuple[int, Run]]) -> dict[tuple[int, int], list[float]]:
     minutes: dict[tuple[int, int], list[float]] = {}
     for series_id, run in runs:
         ts = run.ts_ms
@@ -229,7 +257,7 @@ def rollup_runs(runs: Iterable[tuple[int, Run]]) -> dict[str, list[tuple[int, in
             continue
         for key, part in _minutes((series_id, t, None, v) for t, v in zip(ts, run.values, strict=True)).items():
             _merge(minutes, key, part)
-    return _widths(minutes)
+    return minutes
 
 
 def _delete_chunk(db: sqlite3.Connection, table: str, column: str, series_id: int, before: int, rows: int) -> int:  # noqa: PLR0917

@@ -14,7 +14,8 @@ from oracles import resample
 
 from gateway.query import parse_duration, query_series, rollup_width
 from pipeline.model import Reading, new_event_id, to_ms
-from pipeline.store import DAY_MS, SqliteStore, StoreLimits, StoreReader, db_path
+from pipeline.readings import ReadingBatch, Run
+from pipeline.store import DAY_MS, SqliteStore, StoreLimits, StoreReader, db_path, rollup_rows, rollup_runs
 
 T0_MS = 1_714_564_800_000  # 2024-05-01T12:00:00Z
 
@@ -255,3 +256,32 @@ async def test_hourly_query_outlives_raw_retention(tmp_path: Path) -> None:
     assert [(p.ts_ms, p.value) for p in hourly] == [(T0_MS + h * 3_600_000, float(h)) for h in range(5)]
     assert rollup_width(parse_duration("1m"), "mean") is None  # fine buckets read the raw readings
     assert rollup_width(parse_duration("1h"), "last") is None
+
+
+def test_rollup_runs_match_the_reading_by_reading_rollups() -> None:
+    """The store's rollups of a batch, made run by run (one minute at once; a run straight to its rows when it
+    is its series' only one), against the same readings rolled up one by one."""
+    rnd = random.Random(5)
+
+    def run(*ts_ms: int) -> Run:
+        [one] = ReadingBatch.of([reading(rnd.uniform(-50, 50), t) for t in ts_ms]).runs
+        return one
+
+    runs = [
+        (1, run(T0_MS + 5)),  # one reading
+        (2, run(T0_MS + 1, T0_MS + 30_000, T0_MS + 59_999)),  # one minute
+        (6, run(T0_MS + 125_000, T0_MS + 130_000)),  # one minute, not the first of its hour
+        (3, run(T0_MS + 50_000, T0_MS + 70_000, T0_MS + 200_000)),  # in order, over three minutes
+        (4, run(T0_MS + 3_599_000, T0_MS + 3_601_000)),  # two minutes of two hours
+        (5, run(T0_MS + 130_000, T0_MS + 10_000, T0_MS + 70_000, T0_MS + 20_000)),  # out of order
+    ]
+    twice = [*runs, (2, run(T0_MS + 40_000, T0_MS + 61_000))]  # a series in two runs (two topic versions)
+    for pairs in (runs, twice):
+        rows = [(series_id, t, None, v) for series_id, r in pairs for t, v in zip(r.ts_ms, r.values, strict=True)]
+        got, expected = rollup_runs(pairs), rollup_rows(rows)
+        for width in ("1m", "1h"):
+            assert sorted(row[:3] for row in got[width]) == sorted(row[:3] for row in expected[width])
+            mine = {row[:2]: row[3:] for row in got[width]}
+            for key, mean, low, high in ((row[:2], *row[3:]) for row in expected[width]):
+                assert mine[key][0] == pytest.approx(mean, rel=1e-12)
+                assert mine[key][1:] == (low, high)

@@ -239,3 +239,8 @@ class GatewayThread:
     @property
     def port(self) -> int:
         return self.config.broker.port
+
+    @property
+    def thread_id(self) -> int | None:
+        """The gateway thread's identifier (``threading.get_ident()`` on it)."""
+        return self._thread.ident

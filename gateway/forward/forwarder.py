@@ -245,6 +245,16 @@ class Forwarder:
         batch, acks = window.popleft()
         try:
             acked = await acks
+        except UnsendableEventError as exc:  # found only once sent (a server refused it, say): as in _send_one
+            if exc.event.seq != batch[0].seq:
+                await self._failed(name, exc, window, sending)
+                return
+            await _abandon(window)  # what followed it goes again, after it is dropped
+            self._resumed(name, sending)
+            log.error("forward %s: dropping an event it can never take: %s", name, exc)
+            self.outbox.drop(name, exc.event)
+            lanes.advance("live", exc.event.seq)
+            return
         except Exception as exc:
             await self._failed(name, exc, window, sending)
             return

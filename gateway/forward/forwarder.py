@@ -250,7 +250,6 @@ class Forwarder:
                 await self._failed(name, exc, window, sending)
                 return
             await _abandon(window)  # what followed it goes again, after it is dropped
-            self._resumed(name, sending)
             log.error("forward %s: dropping an event it can never take: %s", name, exc)
             self.outbox.drop(name, exc.event)
             lanes.advance("live", exc.event.seq)

@@ -6,7 +6,9 @@ acknowledgements, in the same run.
     .venv/bin/python bench/forward.py [--events 20000] [--rounds 3] [--only mqtt,nats,rabbitmq,redis]
 
 The outbox is filled first (a backlog, as after an outage); the figure is how fast the forwarder
-drains it: read from SQLite, send, wait for acknowledgements, delete durably. The servers are
+drains it: read from SQLite, send, wait for acknowledgements, delete durably. Each round measures the
+plain client and then the gateway; the ratio of each round (the two measured close together, so under
+about the same load from whatever else the machine runs) is printed beside the ratio of the medians. The servers are
 Debian's mosquitto, nats-server, rabbitmq-server and redis-server on loopback (./scripts/test
 installs them). RabbitMQ: persistent messages into a durable queue bound to the topic exchange; the
 plain client publishes to that exchange with the event id as message_id, pipelined, each confirmed;
@@ -257,8 +259,10 @@ def main() -> None:
     for backbone, (plain, gw) in pairs.items():
         if backbone in only:
             title, plain_name, gw_name = lines[backbone]
+            rounds = [g / p for g, p in zip(results[gw], results[plain], strict=True)]
             print(f"  {title}: {plain_name} {med[plain]:.0f}/s, gateway {gw_name} {med[gw]:.0f}/s, "
-                  f"ratio {med[gw] / med[plain]:.2f}")
+                  f"ratio {med[gw] / med[plain]:.2f} (each round's: {' '.join(f'{r:.2f}' for r in rounds)}; "
+                  f"their median {statistics.median(rounds):.2f})")
     if "gw-rabbitmq-no-ledger" in med:
         print(f"  RabbitMQ without the ledger (dedupe_window = 0): {med['gw-rabbitmq-no-ledger']:.0f}/s, "
               f"ratio {med['gw-rabbitmq-no-ledger'] / med['aiormq']:.2f}")

@@ -15,6 +15,7 @@ from gateway.forward.base import (
     InboundMessage,
     OutboundEvent,
     Pipelined,
+    UnsendableEventError,
 )
 from gateway.forward.forwarder import Forwarder, Route
 from gateway.forward.outbox import Limits
@@ -123,3 +124,30 @@ async def test_a_failed_batch_gives_up_the_window_and_resends_in_order(tmp_path:
     assert [n for batch in sent[:2] for n in batch] == list(range(1, 21))
     assert forwarder.send_failures["far"] == 1
     assert forwarder.outbox.stats["far"].delivered == 60
+
+
+class RefusesAfterSending(ScriptedDestination):
+    """Finds out only once a batch was sent that its first event can never go (a server's 400, say)."""
+
+    def __init__(self, refused: int) -> None:
+        super().__init__(lambda n, batch: len(batch))
+        self.refused = refused
+
+    async def submit(self, batch: Sequence[OutboundEvent]) -> asyncio.Future[int]:
+        if int(batch[0].payload) != self.refused:
+            return await super().submit(batch)
+        self.submitted.append([int(e.payload) for e in batch])
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future.set_exception(UnsendableEventError(batch[0], "refused by the server"))
+        return future
+
+
+async def test_an_event_refused_once_sent_is_dropped_and_the_rest_goes_in_order(tmp_path: Path) -> None:
+    destination = RefusesAfterSending(refused=11)
+    forwarder = await forward(tmp_path, destination, 50, 10)
+    sent = destination.submitted
+    resent_from = next(i for i, batch in enumerate(sent) if batch[0] == 12)
+    assert [n for batch in sent[resent_from:] for n in batch] == list(range(12, 51))
+    stats = forwarder.outbox.stats["far"]
+    assert (stats.delivered, stats.dropped) == (49, 1)
+    assert forwarder.send_failures["far"] == 0

@@ -90,8 +90,10 @@ class Pipelined(Protocol):
 
     async def submit(self, batch: Sequence[OutboundEvent]) -> asyncio.Future[int]:
         """Hand ``batch`` to the client, in order, before returning (what is submitted next goes out after
-        it); the future gives how many from the start of ``batch`` the far side acknowledged, or raises
-        :class:`DestinationUnavailableError` when nothing was. Cancelling the future gives up waiting.
+        it, unless the far side does not care for order, as a time-series database); the future gives how
+        many from the start of ``batch`` the far side acknowledged, or raises
+        :class:`DestinationUnavailableError` when nothing was (or :class:`UnsendableEventError` for the
+        batch's first event, when that shows only once it was sent). Cancelling the future gives up waiting.
 
         Raises :class:`UnsendableEventError` (for the first event) and :class:`DestinationUnavailableError`
         like ``send``.

@@ -37,6 +37,7 @@ from pipeline.topics import TopicFilter
 log = logging.getLogger(__name__)
 ORIGIN_PREFIX = "forward:"
 _RECENT_IDS = 100_000
+_DOWN_POLL_S = 0.2  # how often a sender looks whether its destination is back, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,13 +190,16 @@ class Forwarder:
         sending = StateLog(log, f"forward {name}", down="%(name)s: sending paused: %(reason)s",
                            up="%(name)s: sending resumed after %(failures)d failed attempt(s)")
         window: _Window = deque()
+        polls = 0  # while the destination is away: it is looked at often at first, then every 0.2 s
         try:
             while True:
                 if not dest.connected:
                     await _abandon(window)
                     lanes.down = True
-                    await asyncio.sleep(0.2)
+                    await asyncio.sleep(min(_DOWN_POLL_S, 0.01 * 2 ** polls))
+                    polls = min(polls + 1, 8)
                     continue
+                polls = 0
                 if lanes.down and route.fresh_first:
                     lanes.recovered(await self.outbox.max_seq(name))
                 lanes.down = False
@@ -241,6 +245,15 @@ class Forwarder:
         batch, acks = window.popleft()
         try:
             acked = await acks
+        except UnsendableEventError as exc:  # found only once sent (a server refused it, say): as in _send_one
+            if exc.event.seq != batch[0].seq:
+                await self._failed(name, exc, window, sending)
+                return
+            await _abandon(window)  # what followed it goes again, after it is dropped
+            log.error("forward %s: dropping an event it can never take: %s", name, exc)
+            self.outbox.drop(name, exc.event)
+            lanes.advance("live", exc.event.seq)
+            return
         except Exception as exc:
             await self._failed(name, exc, window, sending)
             return

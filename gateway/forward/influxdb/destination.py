@@ -348,6 +348,14 @@ class InfluxDestination:
         """Nothing ever comes back from a time-series database: the iterator ends at once."""
         return _no_inbound()
 
+    async def submit(self, batch: Sequence[OutboundEvent]) -> asyncio.Future[int]:
+        """Send ``batch`` while the batches before it are still being mapped or written (see
+        :class:`~gateway.forward.base.Pipelined`): points are ordered by their timestamps, and a write is
+        idempotent, so batches need not reach the server in order, and one written again changes nothing."""
+        if not self.connected:
+            raise DestinationUnavailableError(f"{self.name}: not connected")
+        return asyncio.ensure_future(self.send(batch))
+
     async def send(self, batch: Sequence[OutboundEvent]) -> int:
         lines, unmappable = await asyncio.to_thread(self._lines, batch)  # a 5,000-event batch: off the loop
         if not lines and unmappable is not None:

@@ -24,5 +24,5 @@ def build(cfg: MqttForward, gateway_id: str, template: TopicTemplate) -> Destina
         password=cfg.password.get_secret_value() if cfg.password else None,
         ca_file=tls.ca_file if tls else None, cert_file=tls.cert_file if tls else None,
         key_file=tls.key_file if tls else None, topic_prefix=cfg.topic_prefix,
-        rewrite=tuple(cfg.rewrite), subscribe=tuple(cfg.subscribe),
+        rewrite=tuple(cfg.rewrite), subscribe=tuple(cfg.subscribe), max_inflight=cfg.max_inflight,
     ))

@@ -34,3 +34,8 @@ class MqttForward(ForwardSettingsBase, WithSecrets):
     tls: TlsSettings | None = None
     topic_prefix: str = ""
     rewrite: list[RewriteRule] = Field(default_factory=list)
+    max_inflight: int = Field(
+        default=0, ge=0, le=65_535,
+        description="QoS 1 messages awaiting their PUBACK at most; 0: what the forwarder has on the way "
+                    "(three batches of batch_size). Set it for a broker that disconnects a client exceeding a limit",
+    )

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections import OrderedDict
@@ -300,6 +301,14 @@ class RabbitDestination:
             await message.channel.basic_ack(message.delivery_tag)
 
     async def send(self, batch: Sequence[OutboundEvent]) -> int:
+        return await (await self.submit(batch))
+
+    async def submit(self, batch: Sequence[OutboundEvent]) -> asyncio.Future[int]:
+        """Publish ``batch`` now, pipelined in order on the channel (what is submitted next is published
+        after it: the channel's lock serves the publishes in the order they were made); the future counts
+        the confirms (see :class:`~gateway.forward.base.Pipelined`). An event is remembered as the broker's
+        as soon as its own confirm arrives, so one confirmed after a gap before it (a nack, a timeout) is
+        not published again when the gap is."""
         channel = self._channel
         if channel is None or not self.connected:
             raise DestinationUnavailableError(f"{self.name}: not connected")
@@ -324,12 +333,18 @@ class RabbitDestination:
                 event.payload, exchange=exchange, routing_key=key, wait=False,
                 properties=message_properties(event, s.gateway_id),
             ))
-            publish.add_done_callback(_retrieve)
+            publish.add_done_callback(functools.partial(self._confirmed, event.event_id) if s.dedupe_window
+                                      else _retrieve)
             publishes.append(publish)
             self.sent += 1
-        acked = await acknowledged_prefix(self.name, publishes, s.confirm_timeout_s, AMQP_FAILURES)
-        if s.dedupe_window:
-            self._remember(e.event_id for e in batch[:acked])
+        return asyncio.ensure_future(self._acknowledged(publishes))
+
+    def _confirmed(self, event_id: str, publish: asyncio.Future[Any]) -> None:
+        if not publish.cancelled() and publish.exception() is None:
+            self._remember((event_id,))
+
+    async def _acknowledged(self, publishes: list[asyncio.Future[Any]]) -> int:
+        acked = await acknowledged_prefix(self.name, publishes, self._settings.confirm_timeout_s, AMQP_FAILURES)
         self.acked += acked
         return acked
 

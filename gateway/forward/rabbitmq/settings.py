@@ -45,8 +45,8 @@ class RabbitForward(ForwardSettingsBase, WithSecrets):
         default=10_000, ge=0, le=1_000_000, description="the newest event ids the broker keeps in the gateway's "
         "ledger queue, so an event is never published twice; 0: no ledger (at least once)",
     )
-    batch_size: int = Field(default=2000, ge=1, le=10_000, description="events published before their confirms "
-                            "are awaited (fewer waits for the broker's disk)")
+    batch_size: int = Field(default=2000, ge=1, le=10_000, description="events a batch; up to three batches await "
+                            "their confirms at once (fewer waits for the broker's disk)")
     confirm_timeout_s: float = Field(default=10.0, gt=0, le=300)
     heartbeat_s: int = Field(default=30, ge=0, le=600)
 

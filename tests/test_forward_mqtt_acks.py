@@ -1,0 +1,99 @@
+"""The MQTT bridge counts PUBACKs on paho's thread and wakes the event loop once a batch (its last
+PUBACK), not once a PUBACK: a batch still completes when PUBACKs come before the loop has registered
+their messages, come out of order, or when the connection goes with PUBACKs not yet taken."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from gateway.forward.base import OutboundEvent
+from gateway.forward.mqtt.destination import MqttDestination, MqttSettings
+
+SUCCESS = ReasonCode(PacketTypes.PUBACK)
+
+
+@dataclass
+class _Info:
+    mid: int
+    rc: int = mqtt.MQTT_ERR_SUCCESS
+
+
+class _Client:
+    """Stands in for paho's client: hands out mids; ``acks_now`` PUBACKs a message from another thread
+    before ``publish`` returns (as paho's network thread can)."""
+
+    def __init__(self, destination: MqttDestination, acks_now: bool = False) -> None:
+        self.destination = destination
+        self.acks_now = acks_now
+        self.mids: list[int] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, properties: object = None) -> _Info:
+        mid = len(self.mids) + 1
+        self.mids.append(mid)
+        if self.acks_now:
+            self.ack_from_paho_thread([mid])
+        return _Info(mid)
+
+    def ack_from_paho_thread(self, mids: list[int]) -> None:
+        def run() -> None:
+            for mid in mids:
+                # as paho calls it, with itself as the client
+                self.destination._on_publish(self, None, mid, SUCCESS, None)  # type: ignore[arg-type]
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+
+
+def _destination(timeout_s: float = 5.0) -> MqttDestination:
+    return MqttDestination("central", MqttSettings(url="mqtt://127.0.0.1:1", gateway_id="gw", client_id="gw",
+                                                    ack_timeout_s=timeout_s))
+
+
+def _batch(count: int) -> list[OutboundEvent]:
+    return [OutboundEvent(i + 1, f"id-{i}", "telemetry/valid/1.0/s/c/d/m", "d", b"{}", 0) for i in range(count)]
+
+
+def _attach(destination: MqttDestination, client: _Client) -> None:
+    """What a CONNACK leaves behind, without a broker."""
+    destination._loop = asyncio.get_running_loop()
+    destination._client = client  # type: ignore[assignment]
+    destination._connected = True
+
+
+async def test_pubacks_before_the_loop_registered_the_messages_complete_the_batch() -> None:
+    destination = _destination()
+    client = _Client(destination, acks_now=True)
+    _attach(destination, client)
+    acks = await destination.submit(_batch(50))
+    assert await asyncio.wait_for(acks, 1.0) == 50
+
+
+async def test_a_batch_completes_at_its_last_puback_even_out_of_order() -> None:
+    destination = _destination()
+    client = _Client(destination)
+    _attach(destination, client)
+    first = await destination.submit(_batch(10))
+    second = await destination.submit(_batch(10))
+    client.ack_from_paho_thread([10, 1, 2, 3, 4, 5])  # the first batch's last before the others
+    await asyncio.sleep(0.05)
+    assert not first.done()
+    client.ack_from_paho_thread([6, 7, 8, 9, *range(11, 21)])
+    assert await asyncio.wait_for(first, 1.0) == 10  # well within the 5 s ack timeout
+    assert await asyncio.wait_for(second, 1.0) == 10
+
+
+async def test_pubacks_not_yet_taken_count_when_the_connection_goes() -> None:
+    destination = _destination()
+    client = _Client(destination)
+    _attach(destination, client)
+    acks = await destination.submit(_batch(10))
+    client.ack_from_paho_thread([1, 2, 3])  # no wake-up: the batch's last did not come
+    destination._set_connected(False)  # paho's on_disconnect, as the loop runs it
+    assert await asyncio.wait_for(acks, 1.0) == 3

@@ -1,7 +1,7 @@
 """The embedded broker's own logic: who may connect, which session a connection gets, what a client
 may publish, subscribe and receive, where each message goes, and every bound on what clients can make
-it hold. amqtt only reads packets (gateway/broker/amqtt_adapter.py); the gateway writes them
-(gateway/broker/wire.py).
+it hold. amqtt only reads the CONNECT (gateway/broker/amqtt_adapter.py); the gateway reads the later
+packets (gateway/broker/packets.py) and writes every packet (gateway/broker/wire.py).
 
 One decision per question, for every path a message can take: :class:`BrokerSecurity` (gateway/broker/
 auth.py) answers for publishes and wills (write), subscriptions, and every delivery (read: live,
@@ -137,7 +137,8 @@ class Channel(Protocol):
 
 
 class ProtocolReader(Protocol):
-    """Reads a connection's CONNECT (gateway/broker/amqtt_adapter.py ``AmqttProtocol``)."""
+    """Reads a connection's CONNECT (gateway/broker/amqtt_adapter.py ``AmqttProtocol``), and gives the
+    channel its later packets come through."""
 
     async def read_connect(self, reader: PacketFirewall, transport: wire.Transport
                            ) -> tuple[ConnectRequest, Channel] | None: ...

@@ -156,6 +156,9 @@ def _check_subscribe(cur: _Cursor, *, with_qos: bool) -> None:
             raise _Bad("bad_qos")
 
 
+_FINE = tuple(PacketCheck(ptype) for ptype in range(16))  # every acceptable packet but a CONNECT: made once
+
+
 def check_packet(first: int, body: bytes, *, connected: bool) -> PacketCheck:
     """Check one whole packet (its first byte and everything after the remaining length)."""
     ptype, flags = first >> 4, first & 0x0F
@@ -185,7 +188,7 @@ def check_packet(first: int, body: bytes, *, connected: bool) -> PacketCheck:
             cur.end()
     except _Bad as bad:
         return PacketCheck(ptype, bad.reason)
-    return PacketCheck(ptype, None, keep_alive)
+    return _FINE[ptype] if keep_alive is None else PacketCheck(ptype, None, keep_alive)
 
 
 class _Closed(Exception):

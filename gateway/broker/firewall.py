@@ -1,8 +1,9 @@
-"""A packet firewall in front of amqtt: it reads whole MQTT packets off a client's socket, checks
-them, and hands amqtt only packets it can parse. An offending connection is closed and the offence
-counted by reason; nothing a client sends can crash the broker or stall other clients.
+"""A packet firewall in front of the packet readers (amqtt's for the CONNECT, gateway/broker/packets.py
+after it): it reads whole MQTT packets off a client's socket, checks them, and hands on only packets
+that can be parsed. An offending connection is closed and the offence counted by reason; nothing a
+client sends can crash the broker or stall other clients.
 
-amqtt 0.12.1 falls short of MQTT 3.1.1 here (each check names the section it enforces):
+amqtt 0.12.1's reader falls short of MQTT 3.1.1 here (each check names the section it enforces):
 
 - a remaining length of more than four bytes is logged and *discarded* ("Message discarded"),
   and the reader then parses the middle of a packet as a header [MQTT-2.2.3], [MQTT-1.5.3];

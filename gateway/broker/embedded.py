@@ -9,8 +9,8 @@ ingestion instead of growing memory.
 How it falls short of nothing in MQTT 3.1.1 that the gateway needs, and where each part lives:
 sessions, offline queues and redelivery (gateway/broker/sessions.py), retained messages (gateway/
 broker/retained.py), malformed packets and deadlines (gateway/broker/firewall.py), passwords and ACLs
-(gateway/broker/auth.py), the decisions and bounds (gateway/broker/core.py). amqtt reads the packets,
-behind gateway/broker/amqtt_adapter.py.
+(gateway/broker/auth.py), the decisions and bounds (gateway/broker/core.py), reading packets (gateway/
+broker/packets.py). amqtt reads only the CONNECT, behind gateway/broker/amqtt_adapter.py.
 
 Retained messages of the gateway's own (Home Assistant's discovery, gateway/homeassistant.py) go in
 through :meth:`EmbeddedBroker.publish_retained`, without a client. Given a ``presence``, the broker keeps

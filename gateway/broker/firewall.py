@@ -1,8 +1,9 @@
-"""A packet firewall in front of amqtt: it reads whole MQTT packets off a client's socket, checks
-them, and hands amqtt only packets it can parse. An offending connection is closed and the offence
-counted by reason; nothing a client sends can crash the broker or stall other clients.
+"""A packet firewall in front of the packet readers (amqtt's for the CONNECT, gateway/broker/packets.py
+after it): it reads whole MQTT packets off a client's socket, checks them, and hands on only packets
+that can be parsed. An offending connection is closed and the offence counted by reason; nothing a
+client sends can crash the broker or stall other clients.
 
-amqtt 0.12.1 falls short of MQTT 3.1.1 here (each check names the section it enforces):
+amqtt 0.12.1's reader falls short of MQTT 3.1.1 here (each check names the section it enforces):
 
 - a remaining length of more than four bytes is logged and *discarded* ("Message discarded"),
   and the reader then parses the middle of a packet as a header [MQTT-2.2.3], [MQTT-1.5.3];
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -155,6 +157,9 @@ def _check_subscribe(cur: _Cursor, *, with_qos: bool) -> None:
             raise _Bad("bad_qos")
 
 
+_FINE = tuple(PacketCheck(ptype) for ptype in range(16))  # every acceptable packet but a CONNECT: made once
+
+
 def check_packet(first: int, body: bytes, *, connected: bool) -> PacketCheck:
     """Check one whole packet (its first byte and everything after the remaining length)."""
     ptype, flags = first >> 4, first & 0x0F
@@ -184,7 +189,7 @@ def check_packet(first: int, body: bytes, *, connected: bool) -> PacketCheck:
             cur.end()
     except _Bad as bad:
         return PacketCheck(ptype, bad.reason)
-    return PacketCheck(ptype, None, keep_alive)
+    return _FINE[ptype] if keep_alive is None else PacketCheck(ptype, None, keep_alive)
 
 
 class _Closed(Exception):
@@ -194,15 +199,27 @@ class _Closed(Exception):
 class Source(Protocol):
     """Where a connection's bytes come from (``asyncio.StreamReader``, or a WebSocket's messages)."""
 
-    async def readexactly(self, n: int) -> bytes: ...
+    async def read(self, n: int) -> bytes:
+        """What has arrived, at most ``n`` bytes (at least one: waits for it); b"" at the end."""
+        ...
+
+
+CHUNK_BYTES = 65_536  # taken off a socket at a time (plus at most one partial packet kept between reads)
 
 
 class PacketFirewall:
-    """A client connection's reader: whole, checked packets only (amqtt's protocol handler reads it).
+    """A client connection's reader: whole, checked packets only.
 
-    A packet is read off the socket by a task of its own, so amqtt cancelling a read never loses half
-    a packet. ``gate`` is awaited before each packet is read (the pipeline's backpressure, and room in
-    the connection's own queue); the deadlines do not count the time spent there.
+    What the socket has is read at once (up to :data:`CHUNK_BYTES`) and split into packets, each
+    checked; a client that sends many packets together costs one read, not one a packet. What is held
+    is bounded: one chunk's packets, and at most one partial packet (no larger than the largest allowed).
+    A bad packet closes the connection once the good ones before it are handed over.
+
+    amqtt reads the CONNECT through :meth:`read` (a packet is read off the socket by a task of its
+    own, so amqtt cancelling a read never loses half a packet); the broker takes the later packets
+    one by one from :meth:`next_packet`. ``gate`` is awaited before each packet is handed over (the
+    pipeline's backpressure, and room in the connection's own queue), and before each read off the
+    socket for the CONNECT; the deadlines do not count the time spent there.
     """
 
     def __init__(
@@ -218,35 +235,55 @@ class PacketFirewall:
         self._loop = asyncio.get_running_loop()
         self._deadline: float | None = self._loop.time() + connect_timeout_s
         self._keep_alive_s: float | None = None
-        self._buffer = b""
+        self._buffer = b""  # what amqtt has not read yet of the packets handed to it
         self._pos = 0
-        self._pending: asyncio.Task[bytes | None] | None = None
+        self._packets: deque[bytes] = deque()  # whole and checked, not handed over yet
+        self._raw = bytearray()  # off the socket, not yet split into packets
+        self._refusal: str | None = None  # found after good packets: refused once those are handed over
+        self._pending: asyncio.Task[bool] | None = None
         self._gated = False
         self._eof = False
 
     async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes of whole checked packets (amqtt's reader interface, for the CONNECT)."""
         while not self._eof and (n < 0 or len(self._buffer) - self._pos < n):
             if n < 0 and self._pos < len(self._buffer):
                 break
+            if self._packets:
+                self._buffer = self._buffer[self._pos:] + self._packets.popleft()
+                self._pos = 0
+                continue
             if self._pending is None:
-                self._pending = asyncio.ensure_future(self._next_packet())
+                self._pending = asyncio.ensure_future(self._gated_fill())
             try:
-                packet = await asyncio.shield(self._pending)
+                more = await asyncio.shield(self._pending)
             except asyncio.CancelledError:
                 if self._gated:  # nothing read off the socket yet: safe to stop altogether
                     self._pending.cancel()
                     self._pending = None
                 raise
             self._pending = None
-            if packet is None:
+            if not more:
                 self._eof = True
-            else:
-                self._buffer = self._buffer[self._pos:] + packet
-                self._pos = 0
         end = len(self._buffer) if n < 0 else min(len(self._buffer), self._pos + n)
         data = self._buffer[self._pos:end]
         self._pos = end
         return data
+
+    async def next_packet(self) -> bytes | None:
+        """The next whole checked packet, after the gate; None once the connection is over."""
+        started = self._loop.time()
+        await self._gate()
+        if self._deadline is not None:  # time spent held back by the gate is not the client's silence
+            self._deadline += self._loop.time() - started
+        if self._pos < len(self._buffer):  # left by the CONNECT's reader (not with amqtt's exact reads)
+            rest, self._buffer, self._pos = self._buffer[self._pos:], b"", 0
+            return rest
+        while not self._packets:
+            if self._eof or not await self._fill():
+                self._eof = True
+                return None
+        return self._packets.popleft()
 
     def feed_eof(self) -> None:
         self._eof = True
@@ -262,65 +299,86 @@ class PacketFirewall:
         self._abort()
         raise _Closed(reason)
 
-    async def _next_packet(self) -> bytes | None:
-        try:
-            return await self._read_packet()
-        except (_Closed, ConnectionError, OSError):
-            return None
-
-    async def _read_packet(self) -> bytes | None:
+    async def _gated_fill(self) -> bool:
         started = self._loop.time()
         self._gated = True
         try:
             await self._gate()
         finally:
             self._gated = False
-        if self._deadline is not None:  # time spent held back by the gate is not the client's silence
+        if self._deadline is not None:
             self._deadline += self._loop.time() - started
-        try:
-            async with asyncio.timeout_at(self._deadline):  # the whole packet, not only its first byte
-                packet = await self._read_whole()
-        except TimeoutError:
-            self._refuse("keepalive_expired" if self._connected else "connect_timeout")
-        except OversizedMessage:
-            self._refuse("oversized")
-        except TextFrame:
-            self._refuse("text_frame")
-        if packet is None:
-            return None
-        self._deadline = self._loop.time() + self._keep_alive_s if self._keep_alive_s else None
-        return packet
+        return await self._fill()
 
-    async def _read_whole(self) -> bytes | None:
+    async def _fill(self) -> bool:
+        """Read what the socket has and split off the whole packets; False once the connection is over."""
         try:
-            first = await self._source.readexactly(1)
-        except asyncio.IncompleteReadError:
-            return None  # closed between packets
-        header = bytearray(first)
-        length, multiplier = 0, 1
-        for _ in range(4):
-            byte = await self._read(1)
-            header += byte
-            length += (byte[0] & 0x7F) * multiplier
-            multiplier *= 128
-            if not byte[0] & 0x80:
-                break
-        else:
-            self._refuse("bad_remaining_length")
-        if len(header) + length > self._max:
-            self._refuse("oversized")
-        body = await self._read(length)
-        check = check_packet(first[0], body, connected=self._connected)
-        if check.reason is not None:
-            self._refuse(check.reason)
-        if check.packet_type == CONNECT:
-            self._connected = True
-            self._keep_alive_s = check.keep_alive * KEEPALIVE_FACTOR if check.keep_alive else None
-        return bytes(header) + body
+            return await self._read_packets()
+        except (_Closed, ConnectionError, OSError):
+            return False
 
-    async def _read(self, n: int) -> bytes:
+    async def _read_packets(self) -> bool:
+        if self._refusal is not None:
+            self._refuse(self._refusal)
+        while True:
+            try:
+                self._split()
+            except _Bad as bad:
+                if not self._packets:
+                    self._refuse(bad.reason)
+                self._refusal = bad.reason
+            if self._packets:
+                return True
+            try:
+                async with asyncio.timeout_at(self._deadline):  # the whole packet, not only its first byte
+                    chunk = await self._source.read(CHUNK_BYTES)
+            except TimeoutError:
+                self._refuse("keepalive_expired" if self._connected else "connect_timeout")
+            except OversizedMessage:
+                self._refuse("oversized")
+            except TextFrame:
+                self._refuse("text_frame")
+            if not chunk:
+                if self._raw:
+                    self._refuse("truncated")
+                return False  # closed between packets
+            self._raw += chunk
+
+    def _split(self) -> None:
+        """The whole packets at the start of the raw bytes, checked, onto the packet queue (what follows
+        the first bad one stays; raises :class:`_Bad` for it)."""
+        raw = self._raw
+        size = len(raw)
+        start = 0
         try:
-            return await self._source.readexactly(n)
-        except asyncio.IncompleteReadError:
-            self._refuse("truncated")
-            raise  # unreachable: _refuse raises
+            while start < size:
+                length, multiplier, i = 0, 1, start + 1
+                while True:
+                    if i > start + 4:
+                        raise _Bad("bad_remaining_length")
+                    if i >= size:
+                        return
+                    byte = raw[i]
+                    length += (byte & 0x7F) * multiplier
+                    multiplier *= 128
+                    i += 1
+                    if not byte & 0x80:
+                        break
+                if i - start + length > self._max:
+                    raise _Bad("oversized")
+                end = i + length
+                if size < end:
+                    return
+                packet = bytes(raw[start:end])
+                check = check_packet(packet[0], packet[i - start:], connected=self._connected)
+                if check.reason is not None:
+                    raise _Bad(check.reason)
+                start = end
+                if check.packet_type == CONNECT:
+                    self._connected = True
+                    self._keep_alive_s = check.keep_alive * KEEPALIVE_FACTOR if check.keep_alive else None
+                self._packets.append(packet)
+        finally:
+            if start:
+                del raw[:start]
+                self._deadline = self._loop.time() + self._keep_alive_s if self._keep_alive_s else None

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from conftest import wait_for
 from hypothesis import given
 from hypothesis import strategies as st
-from mqttwire import GatewayThread, Paho, RawClient, connect, packet, publish, pubrel, string, subscribe, wait_for
+from mqttwire import GatewayThread, Paho, RawClient, connect, packet, publish, pubrel, string, subscribe
 
 from gateway.broker.firewall import CHUNK_BYTES, PacketFirewall, check_packet
 from gateway.broker.packets import deliver
@@ -196,7 +197,7 @@ def test_a_flooding_client_does_not_starve_another(gateway: GatewayThread) -> No
         flooder.start()
         for i in range(20):
             pub.publish("calm/flow", str(i).encode(), 1)
-        wait_for(lambda: len(sub.received()) >= 20, "the calm client's messages while another floods", timeout=30)
+        wait_for(lambda: len(sub.received()) >= 20, 30, "the calm client's messages while another floods")
         assert [int(m.payload) for m in sub.received()] == list(range(20))
     finally:
         stop.set()

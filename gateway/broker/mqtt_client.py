@@ -344,12 +344,14 @@ class _Connection(asyncio.Protocol):
                     if not self.connack.done():
                         raise ProtocolError("a PUBLISH before CONNACK")
                     client.handler.message(decode_publish(first, body, oversized, generation, v5=v5))
+                elif kind == CONNACK:
+                    self._connack(body)
+                elif not self.connack.done():
+                    raise ProtocolError(f"a packet of type {kind} before CONNACK")
                 elif kind == PUBACK:
                     if len(body) < 2 or (not v5 and len(body) != 2):
                         raise ProtocolError("a malformed PUBACK")
                     client.acknowledged((body[0] << 8) | body[1])
-                elif kind == CONNACK:
-                    self._connack(body)
                 elif kind == SUBACK:
                     client.subscribed(body, v5=v5)
                 elif kind == SERVER_DISCONNECT and v5:

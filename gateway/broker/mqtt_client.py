@@ -323,7 +323,8 @@ class _Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._reader = PacketReader(client.max_packet_bytes)
         self.transport: asyncio.Transport | None = None
-        self.connack: asyncio.Future[tuple[int, _Accepted]] = self._loop.create_future()
+        # (return code, what was granted); None when the connection ended before a CONNACK
+        self.connack: asyncio.Future[tuple[int, _Accepted] | None] = self._loop.create_future()
         self.closed: asyncio.Future[str] = self._loop.create_future()
         self._out: list[bytes] = []
         self.last_read = self.last_write = self._loop.time()
@@ -377,7 +378,7 @@ class _Connection(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(f"connection lost: {exc}" if exc else "connection closed by the broker")
         if not self.connack.done():
-            self.connack.set_exception(Refused(self.closed.result()))
+            self.connack.set_result(None)
 
     def eof_received(self) -> bool | None:
         return None  # close
@@ -406,7 +407,7 @@ class _Connection(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(why)
         if not self.connack.done():
-            self.connack.set_exception(Refused(why))
+            self.connack.set_result(None)
         if self.transport is not None:
             self.transport.abort()
 
@@ -493,10 +494,13 @@ class MqttClient:
                 server_hostname=self.host if self._tls is not None else None)
             try:
                 connection.write(packet)
-                code, accepted = await connection.connack
+                answer = await connection.connack
             except BaseException:
                 connection.fail("connecting")
                 raise
+        if answer is None:
+            raise Refused(connection.closed.result() if connection.closed.done() else "closed before a CONNACK")
+        code, accepted = answer
         if code:
             connection.fail("refused")
             raise Refused(f"refused: {_CONNACK_REASONS.get(code, f'code {code}')}", code)

@@ -71,7 +71,6 @@ class ExternalBroker:
         self._traffic = traffic
         self._commit_soon = commit_soon
         self._origin = f"mqtt:{settings.host}:{settings.port}"
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._link: _Link | None = None
         # Deliveries on their way to ingest, in order: appended by the link as packets are read, taken by one
         # consumer task woken once per burst.
@@ -105,10 +104,8 @@ class ExternalBroker:
     # --- lifecycle ------------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self._loop = asyncio.get_running_loop()
         self._consumer = asyncio.create_task(self._consume(), name="external broker: ingest")
-        s = self._settings
-        self._link = _Link(self, s, self._client_id, self._presence)
+        self._link = _Link(self, self._settings, self._client_id, self._presence)
         self._link.start()
         try:
             await asyncio.wait_for(self._first_connect.wait(), CONNECT_WAIT_S)
@@ -135,7 +132,7 @@ class ExternalBroker:
         gateway's own (Home Assistant's discovery) are published again."""
         self._on_connected.append(callback)
 
-    # --- what the links tell it -------------------------------------------------------------------------
+    # --- what the link tells it --------------------------------------------------------------------------
 
     def _screen(self, *, retain: bool, oversized: bool = False) -> Literal["take", "ack", "leave"]:
         """What to do with a message the broker delivered: ingest it, only acknowledge it, or leave it unacknowledged

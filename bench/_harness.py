@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "telemetry/raw/1.0/bench/meter/m-{p}/power"
+LOAD_DEADLINE_S = 600  # a round that has not seen everything arrive by then fails (a publisher that died, say)
 
 
 def free_port() -> int:
@@ -99,6 +100,11 @@ def run_load(port: int, messages: int, publishers: int, done: Callable[[], bool]
     start, used = time.perf_counter(), cpu_s(server) if server else 0.0
     go.set()
     while not done():
+        if time.perf_counter() - start > LOAD_DEADLINE_S:
+            codes = [p.exitcode for p in procs]
+            for p in procs:
+                p.kill()
+            raise SystemExit(f"not everything arrived within {LOAD_DEADLINE_S} s (publishers' exit codes: {codes})")
         time.sleep(0.01)
     elapsed = time.perf_counter() - start
     if server and cpu is not None:

@@ -16,52 +16,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
-import multiprocessing as mp
-import os
-import random
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as mqtt
+from _harness import ROOT, free_port, peak_rss_kib, run_load, wait_listening
 from amqtt.broker import Broker
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.broker.auth import hash_password
 
-ROOT = Path(__file__).resolve().parent.parent
-TOPIC = "telemetry/raw/1.0/bench/meter/m-{p}/power"
 PASSWORD = "bench-secret"  # noqa: S105 (the benchmark's own throwaway users)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("server did not listen")
 
 
 def bare_broker(port: int) -> None:
@@ -79,81 +51,11 @@ def bare_broker(port: int) -> None:
     asyncio.run(main())
 
 
-def _connect(client: mqtt.Client, port: int) -> None:
-    """Connect before the clock starts, again while the broker refuses: the gateway lets at most
-    ``max_logins_per_address`` logins from one address wait for the password hash and refuses the
-    others (CONNACK 3), which publishers started together from one machine can be."""
-    answer: list[bool] = []
-    client.on_connect = lambda _c, _u, _f, reason, _p: answer.append(not reason.is_failure)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        answer.clear()
-        client.connect("127.0.0.1", port)
-        while not answer and time.monotonic() < deadline:
-            client.loop(0.1)
-        if answer and answer[0]:
-            return
-        client.disconnect()
-        time.sleep(0.2 + random.random())
-    raise SystemExit("a publisher could not connect")
-
-
-def _publisher(port: int, index: int, count: int, qos: int, *, ready: Any, go: Any, login: bool) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{index}")
-    if login:
-        client.username_pw_set(f"meter-{index}", PASSWORD)
-    client.max_inflight_messages_set(100)
-    client.max_queued_messages_set(0)
-    _connect(client, port)
-    client.loop_start()
-    topic = TOPIC.format(p=index)
-    payloads = [json.dumps({"value": float(i % 500), "unit": "W", "seq": i}) for i in range(count)]
-    ready.release()
-    go.wait()
-    infos = [client.publish(topic, body, qos=qos) for body in payloads]
-    for info in infos:
-        info.wait_for_publish(120)
-    client.disconnect()
-    client.loop_stop()
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user and system, all threads) a process has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _run_load(port: int, messages: int, publishers: int, qos: int, done: Any, *, login: bool = False,
-              server: int | None = None, cpu: list[float] | None = None) -> float:
-    """Start publishers, release them together, return seconds until ``done()`` is true (and append the
-    ``server`` process's CPU seconds meanwhile to ``cpu``)."""
-    ctx = mp.get_context("spawn")
-    ready, go = ctx.Semaphore(0), ctx.Event()
-    per = messages // publishers
-    procs = [ctx.Process(target=_publisher, args=(port, i, per, qos),
-                         kwargs={"ready": ready, "go": go, "login": login})
-             for i in range(publishers)]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        ready.acquire()
-    start, used = time.perf_counter(), _cpu_s(server) if server else 0.0
-    go.set()
-    while not done():
-        time.sleep(0.01)
-    elapsed = time.perf_counter() - start
-    if server and cpu is not None:
-        cpu.append(_cpu_s(server) - used)
-    for p in procs:
-        p.join(60)
-    return elapsed
-
-
 def run_bare(messages: int, publishers: int, qos: int) -> tuple[float, float]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(port)])
     try:
-        _wait_listening(port, proc)
+        wait_listening(port, proc)
         received = 0
         subscribed = threading.Event()
 
@@ -170,7 +72,7 @@ def run_bare(messages: int, publishers: int, qos: int) -> tuple[float, float]:
         subscribed.wait(10)
         target = (messages // publishers) * publishers
         cpu: list[float] = []
-        elapsed = _run_load(port, messages, publishers, qos, lambda: received >= target, server=proc.pid, cpu=cpu)
+        elapsed = run_load(port, messages, publishers, lambda: received >= target, qos=qos, server=proc.pid, cpu=cpu)
         sub.disconnect()
         sub.loop_stop()
         return target / elapsed, cpu[0] / target
@@ -180,7 +82,7 @@ def run_bare(messages: int, publishers: int, qos: int) -> tuple[float, float]:
 
 
 def run_gateway(messages: int, publishers: int, qos: int) -> tuple[float, int, float]:
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gw.toml"
         data = Path(tmp) / "data"
@@ -192,7 +94,7 @@ def run_gateway(messages: int, publishers: int, qos: int) -> tuple[float, int, f
         proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            _wait_listening(port, proc)
+            wait_listening(port, proc)
             target = (messages // publishers) * publishers
             db_path = data / "iotgw.sqlite3"
 
@@ -204,19 +106,13 @@ def run_gateway(messages: int, publishers: int, qos: int) -> tuple[float, int, f
                     return False
 
             cpu: list[float] = []
-            elapsed = _run_load(port, messages, publishers, qos, stored, login=True, server=proc.pid, cpu=cpu)
-            rss_kib = _peak_rss_kib(proc.pid)
+            elapsed = run_load(port, messages, publishers, stored, qos=qos, password=PASSWORD, server=proc.pid,
+                               cpu=cpu)
+            rss_kib = peak_rss_kib(proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
         return target / elapsed, rss_kib, cpu[0] / target
-
-
-def _peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
 
 
 def main() -> None:

@@ -18,12 +18,9 @@ system, all threads), which varies less than the rates on a shared machine.
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -32,88 +29,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as mqtt
+from _harness import ROOT, cpu_s, free_port, peak_rss_kib, run_load, wait_listening
 from paho.mqtt.enums import CallbackAPIVersion
-
-ROOT = Path(__file__).resolve().parent.parent
-TOPIC = "telemetry/raw/1.0/bench/meter/m-{p}/power"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"process exited: {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("nothing listened")
-
-
-def _cpu_s(pid: int) -> float:
-    """User and system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
-
-
-def _publisher(port: int, index: int, count: int, *, ready: Any, go: Any) -> None:
-    """One device process (as bench/broker_ingest.py's): paho, QoS 1, 100 in flight."""
-    connected = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{index}")
-    client.max_inflight_messages_set(100)
-    client.max_queued_messages_set(0)
-    client.on_connect = lambda *_: connected.set()
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    connected.wait(10)
-    topic = TOPIC.format(p=index)
-    payloads = [json.dumps({"value": float(i % 500), "unit": "W", "seq": i}) for i in range(count)]
-    ready.release()
-    go.wait()
-    infos = [client.publish(topic, body, qos=1) for body in payloads]
-    for info in infos:
-        info.wait_for_publish(120)
-    client.disconnect()
-    client.loop_stop()
-
-
-def _run_load(port: int, messages: int, publishers: int, done: Any) -> float:
-    """Start publishers, release them together, return seconds until ``done()`` is true."""
-    ctx = mp.get_context("spawn")
-    ready, go = ctx.Semaphore(0), ctx.Event()
-    per = messages // publishers
-    procs = [ctx.Process(target=_publisher, args=(port, i, per), kwargs={"ready": ready, "go": go})
-             for i in range(publishers)]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        ready.acquire()
-    start = time.perf_counter()
-    go.set()
-    while not done():
-        time.sleep(0.01)
-    elapsed = time.perf_counter() - start
-    for p in procs:
-        p.join(60)
-    return elapsed
 
 
 class Mosquitto:
@@ -123,7 +42,7 @@ class Mosquitto:
         exe = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
         if exe is None:
             raise SystemExit("mosquitto is not installed (Debian: apt-get install mosquitto)")
-        self.port = _free_port()
+        self.port = free_port()
         conf = directory / "mosquitto.conf"
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true",
                  "max_queued_messages 1000000", "max_queued_bytes 0", f"log_dest file {directory / 'm.log'}"]
@@ -131,7 +50,7 @@ class Mosquitto:
             lines.append("user root")
         conf.write_text("\n".join(lines) + "\n")
         self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_listening(self.port, self.proc)
+        wait_listening(self.port, self.proc)
 
     def close(self) -> None:
         self.proc.terminate()
@@ -157,7 +76,7 @@ def run_plain_subscriber(messages: int, publishers: int) -> float:
             sub.loop_start()
             subscribed.wait(10)
             target = (messages // publishers) * publishers
-            elapsed = _run_load(broker.port, messages, publishers, lambda: received >= target)
+            elapsed = run_load(broker.port, messages, publishers, lambda: received >= target)
             sub.disconnect()
             sub.loop_stop()
             return target / elapsed
@@ -174,7 +93,7 @@ def run_external(messages: int, publishers: int, workers: int, protocol: str) ->
             stores = []
             for n in range(workers):
                 data = Path(tmp) / f"data-{n}"
-                http = _free_port()
+                http = free_port()
                 config = Path(tmp) / f"gw-{n}.toml"
                 shared = 'shared_group = "bench"\n' if workers > 1 else ""
                 config.write_text(
@@ -186,7 +105,7 @@ def run_external(messages: int, publishers: int, workers: int, protocol: str) ->
                 proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)], cwd=ROOT,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 procs.append(proc)
-                _wait_listening(http, proc)
+                wait_listening(http, proc)
                 stores.append(data / "iotgw.sqlite3")
             time.sleep(0.5)  # subscribed
             target = (messages // publishers) * publishers
@@ -198,10 +117,10 @@ def run_external(messages: int, publishers: int, workers: int, protocol: str) ->
                 except sqlite3.Error:
                     return 0
 
-            cpu_before = sum(_cpu_s(p.pid) for p in procs)
-            elapsed = _run_load(broker.port, messages, publishers, lambda: sum(map(count, stores)) >= target)
-            cpu_us = (sum(_cpu_s(p.pid) for p in procs) - cpu_before) / target * 1e6
-            rss = max(_peak_rss_kib(p.pid) for p in procs)
+            cpu_before = sum(cpu_s(p.pid) for p in procs)
+            elapsed = run_load(broker.port, messages, publishers, lambda: sum(map(count, stores)) >= target)
+            cpu_us = (sum(cpu_s(p.pid) for p in procs) - cpu_before) / target * 1e6
+            rss = max(peak_rss_kib(p.pid) for p in procs)
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)

@@ -142,6 +142,10 @@ class Journal:
             self._untrimmed = 0
         return self._commit.submit(_Op(done=tuple(event_ids), trim=trim))
 
+    def hurry(self) -> None:
+        """Commit what is pending without waiting for more to join (pipeline/db.py ``GroupCommit.hurry``)."""
+        self._commit.hurry()
+
     async def flush(self) -> None:
         """Commit what was appended and marked done, now."""
         await self._commit.flush()

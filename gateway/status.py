@@ -132,6 +132,7 @@ class ExternalBrokerStatus(_Status):
     received: int = Field(description="messages the broker delivered")
     acknowledged: int = Field(description="of them acknowledged, each once in the journal")
     retained_skipped: int = Field(description="retained messages (old values sent on subscribing): not readings")
+    oversized_skipped: int = Field(default=0, description="messages over max_packet_bytes: acknowledged, not read")
     pending: int = Field(description="received, not yet handed to the pipeline")
     published: int
     publish_failures: int = Field(description="events not published for want of a connection (the outboxes keep "

@@ -174,6 +174,8 @@ class GroupCommit(Generic[Op]):
     waiting, or the last commit had that many (a busy gateway is not held to the interval: its commits
     carry many operations each, and the last few of a burst do not wait out an interval).
     :meth:`flush` commits at once; :meth:`committed` waits for the commit that covers what was submitted.
+    :meth:`hurry` ends the window early: the submitter has nothing more coming until what it submitted
+    commits (an MQTT broker that sends only so many messages ahead of their PUBACKs).
     """
 
     def __init__(
@@ -191,6 +193,7 @@ class GroupCommit(Generic[Op]):
         self._inflight: asyncio.Future[None] | None = None  # resolved when the commit under way ends
         self._wake = asyncio.Event()
         self._enough = asyncio.Event()
+        self._hurry = asyncio.Event()
         self._last_commit = -math.inf
         self._busy = False  # the last commit carried early_ops operations or more
         self._task: asyncio.Task[None] | None = None
@@ -212,6 +215,11 @@ class GroupCommit(Generic[Op]):
         if len(self._ops) >= self._early:
             self._enough.set()
         return future
+
+    def hurry(self) -> None:
+        """Commit what is pending without waiting out the window (the interval still holds under light load)."""
+        if self._ops:
+            self._hurry.set()
 
     @property
     def pending(self) -> int:
@@ -235,6 +243,7 @@ class GroupCommit(Generic[Op]):
             self._ops, self._futures, self._pending = [], [], None
             self._busy = len(ops) >= self._early
             self._enough.clear()
+            self._hurry.clear()
             self._inflight = done
             try:
                 await self._db.run(in_transaction, lambda conn: self._apply(conn, ops))
@@ -261,7 +270,9 @@ class GroupCommit(Generic[Op]):
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await asyncio.sleep(self._window)
+            if not self._hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), self._window)
             # the cadence: the interval since the last commit, unless enough is waiting (or was, last time)
             while (not self._busy and (wait := self._last_commit + self._interval - loop.time()) > 0
                    and len(self._ops) < self._early):

@@ -71,9 +71,11 @@ class GatewayBroker(RetainedBroker, Protocol):
 def build_broker(
     config: GatewayConfig, ingest: Ingest, room: Callable[[], Awaitable[None]], *, filters: Sequence[str],
     raw_filter: str, port_option: str, traffic: Traffic | None, data_dir: Path,
+    commit_soon: Callable[[], None] | None = None,
 ) -> GatewayBroker:
     """The broker ``config.broker.mode`` names; ``filters``: what the pipeline reads (an external broker
-    subscribes to them)."""
+    subscribes to them); ``commit_soon``: commit the journal without waiting for more (an external broker
+    calls it once what it received is ingested and waits for its PUBACKs)."""
     settings, liveness = config.broker, config.liveness
     presence = Presence(config.status_topic, liveness.online, liveness.offline)
     if settings.mode == "embedded" or settings.external is None:
@@ -84,5 +86,5 @@ def build_broker(
     external = settings.external
     return ExternalBroker(
         external, ingest, client_id=external.client_id or f"iotgw-{config.effective_gateway_id}", filters=filters,
-        raw_filter=raw_filter, presence=presence, traffic=traffic,
+        raw_filter=raw_filter, presence=presence, traffic=traffic, commit_soon=commit_soon,
     )

@@ -3,22 +3,25 @@ embedding one (``[broker] mode = "external"``).
 
 The gateway subscribes at QoS 1, with a persistent session, to the raw stage of its taxonomy, the topics
 of its dialects (pipeline/dialects.py) and any ``subscribe`` filters (as ``$share/<group>/...`` when
-several gateways share the load). paho's network loop runs in its own thread; each delivery is handed to
-the event loop through a bounded inbox and given to :class:`~gateway.broker.embedded.Ingest`, like a
-message the embedded broker read. Its PUBACK (paho ``manual_ack``) goes out only once the futures ingest
-returned have resolved: the message is in the journal (and in the outboxes that forward it). A ``kill -9``
-at any moment leaves every unacknowledged message with the broker, which sends it again (DUP, same packet
-id, so the journal gives it the event id it already had). When the pipeline falls behind, the inbox fills,
-paho's thread waits in its callback and stops reading the socket; the broker holds the rest (an MQTT 5
-Receive Maximum bounds what it sends ahead). Retained messages are old values re-sent on subscribing,
-not readings: they are skipped (counted).
+several gateways share the load). The client is the gateway's own, on the event loop
+(gateway/broker/mqtt_client.py: MQTT 3.1.1 and 5, no thread). Each delivery goes through an inbox to
+:class:`~gateway.broker.embedded.Ingest`, like a message the embedded broker read. Its PUBACK goes out only
+once the futures ingest returned have resolved: the message is in the journal (and in the outboxes that
+forward it); once what arrived is ingested, the journal is asked to commit without waiting for more
+(``commit_soon``), since the broker may send nothing more until those PUBACKs. A ``kill -9`` at any moment
+leaves every unacknowledged message with the broker, which sends it again (DUP, same packet id, so the
+journal gives it the event id it already had). When the pipeline falls behind, the inbox fills to
+``max_inflight`` and the socket is no longer read; the broker holds the rest (under MQTT 5 it is also told
+``max_inflight`` as the Receive Maximum: how many deliveries it may send ahead of their PUBACKs). Retained
+messages are old values re-sent on subscribing, not readings: they are skipped (counted); so are messages
+over ``max_packet_bytes``, which are never buffered.
 
 What the gateway publishes (its pipeline's events, alerts, commands for devices) goes to that broker, and
 through ingest to the outboxes, as the embedded broker's in-process publishes do. A driver's reading is
 ingested without going out to the broker: the gateway's own subscription would read it back.
 
 The connection is watched like any peer: lost and regained are logged once each; the gateway's retained
-online/offline status is its birth message and last will (gateway/forward/mqtt/connect.py).
+online/offline status is its birth message and last will.
 """
 
 from __future__ import annotations
@@ -27,39 +30,22 @@ import asyncio
 import collections
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
-from typing import Any, Self
-
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
+from typing import Any, Literal, Self
 
 from gateway.broker.embedded import Ingest, Resend, Traffic
+from gateway.broker.mqtt_client import MqttClient, Publish, Will
 from gateway.config import ExternalBrokerSettings
-from gateway.forward.mqtt.connect import Presence, announce, protocol_name, session_properties, set_will, tls_context
+from gateway.forward.mqtt.connect import Presence, tls_context
 from pipeline.topics import TopicFilter
 
 log = logging.getLogger(__name__)
 CONNECT_WAIT_S = 5.0  # at start, how long to wait for the first CONNACK before going on without it
 GOODBYE_WAIT_S = 2.0  # at stop, how long the offline status may take to be acknowledged
 _DRAIN_POLL_S = 0.02
-_PROTOCOL_REFUSED = (1, 0x84)  # 3.1.1 "unacceptable protocol version", 5 "unsupported protocol version"
-
-
-@dataclass(frozen=True, slots=True)
-class _Delivery:
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-    dup: bool
-    generation: int  # which connection it came on: a PUBACK is only valid on that one
 
 
 class ExternalBroker:
@@ -69,9 +55,11 @@ class ExternalBroker:
     def __init__(
         self, settings: ExternalBrokerSettings, ingest: Ingest, *, client_id: str, filters: Sequence[str],
         raw_filter: str, presence: Presence | None = None, traffic: Traffic | None = None,
+        commit_soon: Callable[[], None] | None = None,
     ) -> None:
         """``filters``: what the pipeline reads (the raw stage, the dialects' topics); ``raw_filter``: the raw
-        stage, which in-process publishes do not echo to the broker."""
+        stage, which in-process publishes do not echo to the broker; ``commit_soon``: called when what arrived
+        is all ingested and its PUBACKs wait for the journal (gateway/ingest.py ``Ingest.hurry``)."""
         self._settings = settings
         self._ingest = ingest
         self._client_id = client_id
@@ -81,43 +69,44 @@ class ExternalBroker:
         self._raw = TopicFilter(raw_filter, "mqtt")
         self._presence = presence
         self._traffic = traffic
+        self._commit_soon = commit_soon
         self._origin = f"mqtt:{settings.host}:{settings.port}"
-        self._version = (MQTTProtocolVersion.MQTTv311 if settings.protocol == "3.1.1"
-                         else MQTTProtocolVersion.MQTTv5)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: mqtt.Client | None = None
-        # The hand-off from paho's thread: a deque, a wake-up scheduled once per burst, and a bound.
-        self._inbox: collections.deque[_Delivery] = collections.deque()
-        self._room = threading.BoundedSemaphore(settings.max_inflight)
+        self._link: _Link | None = None
+        # Deliveries on their way to ingest, in order: appended by the link as packets are read, taken by one
+        # consumer task woken once per burst.
+        self._inbox: collections.deque[Publish] = collections.deque()
         self._wake = asyncio.Event()
         self._scheduled = False
         self._ingesting = False
         self._consumer: asyncio.Task[None] | None = None
-        self._generation = 0
         self._draining = False
         self._closing = False
         self._connected = False
         self._first_connect = asyncio.Event()
         self._refusal: str | None = None
         self._on_connected: list[Callable[[], Awaitable[None]]] = []
-        self.protocol_in_use = ""
         self.port = settings.port
         self.security = None
         self.received = 0
         self.acknowledged = 0
         self.retained_skipped = 0
+        self.oversized_skipped = 0
         self.tapped = 0
         self.published = 0
         self.publish_failures = 0
         self.ingest_failures = 0
         self.disconnects = 0
 
+    @property
+    def protocol_in_use(self) -> str:
+        return self._link.protocol_in_use if self._link is not None else ""
+
     # --- lifecycle ------------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self._loop = asyncio.get_running_loop()
         self._consumer = asyncio.create_task(self._consume(), name="external broker: ingest")
-        self._connect()
+        self._link = _Link(self, self._settings, self._client_id, self._presence)
+        self._link.start()
         try:
             await asyncio.wait_for(self._first_connect.wait(), CONNECT_WAIT_S)
         except TimeoutError:
@@ -134,114 +123,38 @@ class ExternalBroker:
             self._consumer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._consumer
-        client = self._client
-        if client is None:
-            return
-        if self._connected:  # a clean disconnect sends no will: say so ourselves
-            info = announce(client, self._presence, online=False)
-            if info is not None:
-                await asyncio.to_thread(info.wait_for_publish, GOODBYE_WAIT_S)
-        client.disconnect()
-        await asyncio.to_thread(client.loop_stop)
+        if self._link is not None:
+            await self._link.close(goodbye=self._connected)
         self._connected = False
-
-    def _connect(self) -> None:
-        s = self._settings
-        v5 = self._version == MQTTProtocolVersion.MQTTv5
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=self._version,
-            clean_session=None if v5 else False, manual_ack=True,
-        )
-        if s.username:
-            client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
-        if s.tls_on:
-            tls = s.tls
-            client.tls_set_context(tls_context(tls.ca_file if tls else None, tls.cert_file if tls else None,
-                                               tls.key_file if tls else None))
-        set_will(client, self._presence)
-        client.max_inflight_messages_set(100)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        if v5:
-            client.connect_async(s.host, s.port, keepalive=s.keepalive_s, clean_start=False,
-                                 properties=session_properties(s.session_expiry_s, s.max_inflight))
-        else:
-            client.connect_async(s.host, s.port, keepalive=s.keepalive_s)
-        self._client = client
-        client.loop_start()
 
     def when_connected(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Call ``callback`` (on the event loop) after every (re)connection: retained messages of the
         gateway's own (Home Assistant's discovery) are published again."""
         self._on_connected.append(callback)
 
-    # --- paho's thread ------------------------------------------------------------------------------------
+    # --- what the link tells it --------------------------------------------------------------------------
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(fn, *args)
-
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
-        if reason.is_failure:
-            if (reason.value in _PROTOCOL_REFUSED and self._settings.protocol == "auto"
-                    and self._version == MQTTProtocolVersion.MQTTv5):
-                self._version = MQTTProtocolVersion.MQTTv311
-                self._call(self._reconnect_as_311)
-                return
-            self._call(self._refused, str(reason))
-            return
-        self._generation += 1  # PUBACKs for deliveries of an earlier connection are not sent on this one
-        self.protocol_in_use = protocol_name(self._version)
-        if self._version == MQTTProtocolVersion.MQTTv5:
-            options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
-            client.subscribe([(f, options) for f in self.subscriptions])
-        else:
-            client.subscribe([(f, 1) for f in self.subscriptions])
-        announce(client, self._presence, online=True)
-        self._call(self._set_connected, True, bool(getattr(flags, "session_present", False)))
-
-    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._call(self._refused, "cannot connect")
-
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
-        if (not self.protocol_in_use and self._settings.protocol == "auto"
-                and self._version == MQTTProtocolVersion.MQTTv5 and not self._closing):
-            # Closed before a CONNACK we could read: a 3.1.1-only broker answers an MQTT 5 CONNECT so.
-            self._version = MQTTProtocolVersion.MQTTv311
-            self._call(self._reconnect_as_311)
-        self._call(self._set_connected, False, False, str(reason))
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _screen(self, *, retain: bool, oversized: bool = False) -> Literal["take", "ack", "leave"]:
+        """What to do with a message the broker delivered: ingest it, only acknowledge it, or leave it unacknowledged
+        (the broker sends it again when the gateway is back)."""
         self.received += 1
         if self._draining:
-            return  # not acknowledged: the broker sends it again when the gateway is back
-        if msg.retain:  # an old value sent because we subscribed, not a reading
+            return "leave"
+        if retain:  # an old value sent because we subscribed, not a reading
             self.retained_skipped += 1
-            if msg.qos:
-                client.ack(msg.mid, msg.qos)
-            return
-        while not self._room.acquire(timeout=0.5):  # the pipeline is behind: stop reading the socket
-            if self._closing:
-                return
-        self._inbox.append(_Delivery(msg.topic, bytes(msg.payload), msg.mid, msg.qos, msg.dup, self._generation))
+            return "ack"
+        if oversized:  # never readable here: refusing it would have the broker send it again forever
+            self.oversized_skipped += 1
+            if self.oversized_skipped == 1:
+                log.warning("external broker: a message over max_packet_bytes (%d) skipped (counted from now on)",
+                            self._settings.max_packet_bytes)
+            return "ack"
+        return "take"
+
+    def _wake_up(self) -> None:
         if not self._scheduled:
             self._scheduled = True
-            self._call(self._wake.set)
-
-    # --- the event loop ---------------------------------------------------------------------------------
-
-    def _reconnect_as_311(self) -> None:
-        log.warning("external broker %s:%d does not speak MQTT 5; using 3.1.1", self._settings.host, self.port)
-        old = self._client
-        if old is not None:
-            old.disconnect()
-            threading.Thread(target=old.loop_stop, daemon=True).start()  # never join paho's thread from itself
-        self._connect()
+            self._wake.set()
 
     def _refused(self, why: str) -> None:
         if why != self._refusal:
@@ -264,20 +177,25 @@ class ExternalBroker:
             self.disconnects += 1
             log.warning("external broker: lost %s:%d (%s); reconnecting", self._settings.host, self.port, why)
 
+    # --- the event loop ---------------------------------------------------------------------------------
+
     async def _consume(self) -> None:
         """Deliveries to ingest, in the order they arrived; each acknowledged once what ingest wrote is durable."""
         inbox = self._inbox
+        ingest, origin, traffic = self._ingest, self._origin, self._traffic
         while True:
             await self._wake.wait()
             self._wake.clear()
             self._scheduled = False
+            link = self._link
+            waiting = False  # for PUBACKs: the broker may send no more until they go out
             while inbox:
                 delivery = inbox.popleft()
                 self._ingesting = True
                 try:
-                    futures = await self._ingest(
-                        delivery.topic, delivery.payload, self._origin, None,
-                        Resend(delivery.mid, delivery.dup) if delivery.qos else None,
+                    futures = await ingest(
+                        delivery.topic, delivery.payload, origin, None,
+                        Resend(delivery.packet_id, delivery.dup) if delivery.qos else None,
                     )
                 except Exception:  # not taken: no PUBACK, so the broker sends it again after a reconnect
                     self.ingest_failures += 1
@@ -285,14 +203,18 @@ class ExternalBroker:
                     continue
                 finally:
                     self._ingesting = False
-                    self._room.release()
+                    if link is not None:
+                        link.taken()
                 self.tapped += 1
-                if self._traffic is not None:
-                    self._traffic.published(delivery.topic, self._origin)
+                if traffic is not None:
+                    traffic.published(delivery.topic, origin)
                 if delivery.qos:
                     self._ack_when(delivery, futures)
+                    waiting = True
+            if waiting and self._commit_soon is not None:
+                self._commit_soon()
 
-    def _ack_when(self, delivery: _Delivery, futures: Sequence[asyncio.Future[None]]) -> None:
+    def _ack_when(self, delivery: Publish, futures: Sequence[asyncio.Future[None]]) -> None:
         if not futures:
             self._ack(delivery, None)
         elif len(futures) == 1:
@@ -300,14 +222,12 @@ class ExternalBroker:
         else:
             asyncio.gather(*futures).add_done_callback(partial(self._ack, delivery))
 
-    def _ack(self, delivery: _Delivery, durable: asyncio.Future[Any] | None) -> None:
+    def _ack(self, delivery: Publish, durable: asyncio.Future[Any] | None) -> None:
         if durable is not None and (durable.cancelled() or durable.exception() is not None):
             return  # not durable: no PUBACK (the broker sends it again)
-        client = self._client
-        if client is None or delivery.generation != self._generation:
-            return  # that connection is gone; the broker sends the message again on this one
-        client.ack(delivery.mid, delivery.qos)
-        self.acknowledged += 1
+        link = self._link
+        if link is not None and link.ack(delivery.packet_id, delivery.generation):
+            self.acknowledged += 1
 
     # --- what the gateway publishes ---------------------------------------------------------------------
 
@@ -328,12 +248,8 @@ class ExternalBroker:
         return self._send(topic, payload, 1, retain=True)
 
     def _send(self, topic: str, payload: bytes, qos: int, *, retain: bool) -> bool:
-        client = self._client
-        if client is None or not self._connected:
-            self.publish_failures += 1
-            return False
-        info = client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+        link = self._link
+        if link is None or not self._connected or not link.send(topic, payload, qos, retain=retain):
             self.publish_failures += 1
             return False
         self.published += 1
@@ -377,9 +293,9 @@ class ExternalBroker:
                 "url": self._settings.url, "client_id": self._client_id, "connected": self._connected,
                 "protocol": self.protocol_in_use, "subscriptions": list(self.subscriptions),
                 "received": self.received, "acknowledged": self.acknowledged,
-                "retained_skipped": self.retained_skipped, "pending": self.pending_deliveries(),
-                "published": self.published, "publish_failures": self.publish_failures,
-                "disconnects": self.disconnects,
+                "retained_skipped": self.retained_skipped, "oversized_skipped": self.oversized_skipped,
+                "pending": self.pending_deliveries(), "published": self.published,
+                "publish_failures": self.publish_failures, "disconnects": self.disconnects,
             },
             # The embedded broker's sections, empty: the site's broker keeps its own sessions and bounds.
             "connections": 0,
@@ -391,3 +307,85 @@ class ExternalBroker:
                                      "queued_bytes_evicted", "retained_refused"), 0),
             "offences": {},
         }
+
+
+class _Link:
+    """The broker's session, through the gateway's own client (gateway/broker/mqtt_client.py). When the inbox
+    holds ``max_inflight`` deliveries the socket is no longer read; reading resumes once it is half empty."""
+
+    def __init__(self, broker: ExternalBroker, settings: ExternalBrokerSettings, client_id: str,
+                 presence: Presence | None) -> None:
+        self._broker = broker
+        self._presence = presence
+        self._high = settings.max_inflight
+        self._low = settings.max_inflight // 2
+        tls = settings.tls
+        self._client = MqttClient(
+            self, settings.host, settings.port, client_id=client_id, subscriptions=broker.subscriptions,
+            protocol=settings.protocol, session_expiry_s=settings.session_expiry_s,
+            receive_maximum=settings.max_inflight, keepalive_s=settings.keepalive_s, username=settings.username,
+            password=settings.password.get_secret_value() if settings.username and settings.password else None,
+            will=Will(presence.topic, presence.offline.encode()) if presence is not None else None,
+            tls=tls_context(tls.ca_file if tls else None, tls.cert_file if tls else None, tls.key_file if tls else None)
+            if settings.tls_on else None,
+            max_packet_bytes=settings.max_packet_bytes,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def protocol_in_use(self) -> str:
+        return self._client.protocol_in_use
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._client.run(), name="external broker: connection")
+
+    # what the client tells it (mqtt_client.ClientHandler)
+
+    def message(self, message: Publish) -> None:
+        broker = self._broker
+        what = broker._screen(retain=message.retain, oversized=message.oversized)
+        if what == "take":
+            inbox = broker._inbox
+            inbox.append(message)
+            if len(inbox) >= self._high and not self._client.paused:
+                self._client.pause_reading()  # the pipeline is behind: the broker holds the rest
+            broker._wake_up()
+        elif what == "ack" and message.qos:
+            self._client.ack(message.packet_id, message.generation)
+
+    def connected(self, session_present: bool) -> None:
+        if self._presence is not None:
+            self._client.publish(self._presence.topic, self._presence.online.encode(), 1, retain=True)
+        self._broker._set_connected(True, session_present)
+
+    def lost(self, why: str) -> None:
+        self._broker._set_connected(False, False, why)
+
+    def refused(self, why: str) -> None:
+        self._broker._refused(why)
+
+    # what ExternalBroker asks of it
+
+    def ack(self, packet_id: int, generation: int) -> bool:
+        """PUBACK on connection ``generation``, if it is still the one (else the broker sends the message again)."""
+        return self._client.ack(packet_id, generation)
+
+    def send(self, topic: str, payload: bytes, qos: int, *, retain: bool) -> bool:
+        return self._client.publish(topic, payload, qos, retain=retain) is not None
+
+    def taken(self) -> None:
+        if self._client.paused and len(self._broker._inbox) <= self._low:
+            self._client.resume_reading()
+
+    async def close(self, *, goodbye: bool) -> None:
+        """Stop; with ``goodbye``, publish the offline status first (a clean disconnect sends no will)."""
+        client = self._client
+        if goodbye and self._presence is not None:
+            packet_id = client.publish(self._presence.topic, self._presence.offline.encode(), 1, retain=True)
+            if packet_id:
+                await client.published(packet_id, GOODBYE_WAIT_S)
+        await client.disconnect()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -30,6 +30,9 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+remaining_length = _varint  # a packet's remaining length, as MQTT encodes it (used by the client's packets too)
+
+
 def connack(session_present: bool, code: int) -> bytes:
     """[MQTT-3.2.2-4]: a refusal never says a session is present."""
     return bytes((0x20, 2, 1 if session_present and code == ACCEPTED else 0, code))

@@ -14,8 +14,8 @@ from gateway.settings import Level, SecretEnv, SecretFile, WithSecrets
 
 class ExternalBrokerSettings(WithSecrets):
     url: str = Field(description="mqtt://host:1883, or mqtts://host:8883 for TLS")
-    # 3.1.1 by default: paho decodes MQTT 5 properties on every message it receives, about a fifth more CPU per
-    # message here; 5 adds a Receive Maximum (max_inflight) and a session expiry (session_expiry_s).
+    # 5 adds a Receive Maximum (max_inflight: how many deliveries the broker may send ahead of our PUBACKs; under
+    # 3.1.1 the broker's own limit holds, 20 for Mosquitto) and a session expiry (session_expiry_s).
     protocol: Literal["auto", "5", "3.1.1"] = Field(default="3.1.1", description="auto: MQTT 5, else 3.1.1")
     client_id: str | None = Field(default=None,
                                   description="default: iotgw-{gateway_id}; names the persistent session")
@@ -34,6 +34,9 @@ class ExternalBrokerSettings(WithSecrets):
     max_inflight: int = Field(default=1000, ge=1, le=65535,
                               description="deliveries not yet handed to the pipeline (the bounded hand-off; with "
                                           "MQTT 5 also the Receive Maximum the broker is told)")
+    max_packet_bytes: int = Field(
+        default=262_144, ge=64, le=268_435_455,
+        description="MQTT 3.1.1: a message larger than this is skipped (acknowledged and counted), never buffered")
     publish_qos: Literal[0, 1] = Field(default=0, description="QoS of the events the gateway publishes back")
 
     @field_validator("url")

@@ -1,0 +1,340 @@
+"""The external broker's MQTT client (gateway/broker/mqtt_client.py) against hostile peers: a raw socket server
+that sends garbage, oversized packets, packets split across reads and connections cut mid-packet; and against a
+real Mosquitto: an oversized message skipped (acknowledged, counted) between readings, TLS with a client
+certificate and a password login, and MQTT 5's Receive Maximum letting the broker send more than its 3.1.1
+default ahead of the PUBACKs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peers import Mosquitto, free_port, mosquitto_fixture, mqtt_publish  # noqa: F401  (fixture)
+from test_external import external_config, until
+
+from gateway.app import Gateway
+from gateway.broker import wire
+from gateway.broker.mqtt_client import MqttClient, PacketReader, ProtocolError, Publish, decode_publish
+
+TOPIC = "telemetry/raw/1.0/s1/meter/m-1/power"
+
+
+def _publish(topic: str, payload: bytes, packet_id: int, *, dup: bool = False) -> bytes:
+    return wire.publish(topic, payload, 1, packet_id, dup=dup)
+
+
+# --- the packet reader (pure) -----------------------------------------------------------------------------
+
+def test_packets_split_at_every_byte_and_joined_in_one_read_come_out_the_same() -> None:
+    stream = b"".join([wire.connack(False, 0), _publish(TOPIC, b'{"value": 1}', 7), wire.puback(3),
+                       _publish(TOPIC, b"x" * 300, 8), b"\xd0\x00"])
+    whole = PacketReader(1024).feed(stream)
+    reader = PacketReader(1024)
+    one_by_one = [packet for i in range(len(stream)) for packet in reader.feed(stream[i:i + 1])]
+    assert one_by_one == whole
+    assert [first >> 4 for first, _, _ in whole] == [2, 3, 4, 3, 13]
+    assert decode_publish(*whole[3]).payload == b"x" * 300  # a two-byte remaining length
+
+
+def test_an_oversized_publish_is_not_kept_and_the_next_packet_is_read() -> None:
+    reader = PacketReader(256)
+    big = _publish(TOPIC, b"y" * 10_000, 9)
+    packets = [p for i in range(0, len(big), 1000) for p in reader.feed(big[i:i + 1000])]
+    packets += reader.feed(_publish(TOPIC, b"after", 10))
+    assert [(decode_publish(*p).packet_id, decode_publish(*p).oversized, decode_publish(*p).payload)
+            for p in packets] == [(9, True, b""), (10, False, b"after")]
+    assert len(reader._buffer) == 0  # nothing of the 10 kB was kept
+
+
+@pytest.mark.parametrize(("data", "why"), [
+    (b"\x30\xff\xff\xff\xff\x01", "more than four bytes"),
+    (b"\x90" + wire.remaining_length(5000) + b"\x00" * 10, "more than max_packet_bytes"),  # not a PUBLISH
+], ids=["five-byte-length", "oversized-suback"])
+def test_a_malformed_stream_is_a_protocol_error(data: bytes, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        PacketReader(1024).feed(data)
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"\x00", b"\x00\x05abc", b"\x00\x01\xff\x00\x01", b"\x00\x01a\x00\x00", b"\x00\x01#\x00\x01",
+], ids=["empty", "short-length", "short-topic", "not-utf8", "packet-id-0", "wildcard"])
+def test_a_malformed_publish_is_a_protocol_error(body: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_publish(0x32, body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=8))
+def test_random_bytes_raise_nothing_but_protocol_errors(chunks: list[bytes]) -> None:
+    reader = PacketReader(128)
+    try:
+        for chunk in chunks:
+            for first, body, oversized in reader.feed(chunk):
+                if first >> 4 == 3:
+                    decode_publish(first, body, oversized, v5=bool(first & 0x01))
+    except ProtocolError:
+        pass
+
+
+# --- against a raw socket server --------------------------------------------------------------------------
+
+class Recorder:
+    def __init__(self) -> None:
+        self.messages: list[Publish] = []
+        self.events: list[str] = []
+
+    def message(self, message: Publish) -> None:
+        self.messages.append(message)
+
+    def connected(self, session_present: bool) -> None:
+        self.events.append("connected")
+
+    def lost(self, why: str) -> None:
+        self.events.append(f"lost: {why}")
+
+    def refused(self, why: str) -> None:
+        self.events.append(f"refused: {why}")
+
+
+Script = Callable[[int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawBroker:
+    """A TCP server that reads the client's CONNECT and then runs ``script`` (per connection, numbered)."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.received: list[bytes] = []
+        self.port = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await reader.read(4096)  # the CONNECT
+            await self.script(self.connections, reader, writer)
+            while data := await reader.read(4096):
+                self.received.append(data)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def raw_broker() -> AsyncIterator[Callable[[Script], Awaitable[tuple[RawBroker, MqttClient, Recorder]]]]:
+    servers: list[asyncio.Server] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start(script: Script) -> tuple[RawBroker, MqttClient, Recorder]:
+        broker = RawBroker(script)
+        server = await asyncio.start_server(broker._serve, "127.0.0.1", 0)
+        servers.append(server)
+        broker.port = server.sockets[0].getsockname()[1]
+        recorder = Recorder()
+        client = MqttClient(recorder, "127.0.0.1", broker.port, client_id="hostile", subscriptions=["t/#"],
+                            max_packet_bytes=1024)
+        tasks.append(asyncio.create_task(client.run()))
+        return broker, client, recorder
+
+    yield start
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for server in servers:
+        server.close()
+
+
+async def _accept(writer: asyncio.StreamWriter) -> None:
+    writer.write(wire.connack(False, 0))
+    await writer.drain()
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xff\xff\xff\xff\xff", b"\x00\x00", b"\x20\x02\x00\x00"],
+                         ids=["bad-length", "reserved-type", "second-connack"])
+async def test_garbage_from_the_broker_closes_the_connection_and_it_reconnects(
+    raw_broker: Callable[[Script], Awaitable[tuple[RawBroker, MqttClient, Recorder]]], garbage: bytes
+) -> None:
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _accept(writer)
+        if n == 1:
+            await asyncio.sleep(0.1)  # connected first (in the same read, garbage spoils the CONNACK too)
+            writer.write(garbage)
+            await writer.drain()
+
+    broker, client, recorder = await raw_broker(script)
+    await until(lambda: broker.connections >= 2 and client.connected, 15, "a second connection")
+    assert recorder.events[:2] == ["connected", recorder.events[1]]
+    assert recorder.events[1].startswith("lost: protocol error"), recorder.events
+
+
+@pytest.mark.parametrize("answer", [b"\x40\x02\x00\x01", b"\x00\x00", b"\x20\x03\x00\x00\x00"],
+                         ids=["puback-first", "reserved-type", "long-connack"])
+async def test_garbage_instead_of_a_connack_is_refused_and_retried(
+    raw_broker: Callable[[Script], Awaitable[tuple[RawBroker, MqttClient, Recorder]]], answer: bytes
+) -> None:
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer if n == 1 else wire.connack(False, 0))
+        await writer.drain()
+
+    _, client, recorder = await raw_broker(script)
+    await until(lambda: client.connected, 15, "the second attempt")
+    assert recorder.events[0].startswith("refused: protocol error"), recorder.events
+
+
+async def test_a_publish_split_across_reads_arrives_whole_and_is_acknowledged(
+    raw_broker: Callable[[Script], Awaitable[tuple[RawBroker, MqttClient, Recorder]]]
+) -> None:
+    packet = _publish(TOPIC, json.dumps({"value": 1.5, "pad": "z" * 200}).encode(), 42)
+
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _accept(writer)
+        for i in range(0, len(packet), 7):
+            writer.write(packet[i:i + 7])
+            await writer.drain()
+            await asyncio.sleep(0.002)
+
+    broker, client, recorder = await raw_broker(script)
+    await until(lambda: recorder.messages, 10, "the message")
+    [message] = recorder.messages
+    assert (message.topic, message.packet_id, json.loads(message.payload)["value"]) == (TOPIC, 42, 1.5)
+    assert client.ack(42, message.generation)
+    await until(lambda: wire.puback(42) in b"".join(broker.received), 5, "the PUBACK")
+
+
+async def test_a_disconnect_mid_packet_delivers_nothing_and_a_late_ack_is_not_sent_on_the_new_connection(
+    raw_broker: Callable[[Script], Awaitable[tuple[RawBroker, MqttClient, Recorder]]]
+) -> None:
+    whole = _publish(TOPIC, b'{"value": 1}', 5)
+    cut = _publish(TOPIC, b'{"value": 2}', 6)
+
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _accept(writer)
+        if n == 1:
+            writer.write(whole + cut[:len(cut) // 2])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.transport.abort()
+
+    broker, client, recorder = await raw_broker(script)
+    await until(lambda: broker.connections >= 2 and client.connected, 15, "the reconnection")
+    assert [m.packet_id for m in recorder.messages] == [5]  # the half packet never became a message
+    assert not client.ack(5, recorder.messages[0].generation)  # it came on the connection that is gone
+    await asyncio.sleep(0.1)
+    assert wire.puback(5) not in b"".join(broker.received)
+
+
+async def test_an_oversized_publish_from_a_raw_broker_is_handed_over_marked_and_the_next_one_is_read(
+    raw_broker: Callable[[Script], Awaitable[tuple[RawBroker, MqttClient, Recorder]]]
+) -> None:
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _accept(writer)
+        writer.write(_publish(TOPIC, b"q" * 100_000, 11) + _publish(TOPIC, b'{"value": 3}', 12))
+        await writer.drain()
+
+    _, _, recorder = await raw_broker(script)
+    await until(lambda: len(recorder.messages) >= 2, 10, "both messages")
+    assert [(m.packet_id, m.oversized, m.payload) for m in recorder.messages] == [
+        (11, True, b""), (12, False, b'{"value": 3}')]
+
+
+async def test_auto_falls_back_to_3_1_1_when_mqtt_5_is_refused() -> None:
+    versions: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connect = await reader.read(4096)
+        versions.append(connect[8])  # the protocol level, after the fixed header and "\0\4MQTT"
+        writer.write(wire.connack(False, 1 if connect[8] == 5 else 0))  # a 3.1.1 broker's refusal
+        await writer.drain()
+        await reader.read(4096)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    recorder = Recorder()
+    client = MqttClient(recorder, "127.0.0.1", server.sockets[0].getsockname()[1], client_id="auto",
+                        subscriptions=[], protocol="auto")
+    task = asyncio.create_task(client.run())
+    try:
+        await until(lambda: client.connected, 10, "the 3.1.1 connection")
+        assert (versions, client.protocol_in_use) == ([5, 4], "3.1.1")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        server.close()
+
+
+# --- against a real Mosquitto -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+async def test_an_oversized_message_is_skipped_acknowledged_and_counted(
+    tmp_path: Path, mosquitto: Mosquitto, protocol: str
+) -> None:
+    config = external_config(tmp_path, mosquitto, broker={"protocol": protocol, "max_packet_bytes": 4096})
+    async with Gateway(config) as gw:
+        await asyncio.to_thread(mqtt_publish, mosquitto.url, [
+            (TOPIC, b'{"value": 1, "seq": 1}'), (TOPIC, json.dumps({"value": 2, "pad": "x" * 50_000}).encode()),
+            (TOPIC, b'{"value": 3, "seq": 3}'),
+        ], client_id="big-sender")
+        await until(lambda: gw.store.rows_written >= 2, 10, "the two small readings")
+        external = gw.status().broker.external
+        assert external is not None
+        assert (external.received, external.oversized_skipped) == (3, 1)
+        assert external.acknowledged == 2  # and the oversized one, acknowledged without ingest
+    async with Gateway(config) as gw:  # nothing comes again: every message was acknowledged
+        await asyncio.sleep(1.0)
+        external = gw.status().broker.external
+        assert external is not None
+        assert external.received == 0
+
+
+async def test_tls_with_a_client_certificate_and_a_password_login(tmp_path: Path, pki: dict[str, Path]) -> None:
+    tls_port = free_port()
+    passwd = tmp_path / "passwd"
+    await asyncio.to_thread(subprocess.run, ["mosquitto_passwd", "-c", "-b", str(passwd), "iotgw", "s3cret"],
+                            check=True, capture_output=True)
+    extra = [f"listener {tls_port} 127.0.0.1", f"cafile {pki['ca_pem']}", f"certfile {pki['server_pem']}",
+             f"keyfile {pki['server_key']}", "require_certificate true", f"password_file {passwd}",
+             "per_listener_settings false"]
+    with Mosquitto(tmp_path / "mq", extra_config=extra) as mosquitto:
+        tls = {"ca_file": str(pki["ca_pem"]), "cert_file": str(pki["client_pem"]), "key_file": str(pki["client_key"])}
+        good = external_config(tmp_path / "good", mosquitto, broker={
+            "url": f"mqtts://127.0.0.1:{tls_port}", "tls": tls, "username": "iotgw", "password": "s3cret"})
+        async with Gateway(good) as gw:
+            assert gw.broker.serving
+            external = gw.status().broker.external
+            assert external is not None
+            assert external.protocol == "3.1.1"
+        bad = external_config(tmp_path / "bad", mosquitto, broker={
+            "url": f"mqtts://127.0.0.1:{tls_port}", "tls": tls, "username": "iotgw", "password": "wrong"})
+        async with Gateway(bad) as gw:
+            assert not gw.broker.serving
+
+
+async def test_mqtt_5_lets_mosquitto_send_more_than_20_ahead_of_the_pubacks(mosquitto: Mosquitto) -> None:
+    """Mosquitto sends a 3.1.1 client 20 unacknowledged messages at most (max_inflight_messages); an MQTT 5
+    client's Receive Maximum replaces that bound, so PUBACKs that wait for a journal commit hold less back."""
+    held: dict[str, int] = {}
+    for protocol in ("3.1.1", "5"):
+        recorder = Recorder()
+        client = MqttClient(recorder, mosquitto.host, mosquitto.port, client_id=f"window-{protocol}",
+                            subscriptions=[f"window/{protocol}"], protocol=protocol,
+                            receive_maximum=500)
+        task = asyncio.create_task(client.run())
+        try:
+            await until(lambda: client.connected, 10, "connected")  # noqa: B023
+            await asyncio.sleep(0.2)  # subscribed
+            await asyncio.to_thread(mqtt_publish, mosquitto.url, [(f"window/{protocol}", b"x")] * 200,
+                                    client_id=f"window-pub-{protocol.replace('.', '')}")
+            await asyncio.sleep(0.5)
+            held[protocol] = len(recorder.messages)
+        finally:
+            await client.disconnect()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert held == {"3.1.1": 20, "5": 200}

@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from conftest import until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peers import Mosquitto, free_port, mosquitto_fixture, mqtt_publish  # noqa: F401  (fixture)
-from test_external import external_config, until
+from test_external import external_config
 
 from gateway.app import Gateway
 from gateway.broker import wire

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -244,3 +244,34 @@ class GatewayThread:
     def thread_id(self) -> int | None:
         """The gateway thread's identifier (``threading.get_ident()`` on it)."""
         return self._thread.ident
+
+
+class PacketRecorder:
+    """The connection's calls a packet reader makes (gateway/broker/packets.py's interface), recorded in order."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[Any, ...]] = []
+
+    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool, packet_id: int | None, dup: bool) -> None:
+        self.got.append(("publish", topic, payload, qos, retain, packet_id, dup))
+
+    def pubrel(self, packet_id: int) -> None:
+        self.got.append(("pubrel", packet_id))
+
+    def subscribe(self, packet_id: int, filters: list[tuple[str, int]]) -> None:
+        self.got.append(("subscribe", packet_id, filters))
+
+    def unsubscribe(self, packet_id: int, filters: list[str]) -> None:
+        self.got.append(("unsubscribe", packet_id, filters))
+
+    def acknowledged(self, kind: Literal["puback", "pubrec", "pubcomp"], packet_id: int) -> None:
+        self.got.append((kind, packet_id))
+
+    def ping(self) -> None:
+        self.got.append(("ping",))
+
+    def disconnect(self) -> None:
+        self.got.append(("disconnect",))
+
+    def closed(self) -> None:
+        self.got.append(("closed",))

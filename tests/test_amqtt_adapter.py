@@ -8,11 +8,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 from importlib.metadata import version
-from typing import Any, Literal
 
 import pytest
 from amqtt.session import Session
-from mqttwire import connect, packet, publish, pubrel, string, subscribe
+from mqttwire import PacketRecorder, connect, packet, publish, pubrel, string, subscribe
 
 from gateway.broker.amqtt_adapter import PINNED, SESSION_FIELDS, AmqttProtocol, _Handler
 from gateway.broker.firewall import PacketFirewall
@@ -85,35 +84,16 @@ class _Transport:
         self.aborted = True
 
 
-class _Sink:
+class _Sink(PacketRecorder):
+    """Records, and says when the client has said goodbye."""
+
     def __init__(self) -> None:
-        self.got: list[tuple[Any, ...]] = []
+        super().__init__()
         self.done = asyncio.Event()
 
-    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool, packet_id: int | None, dup: bool) -> None:
-        self.got.append(("publish", topic, payload, qos, retain, packet_id, dup))
-
-    def pubrel(self, packet_id: int) -> None:
-        self.got.append(("pubrel", packet_id))
-
-    def subscribe(self, packet_id: int, filters: list[tuple[str, int]]) -> None:
-        self.got.append(("subscribe", packet_id, filters))
-
-    def unsubscribe(self, packet_id: int, filters: list[str]) -> None:
-        self.got.append(("unsubscribe", packet_id, filters))
-
-    def acknowledged(self, kind: Literal["puback", "pubrec", "pubcomp"], packet_id: int) -> None:
-        self.got.append((kind, packet_id))
-
-    def ping(self) -> None:
-        self.got.append(("ping",))
-
     def disconnect(self) -> None:
-        self.got.append(("disconnect",))
+        super().disconnect()
         self.done.set()
-
-    def closed(self) -> None:
-        self.got.append(("closed",))
 
 
 async def test_every_packet_reaches_the_sink_in_order() -> None:

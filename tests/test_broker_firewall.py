@@ -10,13 +10,13 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 from conftest import wait_for
 from hypothesis import given
 from hypothesis import strategies as st
-from mqttwire import GatewayThread, Paho, RawClient, connect, packet, publish, pubrel, string, subscribe
+from mqttwire import GatewayThread, PacketRecorder, Paho, RawClient, connect, packet, publish, pubrel, string, subscribe
 
 from gateway.broker.firewall import CHUNK_BYTES, PacketFirewall, check_packet
 from gateway.broker.packets import deliver
@@ -109,35 +109,6 @@ async def _packets(firewall: PacketFirewall) -> Any:
         yield p
 
 
-class _Sink:
-    def __init__(self) -> None:
-        self.got: list[tuple[Any, ...]] = []
-
-    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool, packet_id: int | None, dup: bool) -> None:
-        self.got.append(("publish", topic, payload, qos, retain, packet_id, dup))
-
-    def pubrel(self, packet_id: int) -> None:
-        self.got.append(("pubrel", packet_id))
-
-    def subscribe(self, packet_id: int, filters: list[tuple[str, int]]) -> None:
-        self.got.append(("subscribe", packet_id, filters))
-
-    def unsubscribe(self, packet_id: int, filters: list[str]) -> None:
-        self.got.append(("unsubscribe", packet_id, filters))
-
-    def acknowledged(self, kind: Literal["puback", "pubrec", "pubcomp"], packet_id: int) -> None:
-        self.got.append((kind, packet_id))
-
-    def ping(self) -> None:
-        self.got.append(("ping",))
-
-    def disconnect(self) -> None:
-        self.got.append(("disconnect",))
-
-    def closed(self) -> None:
-        self.got.append(("closed",))
-
-
 @pytest.mark.parametrize(("data", "expected"), [
     (publish("a/b", b"x", qos=1, packet_id=7), ("publish", "a/b", b"x", 1, False, 7, False)),
     (packet(0x3D, string("é/ü") + b"\x01\x02" + b"p" * 300), ("publish", "é/ü", b"p" * 300, 2, True, 258, True)),
@@ -154,7 +125,7 @@ class _Sink:
 def test_deliver_decodes_each_packet(data: bytes, expected: tuple[Any, ...]) -> None:
     header = 2 if data[1] < 0x80 else 3
     assert check_packet(data[0], data[header:], connected=True).reason is None
-    sink = _Sink()
+    sink = PacketRecorder()
     deliver(data, sink)
     assert sink.got == [expected]
 
@@ -162,7 +133,7 @@ def test_deliver_decodes_each_packet(data: bytes, expected: tuple[Any, ...]) -> 
 @given(first=st.integers(0, 255), body=st.binary(max_size=300))
 def test_deliver_never_raises_on_what_the_firewall_lets_through(first: int, body: bytes) -> None:
     if check_packet(first, body, connected=True).reason is None:
-        deliver(packet(first, body), _Sink())
+        deliver(packet(first, body), PacketRecorder())
 
 
 # -- a flooding client, against the whole gateway ---------------------------------------------------------

@@ -339,3 +339,21 @@ async def test_mqtt_5_lets_mosquitto_send_more_than_20_ahead_of_the_pubacks(mosq
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     assert held == {"3.1.1": 20, "5": 200}
+
+
+# --- the fixes after review -------------------------------------------------------------------------------
+
+async def test_a_message_in_the_same_read_as_the_connack_can_be_acknowledged_at_once(
+    raw_broker: Callable[[Script], Awaitable[tuple[RawBroker, MqttClient, Recorder]]]
+) -> None:
+    acks: list[bool] = []
+
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(wire.connack(True, 0) + _publish(TOPIC, b'{"value": 1}', 21))  # one write, one read
+        await writer.drain()
+
+    broker, client, recorder = await raw_broker(script)
+    recorder.message = lambda message: acks.append(client.ack(message.packet_id, message.generation))  # type: ignore[method-assign]
+    await until(lambda: acks, 10, "the message")
+    assert acks == [True]  # acknowledged as it came (as an oversized or retained one is)
+    await until(lambda: wire.puback(21) in b"".join(broker.received), 5, "the PUBACK")

@@ -372,6 +372,8 @@ class _Connection(asyncio.Protocol):
             properties, _ = read_properties(body, 2)
         self.connack.set_result((body[1], _Accepted(bool(body[0] & 0x01), properties.get(RECEIVE_MAXIMUM) or 65_535,
                                                     properties.get(SERVER_KEEP_ALIVE))))
+        if body[1] == 0:  # current at once: a message in the same read may be acknowledged straight away
+            self._client._current(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -497,19 +499,29 @@ class MqttClient:
                 answer = await connection.connack
             except BaseException:
                 connection.fail("connecting")
+                self._not_current(connection)
                 raise
         if answer is None:
             raise Refused(connection.closed.result() if connection.closed.done() else "closed before a CONNACK")
         code, accepted = answer
         if code:
+            self._not_current(connection)
             connection.fail("refused")
             raise Refused(f"refused: {_CONNACK_REASONS.get(code, f'code {code}')}", code)
         return connection, accepted
 
-    def _established(self, connection: _Connection, accepted: _Accepted) -> None:
+    def _current(self, connection: _Connection) -> None:
+        """The CONNACK accepted ``connection``: PUBACKs go on it from now on (:meth:`ack`)."""
         self.generation = connection.generation
-        self.protocol_in_use = "5" if connection.v5 else "3.1.1"
         self._connection = connection
+
+    def _not_current(self, connection: _Connection) -> None:
+        if self._connection is connection:
+            self._connection = None
+
+    def _established(self, connection: _Connection, accepted: _Accepted) -> None:
+        self._current(connection)
+        self.protocol_in_use = "5" if connection.v5 else "3.1.1"
         self._ready = True
         self._send_maximum = accepted.receive_maximum if connection.v5 else 65_535
         if self._paused and connection.transport is not None:
@@ -619,7 +631,7 @@ class MqttClient:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         connection = self._connection
-        if connection is not None and len(self._unacked) > len(self._sent):  # one held back may go now
+        if connection is not None and self._ready and len(self._unacked) > len(self._sent):  # one held back may go now
             for held, packet in self._unacked.items():
                 if len(self._sent) >= self._send_maximum:
                     break

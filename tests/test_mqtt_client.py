@@ -7,10 +7,12 @@ default ahead of the PUBACKs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import until
@@ -357,3 +359,70 @@ async def test_a_message_in_the_same_read_as_the_connack_can_be_acknowledged_at_
     await until(lambda: acks, 10, "the message")
     assert acks == [True]  # acknowledged as it came (as an oversized or retained one is)
     await until(lambda: wire.puback(21) in b"".join(broker.received), 5, "the PUBACK")
+
+
+@contextlib.asynccontextmanager
+async def _client_of(script: Script, **options: Any) -> AsyncIterator[tuple[RawBroker, MqttClient, Recorder]]:
+    """A :class:`RawBroker` running ``script`` and a client of it built with ``options``, running."""
+    broker = RawBroker(script)
+    server = await asyncio.start_server(broker._serve, "127.0.0.1", 0)
+    broker.port = server.sockets[0].getsockname()[1]
+    recorder = Recorder()
+    client = MqttClient(recorder, "127.0.0.1", broker.port, client_id="raw", subscriptions=[], **options)
+    task = asyncio.create_task(client.run())
+    try:
+        yield broker, client, recorder
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        server.close()
+
+
+def _ping_answerer(pings: list[float]) -> Script:
+    """Accept, then answer every PINGREQ (and send nothing else)."""
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _accept(writer)
+        while data := await reader.read(4096):
+            for _ in range(data.count(b"\xc0\x00")):  # no PUBLISH of these tests holds those bytes
+                pings.append(asyncio.get_running_loop().time())
+                writer.write(b"\xd0\x00")
+            await writer.drain()
+    return script
+
+
+async def test_a_client_that_publishes_all_the_time_pings_a_silent_broker_and_stays_connected() -> None:
+    pings: list[float] = []
+    async with _client_of(_ping_answerer(pings), keepalive_s=1) as (broker, client, recorder):
+        await until(lambda: client.connected, 10, "connected")
+        for _ in range(40):  # 4 s of QoS 0 publishes, the broker sends nothing back but PINGRESPs
+            assert client.publish("t/x", b"x") is not None
+            await asyncio.sleep(0.1)
+        assert pings  # pinged although never quiet: nothing was read
+        assert (broker.connections, recorder.events) == (1, ["connected"])
+
+
+async def test_a_paused_client_is_not_judged_on_what_it_cannot_read_and_is_judged_again_after() -> None:
+    pings: list[float] = []
+    async with _client_of(_ping_answerer(pings), keepalive_s=1) as (broker, client, recorder):
+        await until(lambda: client.connected, 10, "connected")
+        client.pause_reading()
+        await asyncio.sleep(3.5)  # more than three keep-alives; the PINGRESPs wait in the socket
+        assert len(pings) >= 2  # the broker still hears from it
+        client.resume_reading()
+        n = len(pings)
+        await until(lambda: len(pings) > n + 2, 10, "more pings")
+        assert (broker.connections, recorder.events) == (1, ["connected"])
+
+
+async def test_a_broker_that_does_not_answer_pings_is_left_however_much_the_client_publishes() -> None:
+    async def silent(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _accept(writer)
+
+    async with _client_of(silent, keepalive_s=1) as (_, client, recorder):
+        await until(lambda: client.connected, 10, "connected")
+        for _ in range(100):  # publishing all the time, for 10 s at most
+            if any(event.startswith("lost") for event in recorder.events):
+                break
+            client.publish("t/x", b"x")
+            await asyncio.sleep(0.1)
+        assert recorder.events[1] == "lost: no answer within the keep-alive"

@@ -328,6 +328,7 @@ class _Connection(asyncio.Protocol):
         self.closed: asyncio.Future[str] = self._loop.create_future()
         self._out: list[bytes] = []
         self.last_read = self.last_write = self._loop.time()
+        self.ping_sent: float | None = None  # when a PINGREQ went out that nothing was read after yet
 
     # asyncio.Protocol
 
@@ -337,6 +338,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = self._loop.time()
+        self.ping_sent = None  # the broker is there
         client, v5, generation = self._client, self.v5, self.generation
         try:
             for first, body, oversized in self._reader.feed(data):
@@ -537,7 +539,9 @@ class MqttClient:
         self.handler.connected(accepted.session_present)
 
     async def _watch(self, connection: _Connection, keepalive_s: int) -> str:
-        """Ping while quiet; the connection is dead once nothing came for one and a half keep-alives."""
+        """Ping when nothing was written or nothing was read for half the keep-alive; the connection is dead
+        once a ping had no answer (nothing read) within the keep-alive. While reading is paused nothing can be
+        read: pings still go out (the broker wants them), but are not judged (:meth:`resume_reading` re-arms)."""
         loop = asyncio.get_running_loop()
         period = keepalive_s / 2 if keepalive_s else 3600.0
         while True:
@@ -547,10 +551,13 @@ class MqttClient:
             if not keepalive_s:
                 continue
             now = loop.time()
-            if now - connection.last_read > keepalive_s * 1.5:
+            ping_sent = connection.ping_sent
+            if ping_sent is not None and not self._paused and now - ping_sent >= keepalive_s:
                 connection.fail("no answer within the keep-alive")
-            elif now - connection.last_write >= period:
+            elif now - connection.last_write >= period or (ping_sent is None and now - connection.last_read >= period):
                 connection.write(PINGREQ)
+                if ping_sent is None:
+                    connection.ping_sent = now
 
     # --- what the owner does ----------------------------------------------------------------------------
 
@@ -604,6 +611,7 @@ class MqttClient:
         self._paused = False
         connection = self._connection
         if connection is not None and connection.transport is not None:
+            connection.ping_sent = None  # judged again from the next ping on: what waited is read now
             connection.transport.resume_reading()
 
     @property

@@ -426,3 +426,28 @@ async def test_a_broker_that_does_not_answer_pings_is_left_however_much_the_clie
             client.publish("t/x", b"x")
             await asyncio.sleep(0.1)
         assert recorder.events[1] == "lost: no answer within the keep-alive"
+
+
+async def test_auto_keeps_to_mqtt_5_when_the_broker_closes_before_its_connack() -> None:
+    versions: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connect = await reader.read(4096)
+        versions.append(connect[8])
+        if len(versions) > 1:  # the first attempt meets a broker going down, as on a restart
+            writer.write(wire.connack(False, 0) if connect[8] == 4 else b"\x20\x03\x00\x00\x00")
+            await writer.drain()
+            await reader.read(4096)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    client = MqttClient(Recorder(), "127.0.0.1", server.sockets[0].getsockname()[1], client_id="auto",
+                        subscriptions=[], protocol="auto")
+    task = asyncio.create_task(client.run())
+    try:
+        await until(lambda: client.connected, 10, "the MQTT 5 connection")
+        assert (versions, client.protocol_in_use) == ([5, 5], "5")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        server.close()

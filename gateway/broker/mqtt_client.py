@@ -20,7 +20,7 @@ await a PUBACK: a broker sends no more ahead, which is what keeps a gateway that
 journal commit from being held to the broker's own default, 20 for Mosquitto), keeps to the broker's, and
 asks not to be sent retained messages on subscribing. Properties the broker sends are skipped but for the
 CONNACK's Receive Maximum and Server Keep Alive. ``auto`` tries MQTT 5 and falls back to 3.1.1 when the broker
-refuses the protocol version or closes the connection before its CONNACK.
+refuses the protocol version (CONNACK code 1 or 0x84; not when it closes the connection: it may be restarting).
 """
 
 from __future__ import annotations
@@ -370,7 +370,7 @@ class _Connection(asyncio.Protocol):
         if self.connack.done() or len(body) < 2 or (not self.v5 and len(body) != 2):
             raise ProtocolError("a malformed or second CONNACK")
         properties: dict[int, int] = {}
-        if self.v5 and body[1] < 0x80:
+        if self.v5 and body[1] == 0:  # a refusal's properties are not read (nor a 3.1.1 broker's two bytes)
             properties, _ = read_properties(body, 2)
         self.connack.set_result((body[1], _Accepted(bool(body[0] & 0x01), properties.get(RECEIVE_MAXIMUM) or 65_535,
                                                     properties.get(SERVER_KEEP_ALIVE))))
@@ -468,7 +468,7 @@ class MqttClient:
             except (OSError, TimeoutError):
                 self.handler.refused("cannot connect")
             except Refused as exc:
-                if self._v5 and self._protocol == "auto" and (exc.code is None or exc.code in _PROTOCOL_REFUSED):
+                if self._v5 and self._protocol == "auto" and exc.code in _PROTOCOL_REFUSED:
                     log.warning("external broker %s:%d does not speak MQTT 5; using 3.1.1", self.host, self.port)
                     self._v5 = False
                     continue

@@ -451,3 +451,25 @@ async def test_auto_keeps_to_mqtt_5_when_the_broker_closes_before_its_connack() 
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         server.close()
+
+
+async def test_the_wait_before_reconnecting_grows_while_connections_are_cut_at_once(
+    raw_broker: Callable[[Script], Awaitable[tuple[RawBroker, MqttClient, Recorder]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bounds: list[float] = []
+
+    def uniform(low: float, high: float) -> float:
+        bounds.append(high)
+        return 0.01
+
+    monkeypatch.setattr("gateway.broker.mqtt_client.random.uniform", uniform)
+
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _accept(writer)
+        writer.transport.abort()  # as a broker does when another client takes the id
+
+    _, _, recorder = await raw_broker(script)
+    await until(lambda: len(bounds) >= 4, 10, "four reconnections")
+    assert recorder.events.count("connected") >= 4
+    assert bounds[:4] == [1.5, 1.5**2, 1.5**3, 1.5**4]  # not 1.5 each time: every CONNACK was accepted

@@ -44,6 +44,7 @@ PINGREQ = b"\xc0\x00"
 DISCONNECT = b"\xe0\x00"
 CONNECT_TIMEOUT_S = 10.0  # TCP, TLS handshake and CONNACK together
 MAX_BACKOFF_S = 30.0
+STABLE_S = 30.0  # a connection up this long (or one keep-alive) resets the wait before reconnecting
 MAX_UNACKED = 1000  # QoS 1 publishes of ours the broker has not acknowledged; beyond, publish() says no
 MAX_WRITE_BUFFER = 8 << 20  # a broker that stops reading: QoS 0 publishes are refused beyond this
 _CONNACK_REASONS = {1: "unacceptable protocol version", 2: "identifier rejected", 3: "server unavailable",
@@ -474,14 +475,19 @@ class MqttClient:
                     continue
                 self.handler.refused(str(exc))
             else:
-                attempt = 0
+                keepalive_s = accepted.keepalive_s or self._keepalive_s
+                up_since = asyncio.get_running_loop().time()
                 try:
                     self._established(connection, accepted)
-                    why = await self._watch(connection, accepted.keepalive_s or self._keepalive_s)
+                    why = await self._watch(connection, keepalive_s)
                 finally:
                     self._ready = False
                     self._connection = None
                     connection.fail("closed")
+                # the wait starts over only after a connection that lasted (two clients with one id kick
+                # each other out at once, again and again)
+                if asyncio.get_running_loop().time() - up_since >= (keepalive_s or STABLE_S):
+                    attempt = 0
                 self.handler.lost(why)
                 if self._stopping:
                     return

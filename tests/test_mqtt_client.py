@@ -23,7 +23,10 @@ from test_external import external_config
 
 from gateway.app import Gateway
 from gateway.broker import wire
+from gateway.broker.embedded import Resend
+from gateway.broker.external import ExternalBroker
 from gateway.broker.mqtt_client import MqttClient, PacketReader, ProtocolError, Publish, decode_publish
+from gateway.config import parse_config
 
 TOPIC = "telemetry/raw/1.0/s1/meter/m-1/power"
 
@@ -473,3 +476,37 @@ async def test_the_wait_before_reconnecting_grows_while_connections_are_cut_at_o
     await until(lambda: len(bounds) >= 4, 10, "four reconnections")
     assert recorder.events.count("connected") >= 4
     assert bounds[:4] == [1.5, 1.5**2, 1.5**3, 1.5**4]  # not 1.5 each time: every CONNACK was accepted
+
+
+async def test_a_message_ingest_fails_on_drops_the_connection_and_its_resend_is_taken_and_acknowledged() -> None:
+
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _accept(writer)
+        writer.write(_publish(TOPIC, b'{"value": 1}', 31, dup=n > 1))  # again on every connection till acked
+        await writer.drain()
+
+    broker = RawBroker(script)
+    server = await asyncio.start_server(broker._serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    calls: list[Resend | None] = []
+
+    async def ingest(topic: str, payload: bytes, origin: str | None, event_id: str | None,
+                     resend: Resend | None) -> list[asyncio.Future[None]]:
+        calls.append(resend)
+        if len(calls) == 1:
+            raise RuntimeError("the journal is full")
+        return []
+
+    settings = parse_config({
+        "site": "s1", "gateway_id": "gw-x", "storage": {"data_dir": "/nonexistent"},
+        "broker": {"mode": "external", "external": {"url": f"mqtt://127.0.0.1:{port}"}},
+    }).broker.external
+    assert settings is not None
+    try:
+        async with ExternalBroker(settings, ingest, client_id="ingest-fails", filters=["telemetry/#"],
+                                  raw_filter="telemetry/raw/#") as external:
+            await until(lambda: external.acknowledged >= 1, 10, "the resend acknowledged")
+            assert (external.ingest_failures, broker.connections, len(calls)) == (1, 2, 2)
+            await until(lambda: wire.puback(31) in b"".join(broker.received), 5, "the PUBACK")
+    finally:
+        server.close()

@@ -197,9 +197,13 @@ class ExternalBroker:
                         delivery.topic, delivery.payload, origin, None,
                         Resend(delivery.packet_id, delivery.dup) if delivery.qos else None,
                     )
-                except Exception:  # not taken: no PUBACK, so the broker sends it again after a reconnect
-                    self.ingest_failures += 1
-                    log.exception("external broker: could not take a message on %s", delivery.topic)
+                except Exception:  # not taken: no PUBACK; the connection is dropped so that the broker sends it
+                    self.ingest_failures += 1  # again (it would hold an in-flight slot until the next reconnect)
+                    if self.ingest_failures == 1:
+                        log.exception("external broker: could not take a message on %s (reconnecting; traceback once)",
+                                      delivery.topic)
+                    if delivery.qos and link is not None:
+                        link.drop(delivery.generation, "a message could not be taken")
                     continue
                 finally:
                     self._ingesting = False
@@ -369,6 +373,10 @@ class _Link:
     def ack(self, packet_id: int, generation: int) -> bool:
         """PUBACK on connection ``generation``, if it is still the one (else the broker sends the message again)."""
         return self._client.ack(packet_id, generation)
+
+    def drop(self, generation: int, why: str) -> None:
+        """Close connection ``generation`` if it is still the one (it reconnects, with the usual wait)."""
+        self._client.drop(generation, why)
 
     def send(self, topic: str, payload: bytes, qos: int, *, retain: bool) -> bool:
         return self._client.publish(topic, payload, qos, retain=retain) is not None

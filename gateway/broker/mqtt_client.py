@@ -575,6 +575,12 @@ class MqttClient:
         connection.write(wire.puback(packet_id))
         return True
 
+    def drop(self, generation: int, why: str) -> None:
+        """Close the connection if it is still ``generation``; :meth:`run` reconnects as after any loss."""
+        connection = self._connection
+        if connection is not None and connection.generation == generation:
+            connection.fail(why)
+
     def publish(self, topic: str, payload: bytes, qos: int = 0, *, retain: bool = False) -> int | None:
         """Queue a PUBLISH; its packet id (0 for QoS 0), or None when not connected or backed up. A QoS 1
         one beyond the broker's Receive Maximum waits for a PUBACK to make room."""

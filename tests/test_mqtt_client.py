@@ -528,3 +528,23 @@ async def test_a_message_ingest_fails_on_drops_the_connection_and_its_resend_is_
             await until(lambda: wire.puback(31) in b"".join(broker.received), 5, "the PUBACK")
     finally:
         server.close()
+
+
+def test_an_oversized_publish_with_a_topic_longer_than_the_limit_is_still_skipped_not_an_error() -> None:
+    reader = PacketReader(1024)
+    topic = "t/" + "a" * 3000
+    big = _publish(topic, b"y" * 5000, 13)
+    packets = [p for i in range(0, len(big), 700) for p in reader.feed(big[i:i + 700])]
+    packets += reader.feed(_publish(TOPIC, b"after", 14))
+    assert [(decode_publish(*p).topic, decode_publish(*p).packet_id, decode_publish(*p).oversized)
+            for p in packets] == [(topic, 13, True), (TOPIC, 14, False)]
+
+
+async def test_a_receive_maximum_of_0_from_the_broker_is_a_protocol_error() -> None:
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"\x20\x06\x00\x00\x03\x21\x00\x00" if n == 1 else b"\x20\x03\x00\x00\x00")
+        await writer.drain()
+
+    async with _client_of(script, protocol="5") as (_, client, recorder):
+        await until(lambda: client.connected, 10, "the second attempt")
+        assert recorder.events[0] == "refused: protocol error: a Receive Maximum of 0", recorder.events

@@ -134,7 +134,7 @@ class PacketReader:
         if end - i < 2:
             return None
         head = 2 + int.from_bytes(buf[i:i + 2], "big") + (2 if first & 0x06 else 0)
-        if head > min(length, self.max_packet_bytes):
+        if head > length:  # a head over max_packet_bytes is still kept (64 kB at most): its packet id is needed
             raise ProtocolError(f"a PUBLISH of {length} bytes with a topic of {head} bytes")
         return bytes(buf[i:i + head]) if end - i >= head else None
 
@@ -373,6 +373,8 @@ class _Connection(asyncio.Protocol):
         properties: dict[int, int] = {}
         if self.v5 and body[1] == 0:  # a refusal's properties are not read (nor a 3.1.1 broker's two bytes)
             properties, _ = read_properties(body, 2)
+            if properties.get(RECEIVE_MAXIMUM) == 0:
+                raise ProtocolError("a Receive Maximum of 0")
         self.connack.set_result((body[1], _Accepted(bool(body[0] & 0x01), properties.get(RECEIVE_MAXIMUM) or 65_535,
                                                     properties.get(SERVER_KEEP_ALIVE))))
         if body[1] == 0:  # current at once: a message in the same read may be acknowledged straight away

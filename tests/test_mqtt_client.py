@@ -344,8 +344,13 @@ async def test_mqtt_5_lets_mosquitto_send_more_than_20_ahead_of_the_pubacks(mosq
                             subscriptions=[f"window/{protocol}"], protocol=protocol,
                             receive_maximum=500)
         subacks: list[bytes] = []
-        subscribed = client.subscribed
-        client.subscribed = lambda body, *, v5: (subacks.append(body), subscribed(body, v5=v5))[1]  # type: ignore[method-assign]  # noqa: B023
+
+        def subscribed(body: bytes, *, v5: bool, original: Callable[..., None] = client.subscribed,
+                       subacks: list[bytes] = subacks) -> None:
+            subacks.append(body)
+            original(body, v5=v5)
+
+        client.subscribed = subscribed  # type: ignore[method-assign]
         task = asyncio.create_task(client.run())
         try:
             await until(lambda: subacks, 10, "subscribed")  # noqa: B023

@@ -553,3 +553,18 @@ async def test_a_receive_maximum_of_0_from_the_broker_is_a_protocol_error() -> N
     async with _client_of(script, protocol="5") as (_, client, recorder):
         await until(lambda: client.connected, 10, "the second attempt")
         assert recorder.events[0] == "refused: protocol error: a Receive Maximum of 0", recorder.events
+
+
+async def test_an_mqtt_5_puback_with_a_failure_reason_code_counts_as_a_failure() -> None:
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"\x20\x03\x00\x00\x00")
+        await writer.drain()
+        await reader.read(4096)  # our two PUBLISHes (they may come in one read or two)
+        writer.write(b"\x40\x03\x00\x01\x87" + b"\x40\x02\x00\x02")  # 1: "not authorized"; 2: success
+        await writer.drain()
+
+    async with _client_of(script, protocol="5") as (_, client, _recorder):
+        await until(lambda: client.connected, 10, "connected")
+        assert (client.publish("t/a", b"1", 1), client.publish("t/b", b"2", 1)) == (1, 2)
+        assert (await client.published(1, 5), await client.published(2, 5)) == (False, True)
+        assert client.publishes_refused == 1

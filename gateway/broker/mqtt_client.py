@@ -355,7 +355,7 @@ class _Connection(asyncio.Protocol):
                 elif kind == PUBACK:
                     if len(body) < 2 or (not v5 and len(body) != 2):
                         raise ProtocolError("a malformed PUBACK")
-                    client.acknowledged((body[0] << 8) | body[1])
+                    client.acknowledged((body[0] << 8) | body[1], refused=len(body) > 2 and body[2] >= 0x80)
                 elif kind == SUBACK:
                     client.subscribed(body, v5=v5)
                 elif kind == SERVER_DISCONNECT and v5:
@@ -453,8 +453,9 @@ class MqttClient:
         self._unacked: dict[int, bytes] = {}  # our QoS 1 PUBLISHes the broker has not acknowledged, in order
         self._sent: set[int] = set()  # of them, those written on a connection (sent again with DUP)
         self._send_maximum = 65_535  # the broker's Receive Maximum (MQTT 5)
-        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._waiters: dict[int, asyncio.Future[bool]] = {}
         self.subscribe_failures = 0
+        self.publishes_refused = 0  # our QoS 1 PUBLISHes an MQTT 5 broker answered with a failure reason code
 
     @property
     def connected(self) -> bool:
@@ -605,15 +606,15 @@ class MqttClient:
         return packet_id
 
     async def published(self, packet_id: int, timeout_s: float) -> bool:
-        """Wait until the broker acknowledged our QoS 1 PUBLISH ``packet_id`` (False at the deadline)."""
+        """Wait until the broker acknowledged our QoS 1 PUBLISH ``packet_id`` (False at the deadline, or when
+        the broker refused it)."""
         if packet_id not in self._unacked:
             return True
         waiter = self._waiters.setdefault(packet_id, asyncio.get_running_loop().create_future())
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
         except TimeoutError:
             return False
-        return True
 
     def pause_reading(self) -> None:
         self._paused = True
@@ -645,13 +646,17 @@ class MqttClient:
 
     # --- what the connection tells the client ---------------------------------------------------------
 
-    def acknowledged(self, packet_id: int) -> None:
+    def acknowledged(self, packet_id: int, *, refused: bool = False) -> None:
+        """A PUBACK for our QoS 1 PUBLISH ``packet_id``; ``refused``: an MQTT 5 reason code of 0x80 or more (the
+        broker did not take it: counted, not sent again)."""
         if self._unacked.pop(packet_id, None) is None:
             return
         self._sent.discard(packet_id)
+        if refused:
+            self.publishes_refused += 1
         waiter = self._waiters.pop(packet_id, None)
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(not refused)
         connection = self._connection
         if connection is not None and self._ready and len(self._unacked) > len(self._sent):  # one held back may go now
             for held, packet in self._unacked.items():

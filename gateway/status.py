@@ -135,8 +135,9 @@ class ExternalBrokerStatus(_Status):
     oversized_skipped: int = Field(default=0, description="messages over max_packet_bytes: acknowledged, not read")
     pending: int = Field(description="received, not yet handed to the pipeline")
     published: int
-    publish_failures: int = Field(description="events not published for want of a connection (the outboxes keep "
-                                              "what a destination forwards)")
+    publish_failures: int = Field(description="events not published for want of a connection, or refused by the "
+                                              "broker (an MQTT 5 PUBACK reason code of 0x80 or more; the outboxes "
+                                              "keep what a destination forwards)")
     disconnects: int
 
 

@@ -7,10 +7,12 @@ default ahead of the PUBACKs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import until
@@ -21,7 +23,10 @@ from test_external import external_config
 
 from gateway.app import Gateway
 from gateway.broker import wire
+from gateway.broker.embedded import Resend
+from gateway.broker.external import ExternalBroker
 from gateway.broker.mqtt_client import MqttClient, PacketReader, ProtocolError, Publish, decode_publish
+from gateway.config import parse_config
 
 TOPIC = "telemetry/raw/1.0/s1/meter/m-1/power"
 
@@ -157,22 +162,33 @@ async def _accept(writer: asyncio.StreamWriter) -> None:
     await writer.drain()
 
 
+@pytest.mark.parametrize("same_read", [True, False], ids=["with-the-connack", "after-the-subscribe"])
 @pytest.mark.parametrize("garbage", [b"\xff\xff\xff\xff\xff\xff", b"\x00\x00", b"\x20\x02\x00\x00"],
                          ids=["bad-length", "reserved-type", "second-connack"])
 async def test_garbage_from_the_broker_closes_the_connection_and_it_reconnects(
-    raw_broker: Callable[[Script], Awaitable[tuple[RawBroker, MqttClient, Recorder]]], garbage: bytes
+    raw_broker: Callable[[Script], Awaitable[tuple[RawBroker, MqttClient, Recorder]]], garbage: bytes,
+    same_read: bool,
 ) -> None:
     async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _accept(writer)
-        if n == 1:
-            await asyncio.sleep(0.1)  # connected first (in the same read, garbage spoils the CONNACK too)
+        if n > 1:
+            await _accept(writer)
+        elif same_read:  # one read: the CONNACK is taken, then the garbage closes the connection
+            writer.write(wire.connack(False, 0) + garbage)
+            await writer.drain()
+        else:
+            await _accept(writer)
+            await reader.read(4096)  # the SUBSCRIBE: the client took the CONNACK, the garbage comes in a later read
             writer.write(garbage)
             await writer.drain()
 
     broker, client, recorder = await raw_broker(script)
     await until(lambda: broker.connections >= 2 and client.connected, 15, "a second connection")
-    assert recorder.events[:2] == ["connected", recorder.events[1]]
-    assert recorder.events[1].startswith("lost: protocol error"), recorder.events
+    events = recorder.events
+    if same_read and events[0] != "connected":  # the garbage spoiled the read before the CONNACK was taken
+        assert events[0].startswith("refused: protocol error"), events
+    else:
+        assert events[:2] == ["connected", events[1]]
+        assert events[1].startswith("lost: protocol error"), events
 
 
 @pytest.mark.parametrize("answer", [b"\x40\x02\x00\x01", b"\x00\x00", b"\x20\x03\x00\x00\x00"],
@@ -286,12 +302,13 @@ async def test_an_oversized_message_is_skipped_acknowledged_and_counted(
         external = gw.status().broker.external
         assert external is not None
         assert (external.received, external.oversized_skipped) == (3, 1)
-        assert external.acknowledged == 2  # and the oversized one, acknowledged without ingest
+        assert external.acknowledged == 2  # the two ingested (the oversized one is acknowledged, not counted)
     async with Gateway(config) as gw:  # nothing comes again: every message was acknowledged
+        await until(lambda: (s := gw.status().broker.external) is not None and s.connected, 10, "connected")
         await asyncio.sleep(1.0)
         external = gw.status().broker.external
         assert external is not None
-        assert external.received == 0
+        assert (external.connected, external.received) == (True, 0)
 
 
 async def test_tls_with_a_client_certificate_and_a_password_login(tmp_path: Path, pki: dict[str, Path]) -> None:
@@ -326,16 +343,228 @@ async def test_mqtt_5_lets_mosquitto_send_more_than_20_ahead_of_the_pubacks(mosq
         client = MqttClient(recorder, mosquitto.host, mosquitto.port, client_id=f"window-{protocol}",
                             subscriptions=[f"window/{protocol}"], protocol=protocol,
                             receive_maximum=500)
+        subacks: list[bytes] = []
+
+        def subscribed(body: bytes, *, v5: bool, original: Callable[..., None] = client.subscribed,
+                       subacks: list[bytes] = subacks) -> None:
+            subacks.append(body)
+            original(body, v5=v5)
+
+        client.subscribed = subscribed  # type: ignore[method-assign]
         task = asyncio.create_task(client.run())
         try:
-            await until(lambda: client.connected, 10, "connected")  # noqa: B023
-            await asyncio.sleep(0.2)  # subscribed
+            await until(lambda: subacks, 10, "subscribed")  # noqa: B023
             await asyncio.to_thread(mqtt_publish, mosquitto.url, [(f"window/{protocol}", b"x")] * 200,
                                     client_id=f"window-pub-{protocol.replace('.', '')}")
-            await asyncio.sleep(0.5)
+            if protocol == "5":
+                await until(lambda: len(recorder.messages) >= 200, 20, "all 200")  # noqa: B023
+            else:
+                await until(lambda: len(recorder.messages) >= 20, 20, "20")  # noqa: B023
+                await asyncio.sleep(2.0)  # a 21st, were it sent, would come in far less
             held[protocol] = len(recorder.messages)
         finally:
             await client.disconnect()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     assert held == {"3.1.1": 20, "5": 200}
+
+
+# --- the fixes after review -------------------------------------------------------------------------------
+
+async def test_a_message_in_the_same_read_as_the_connack_can_be_acknowledged_at_once(
+    raw_broker: Callable[[Script], Awaitable[tuple[RawBroker, MqttClient, Recorder]]]
+) -> None:
+    acks: list[bool] = []
+
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(wire.connack(True, 0) + _publish(TOPIC, b'{"value": 1}', 21))  # one write, one read
+        await writer.drain()
+
+    broker, client, recorder = await raw_broker(script)
+    recorder.message = lambda message: acks.append(client.ack(message.packet_id, message.generation))  # type: ignore[method-assign]
+    await until(lambda: acks, 10, "the message")
+    assert acks == [True]  # acknowledged as it came (as an oversized or retained one is)
+    await until(lambda: wire.puback(21) in b"".join(broker.received), 5, "the PUBACK")
+
+
+@contextlib.asynccontextmanager
+async def _client_of(script: Script, **options: Any) -> AsyncIterator[tuple[RawBroker, MqttClient, Recorder]]:
+    """A :class:`RawBroker` running ``script`` and a client of it built with ``options``, running."""
+    broker = RawBroker(script)
+    server = await asyncio.start_server(broker._serve, "127.0.0.1", 0)
+    broker.port = server.sockets[0].getsockname()[1]
+    recorder = Recorder()
+    client = MqttClient(recorder, "127.0.0.1", broker.port, client_id="raw", subscriptions=[], **options)
+    task = asyncio.create_task(client.run())
+    try:
+        yield broker, client, recorder
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        server.close()
+
+
+def _ping_answerer(pings: list[float]) -> Script:
+    """Accept, then answer every PINGREQ (and send nothing else)."""
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _accept(writer)
+        while data := await reader.read(4096):
+            for _ in range(data.count(b"\xc0\x00")):  # no PUBLISH of these tests holds those bytes
+                pings.append(asyncio.get_running_loop().time())
+                writer.write(b"\xd0\x00")
+            await writer.drain()
+    return script
+
+
+async def test_a_client_that_publishes_all_the_time_pings_a_silent_broker_and_stays_connected() -> None:
+    pings: list[float] = []
+    async with _client_of(_ping_answerer(pings), keepalive_s=1) as (broker, client, recorder):
+        await until(lambda: client.connected, 10, "connected")
+        for _ in range(40):  # 4 s of QoS 0 publishes, the broker sends nothing back but PINGRESPs
+            assert client.publish("t/x", b"x") is not None
+            await asyncio.sleep(0.1)
+        assert pings  # pinged although never quiet: nothing was read
+        assert (broker.connections, recorder.events) == (1, ["connected"])
+
+
+async def test_a_paused_client_is_not_judged_on_what_it_cannot_read_and_is_judged_again_after() -> None:
+    pings: list[float] = []
+    async with _client_of(_ping_answerer(pings), keepalive_s=1) as (broker, client, recorder):
+        await until(lambda: client.connected, 10, "connected")
+        client.pause_reading()
+        await asyncio.sleep(3.5)  # more than three keep-alives; the PINGRESPs wait in the socket
+        assert len(pings) >= 2  # the broker still hears from it
+        client.resume_reading()
+        n = len(pings)
+        await until(lambda: len(pings) > n + 2, 10, "more pings")
+        assert (broker.connections, recorder.events) == (1, ["connected"])
+
+
+async def test_a_broker_that_does_not_answer_pings_is_left_however_much_the_client_publishes() -> None:
+    async def silent(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _accept(writer)
+
+    async with _client_of(silent, keepalive_s=1) as (_, client, recorder):
+        await until(lambda: client.connected, 10, "connected")
+        for _ in range(100):  # publishing all the time, for 10 s at most
+            if any(event.startswith("lost") for event in recorder.events):
+                break
+            client.publish("t/x", b"x")
+            await asyncio.sleep(0.1)
+        assert recorder.events[1] == "lost: no answer within the keep-alive"
+
+
+async def test_auto_keeps_to_mqtt_5_when_the_broker_closes_before_its_connack() -> None:
+    versions: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connect = await reader.read(4096)
+        versions.append(connect[8])
+        if len(versions) > 1:  # the first attempt meets a broker going down, as on a restart
+            writer.write(wire.connack(False, 0) if connect[8] == 4 else b"\x20\x03\x00\x00\x00")
+            await writer.drain()
+            await reader.read(4096)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    client = MqttClient(Recorder(), "127.0.0.1", server.sockets[0].getsockname()[1], client_id="auto",
+                        subscriptions=[], protocol="auto")
+    task = asyncio.create_task(client.run())
+    try:
+        await until(lambda: client.connected, 10, "the MQTT 5 connection")
+        assert (versions, client.protocol_in_use) == ([5, 5], "5")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        server.close()
+
+
+async def test_the_wait_before_reconnecting_grows_while_connections_are_cut_at_once(
+    raw_broker: Callable[[Script], Awaitable[tuple[RawBroker, MqttClient, Recorder]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bounds: list[float] = []
+
+    def uniform(low: float, high: float) -> float:
+        bounds.append(high)
+        return 0.01
+
+    monkeypatch.setattr("gateway.broker.mqtt_client.random.uniform", uniform)
+
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _accept(writer)
+        writer.transport.abort()  # as a broker does when another client takes the id
+
+    _, _, recorder = await raw_broker(script)
+    await until(lambda: len(bounds) >= 4, 10, "four reconnections")
+    assert recorder.events.count("connected") >= 4
+    assert bounds[:4] == [1.5, 1.5**2, 1.5**3, 1.5**4]  # not 1.5 each time: every CONNACK was accepted
+
+
+async def test_a_message_ingest_fails_on_drops_the_connection_and_its_resend_is_taken_and_acknowledged() -> None:
+
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _accept(writer)
+        writer.write(_publish(TOPIC, b'{"value": 1}', 31, dup=n > 1))  # again on every connection till acked
+        await writer.drain()
+
+    broker = RawBroker(script)
+    server = await asyncio.start_server(broker._serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    calls: list[Resend | None] = []
+
+    async def ingest(topic: str, payload: bytes, origin: str | None, event_id: str | None,
+                     resend: Resend | None) -> list[asyncio.Future[None]]:
+        calls.append(resend)
+        if len(calls) == 1:
+            raise RuntimeError("the journal is full")
+        return []
+
+    settings = parse_config({
+        "site": "s1", "gateway_id": "gw-x", "storage": {"data_dir": "/nonexistent"},
+        "broker": {"mode": "external", "external": {"url": f"mqtt://127.0.0.1:{port}"}},
+    }).broker.external
+    assert settings is not None
+    try:
+        async with ExternalBroker(settings, ingest, client_id="ingest-fails", filters=["telemetry/#"],
+                                  raw_filter="telemetry/raw/#") as external:
+            await until(lambda: external.acknowledged >= 1, 10, "the resend acknowledged")
+            assert (external.ingest_failures, broker.connections, len(calls)) == (1, 2, 2)
+            await until(lambda: wire.puback(31) in b"".join(broker.received), 5, "the PUBACK")
+    finally:
+        server.close()
+
+
+def test_an_oversized_publish_with_a_topic_longer_than_the_limit_is_still_skipped_not_an_error() -> None:
+    reader = PacketReader(1024)
+    topic = "t/" + "a" * 3000
+    big = _publish(topic, b"y" * 5000, 13)
+    packets = [p for i in range(0, len(big), 700) for p in reader.feed(big[i:i + 700])]
+    packets += reader.feed(_publish(TOPIC, b"after", 14))
+    assert [(decode_publish(*p).topic, decode_publish(*p).packet_id, decode_publish(*p).oversized)
+            for p in packets] == [(topic, 13, True), (TOPIC, 14, False)]
+
+
+async def test_a_receive_maximum_of_0_from_the_broker_is_a_protocol_error() -> None:
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"\x20\x06\x00\x00\x03\x21\x00\x00" if n == 1 else b"\x20\x03\x00\x00\x00")
+        await writer.drain()
+
+    async with _client_of(script, protocol="5") as (_, client, recorder):
+        await until(lambda: client.connected, 10, "the second attempt")
+        assert recorder.events[0] == "refused: protocol error: a Receive Maximum of 0", recorder.events
+
+
+async def test_an_mqtt_5_puback_with_a_failure_reason_code_counts_as_a_failure() -> None:
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"\x20\x03\x00\x00\x00")
+        await writer.drain()
+        await reader.read(4096)  # our two PUBLISHes (they may come in one read or two)
+        writer.write(b"\x40\x03\x00\x01\x87" + b"\x40\x02\x00\x02")  # 1: "not authorized"; 2: success
+        await writer.drain()
+
+    async with _client_of(script, protocol="5") as (_, client, _recorder):
+        await until(lambda: client.connected, 10, "connected")
+        assert (client.publish("t/a", b"1", 1), client.publish("t/b", b"2", 1)) == (1, 2)
+        assert (await client.published(1, 5), await client.published(2, 5)) == (False, True)
+        assert client.publishes_refused == 1

@@ -93,13 +93,18 @@ class ExternalBroker:
         self.oversized_skipped = 0
         self.tapped = 0
         self.published = 0
-        self.publish_failures = 0
+        self._send_failures = 0
         self.ingest_failures = 0
         self.disconnects = 0
 
     @property
     def protocol_in_use(self) -> str:
         return self._link.protocol_in_use if self._link is not None else ""
+
+    @property
+    def publish_failures(self) -> int:
+        """Publishes not sent for want of a connection, and QoS 1 ones the broker refused (MQTT 5)."""
+        return self._send_failures + (self._link.publishes_refused if self._link is not None else 0)
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -197,9 +202,13 @@ class ExternalBroker:
                         delivery.topic, delivery.payload, origin, None,
                         Resend(delivery.packet_id, delivery.dup) if delivery.qos else None,
                     )
-                except Exception:  # not taken: no PUBACK, so the broker sends it again after a reconnect
-                    self.ingest_failures += 1
-                    log.exception("external broker: could not take a message on %s", delivery.topic)
+                except Exception:  # not taken: no PUBACK; the connection is dropped so that the broker sends it
+                    self.ingest_failures += 1  # again (it would hold an in-flight slot until the next reconnect)
+                    if self.ingest_failures == 1:
+                        log.exception("external broker: could not take a message on %s (reconnecting; traceback once)",
+                                      delivery.topic)
+                    if delivery.qos and link is not None:
+                        link.drop(delivery.generation, "a message could not be taken")
                     continue
                 finally:
                     self._ingesting = False
@@ -250,7 +259,7 @@ class ExternalBroker:
     def _send(self, topic: str, payload: bytes, qos: int, *, retain: bool) -> bool:
         link = self._link
         if link is None or not self._connected or not link.send(topic, payload, qos, retain=retain):
-            self.publish_failures += 1
+            self._send_failures += 1
             return False
         self.published += 1
         return True
@@ -369,6 +378,14 @@ class _Link:
     def ack(self, packet_id: int, generation: int) -> bool:
         """PUBACK on connection ``generation``, if it is still the one (else the broker sends the message again)."""
         return self._client.ack(packet_id, generation)
+
+    @property
+    def publishes_refused(self) -> int:
+        return self._client.publishes_refused
+
+    def drop(self, generation: int, why: str) -> None:
+        """Close connection ``generation`` if it is still the one (it reconnects, with the usual wait)."""
+        self._client.drop(generation, why)
 
     def send(self, topic: str, payload: bytes, qos: int, *, retain: bool) -> bool:
         return self._client.publish(topic, payload, qos, retain=retain) is not None

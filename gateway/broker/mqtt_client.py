@@ -20,7 +20,7 @@ await a PUBACK: a broker sends no more ahead, which is what keeps a gateway that
 journal commit from being held to the broker's own default, 20 for Mosquitto), keeps to the broker's, and
 asks not to be sent retained messages on subscribing. Properties the broker sends are skipped but for the
 CONNACK's Receive Maximum and Server Keep Alive. ``auto`` tries MQTT 5 and falls back to 3.1.1 when the broker
-refuses the protocol version or closes the connection before its CONNACK.
+refuses the protocol version (CONNACK code 1 or 0x84; not when it closes the connection: it may be restarting).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ PINGREQ = b"\xc0\x00"
 DISCONNECT = b"\xe0\x00"
 CONNECT_TIMEOUT_S = 10.0  # TCP, TLS handshake and CONNACK together
 MAX_BACKOFF_S = 30.0
+STABLE_S = 30.0  # a connection up this long (or one keep-alive) resets the wait before reconnecting
 MAX_UNACKED = 1000  # QoS 1 publishes of ours the broker has not acknowledged; beyond, publish() says no
 MAX_WRITE_BUFFER = 8 << 20  # a broker that stops reading: QoS 0 publishes are refused beyond this
 _CONNACK_REASONS = {1: "unacceptable protocol version", 2: "identifier rejected", 3: "server unavailable",
@@ -133,7 +134,7 @@ class PacketReader:
         if end - i < 2:
             return None
         head = 2 + int.from_bytes(buf[i:i + 2], "big") + (2 if first & 0x06 else 0)
-        if head > min(length, self.max_packet_bytes):
+        if head > length:  # a head over max_packet_bytes is still kept (64 kB at most): its packet id is needed
             raise ProtocolError(f"a PUBLISH of {length} bytes with a topic of {head} bytes")
         return bytes(buf[i:i + head]) if end - i >= head else None
 
@@ -328,6 +329,7 @@ class _Connection(asyncio.Protocol):
         self.closed: asyncio.Future[str] = self._loop.create_future()
         self._out: list[bytes] = []
         self.last_read = self.last_write = self._loop.time()
+        self.ping_sent: float | None = None  # when a PINGREQ went out that nothing was read after yet
 
     # asyncio.Protocol
 
@@ -337,6 +339,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = self._loop.time()
+        self.ping_sent = None  # the broker is there
         client, v5, generation = self._client, self.v5, self.generation
         try:
             for first, body, oversized in self._reader.feed(data):
@@ -352,7 +355,7 @@ class _Connection(asyncio.Protocol):
                 elif kind == PUBACK:
                     if len(body) < 2 or (not v5 and len(body) != 2):
                         raise ProtocolError("a malformed PUBACK")
-                    client.acknowledged((body[0] << 8) | body[1])
+                    client.acknowledged((body[0] << 8) | body[1], refused=len(body) > 2 and body[2] >= 0x80)
                 elif kind == SUBACK:
                     client.subscribed(body, v5=v5)
                 elif kind == SERVER_DISCONNECT and v5:
@@ -368,10 +371,14 @@ class _Connection(asyncio.Protocol):
         if self.connack.done() or len(body) < 2 or (not self.v5 and len(body) != 2):
             raise ProtocolError("a malformed or second CONNACK")
         properties: dict[int, int] = {}
-        if self.v5 and body[1] < 0x80:
+        if self.v5 and body[1] == 0:  # a refusal's properties are not read (nor a 3.1.1 broker's two bytes)
             properties, _ = read_properties(body, 2)
+            if properties.get(RECEIVE_MAXIMUM) == 0:
+                raise ProtocolError("a Receive Maximum of 0")
         self.connack.set_result((body[1], _Accepted(bool(body[0] & 0x01), properties.get(RECEIVE_MAXIMUM) or 65_535,
                                                     properties.get(SERVER_KEEP_ALIVE))))
+        if body[1] == 0:  # current at once: a message in the same read may be acknowledged straight away
+            self._client._current(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -446,8 +453,9 @@ class MqttClient:
         self._unacked: dict[int, bytes] = {}  # our QoS 1 PUBLISHes the broker has not acknowledged, in order
         self._sent: set[int] = set()  # of them, those written on a connection (sent again with DUP)
         self._send_maximum = 65_535  # the broker's Receive Maximum (MQTT 5)
-        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._waiters: dict[int, asyncio.Future[bool]] = {}
         self.subscribe_failures = 0
+        self.publishes_refused = 0  # our QoS 1 PUBLISHes an MQTT 5 broker answered with a failure reason code
 
     @property
     def connected(self) -> bool:
@@ -464,20 +472,25 @@ class MqttClient:
             except (OSError, TimeoutError):
                 self.handler.refused("cannot connect")
             except Refused as exc:
-                if self._v5 and self._protocol == "auto" and (exc.code is None or exc.code in _PROTOCOL_REFUSED):
+                if self._v5 and self._protocol == "auto" and exc.code in _PROTOCOL_REFUSED:
                     log.warning("external broker %s:%d does not speak MQTT 5; using 3.1.1", self.host, self.port)
                     self._v5 = False
                     continue
                 self.handler.refused(str(exc))
             else:
-                attempt = 0
+                keepalive_s = accepted.keepalive_s or self._keepalive_s
+                up_since = asyncio.get_running_loop().time()
                 try:
                     self._established(connection, accepted)
-                    why = await self._watch(connection, accepted.keepalive_s or self._keepalive_s)
+                    why = await self._watch(connection, keepalive_s)
                 finally:
                     self._ready = False
                     self._connection = None
                     connection.fail("closed")
+                # the wait starts over only after a connection that lasted (two clients with one id kick
+                # each other out at once, again and again)
+                if asyncio.get_running_loop().time() - up_since >= (keepalive_s or STABLE_S):
+                    attempt = 0
                 self.handler.lost(why)
                 if self._stopping:
                     return
@@ -497,19 +510,29 @@ class MqttClient:
                 answer = await connection.connack
             except BaseException:
                 connection.fail("connecting")
+                self._not_current(connection)
                 raise
         if answer is None:
             raise Refused(connection.closed.result() if connection.closed.done() else "closed before a CONNACK")
         code, accepted = answer
         if code:
+            self._not_current(connection)
             connection.fail("refused")
             raise Refused(f"refused: {_CONNACK_REASONS.get(code, f'code {code}')}", code)
         return connection, accepted
 
-    def _established(self, connection: _Connection, accepted: _Accepted) -> None:
+    def _current(self, connection: _Connection) -> None:
+        """The CONNACK accepted ``connection``: PUBACKs go on it from now on (:meth:`ack`)."""
         self.generation = connection.generation
-        self.protocol_in_use = "5" if connection.v5 else "3.1.1"
         self._connection = connection
+
+    def _not_current(self, connection: _Connection) -> None:
+        if self._connection is connection:
+            self._connection = None
+
+    def _established(self, connection: _Connection, accepted: _Accepted) -> None:
+        self._current(connection)
+        self.protocol_in_use = "5" if connection.v5 else "3.1.1"
         self._ready = True
         self._send_maximum = accepted.receive_maximum if connection.v5 else 65_535
         if self._paused and connection.transport is not None:
@@ -525,7 +548,9 @@ class MqttClient:
         self.handler.connected(accepted.session_present)
 
     async def _watch(self, connection: _Connection, keepalive_s: int) -> str:
-        """Ping while quiet; the connection is dead once nothing came for one and a half keep-alives."""
+        """Ping when nothing was written or nothing was read for half the keep-alive; the connection is dead
+        once a ping had no answer (nothing read) within the keep-alive. While reading is paused nothing can be
+        read: pings still go out (the broker wants them), but are not judged (:meth:`resume_reading` re-arms)."""
         loop = asyncio.get_running_loop()
         period = keepalive_s / 2 if keepalive_s else 3600.0
         while True:
@@ -535,10 +560,13 @@ class MqttClient:
             if not keepalive_s:
                 continue
             now = loop.time()
-            if now - connection.last_read > keepalive_s * 1.5:
+            ping_sent = connection.ping_sent
+            if ping_sent is not None and not self._paused and now - ping_sent >= keepalive_s:
                 connection.fail("no answer within the keep-alive")
-            elif now - connection.last_write >= period:
+            elif now - connection.last_write >= period or (ping_sent is None and now - connection.last_read >= period):
                 connection.write(PINGREQ)
+                if ping_sent is None:
+                    connection.ping_sent = now
 
     # --- what the owner does ----------------------------------------------------------------------------
 
@@ -549,6 +577,12 @@ class MqttClient:
             return False
         connection.write(wire.puback(packet_id))
         return True
+
+    def drop(self, generation: int, why: str) -> None:
+        """Close the connection if it is still ``generation``; :meth:`run` reconnects as after any loss."""
+        connection = self._connection
+        if connection is not None and connection.generation == generation:
+            connection.fail(why)
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, *, retain: bool = False) -> int | None:
         """Queue a PUBLISH; its packet id (0 for QoS 0), or None when not connected or backed up. A QoS 1
@@ -572,15 +606,15 @@ class MqttClient:
         return packet_id
 
     async def published(self, packet_id: int, timeout_s: float) -> bool:
-        """Wait until the broker acknowledged our QoS 1 PUBLISH ``packet_id`` (False at the deadline)."""
+        """Wait until the broker acknowledged our QoS 1 PUBLISH ``packet_id`` (False at the deadline, or when
+        the broker refused it)."""
         if packet_id not in self._unacked:
             return True
         waiter = self._waiters.setdefault(packet_id, asyncio.get_running_loop().create_future())
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
         except TimeoutError:
             return False
-        return True
 
     def pause_reading(self) -> None:
         self._paused = True
@@ -592,6 +626,7 @@ class MqttClient:
         self._paused = False
         connection = self._connection
         if connection is not None and connection.transport is not None:
+            connection.ping_sent = None  # judged again from the next ping on: what waited is read now
             connection.transport.resume_reading()
 
     @property
@@ -611,15 +646,19 @@ class MqttClient:
 
     # --- what the connection tells the client ---------------------------------------------------------
 
-    def acknowledged(self, packet_id: int) -> None:
+    def acknowledged(self, packet_id: int, *, refused: bool = False) -> None:
+        """A PUBACK for our QoS 1 PUBLISH ``packet_id``; ``refused``: an MQTT 5 reason code of 0x80 or more (the
+        broker did not take it: counted, not sent again)."""
         if self._unacked.pop(packet_id, None) is None:
             return
         self._sent.discard(packet_id)
+        if refused:
+            self.publishes_refused += 1
         waiter = self._waiters.pop(packet_id, None)
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(not refused)
         connection = self._connection
-        if connection is not None and len(self._unacked) > len(self._sent):  # one held back may go now
+        if connection is not None and self._ready and len(self._unacked) > len(self._sent):  # one held back may go now
             for held, packet in self._unacked.items():
                 if len(self._sent) >= self._send_maximum:
                     break

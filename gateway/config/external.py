@@ -35,7 +35,7 @@ class ExternalBrokerSettings(WithSecrets):
                               description="deliveries not yet handed to the pipeline (the bounded hand-off; with "
                                           "MQTT 5 also the Receive Maximum the broker is told)")
     max_packet_bytes: int = Field(
-        default=262_144, ge=64, le=268_435_455,
+        default=262_144, ge=1024, le=268_435_455,
         description="MQTT 3.1.1: a message larger than this is skipped (acknowledged and counted), never buffered")
     publish_qos: Literal[0, 1] = Field(default=0, description="QoS of the events the gateway publishes back")
 

@@ -71,6 +71,9 @@ class _Transport:
     async def drain(self) -> None:
         return None
 
+    def buffered(self) -> int:
+        return 0
+
     def get_peer_info(self) -> tuple[str, int]:
         return ("127.0.0.1", 1)
 

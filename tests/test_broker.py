@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 from conftest import Watcher, iotgw
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -108,3 +109,25 @@ def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
         f"iotgw: error: MQTT port {taken} on 127.0.0.1 is already in use: stop what holds it or choose another "
         "port with --mqtt-port"
     ]
+
+
+async def test_publish_retained_reports_its_own_message_not_one_refused_meanwhile(
+    port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """publish_retained compared the refused count after awaiting durability: another retained message
+    refused in that gap (a client's, at the bound) made it report False for a message that was kept."""
+    queue: BatchQueue[RawMessage] = BatchQueue(10)
+    settings = BrokerSettings(port=port, allow_anonymous=True, max_retained_messages=1)
+    async with EmbeddedBroker(settings, _raw_ingest(queue), queue.wait_for_room, port_option="--mqtt-port") as broker:
+        core = broker._running
+        retain = core.retain
+
+        def then_one_refused(topic: str, payload: bytes, qos: int) -> list[asyncio.Future[None]]:
+            futures = retain(topic, payload, qos)
+            asyncio.get_running_loop().call_soon(retain, "client/other", b"x", 1)  # at the bound: refused
+            return futures
+
+        monkeypatch.setattr(core, "retain", then_one_refused)
+        assert await broker.publish_retained("gw/status", b"online") is True
+        assert core.retained.refused == 1
+        assert await broker.publish_retained("gw/more", b"x") is False  # its own refusal still tells

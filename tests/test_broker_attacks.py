@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -636,3 +637,51 @@ def test_tokens_from_files_and_bindkeys_are_redacted(tmp_path: Path, monkeypatch
     assert {"file-token-0123456789", bindkey} <= set(secret_values(by_file))
     assert "env-token-0123456789" in secret_values(by_env)
 
+
+
+# -- a client that never reads what it is answered ---------------------------------------------------------
+
+
+def test_a_client_that_never_reads_its_pingresps_is_bounded_then_closed(tmp_path: Path, port: int) -> None:
+    """PINGRESPs (and PUBACKs) are written without waiting: a client sending PINGREQs and never reading
+    grew the broker's write buffer without limit. Its next packet is now read only once the buffer is
+    below max_write_buffer_bytes, and it is closed (write_stalled) when it stays above."""
+    bound = 4096
+    config = _config(tmp_path, port, allow_anonymous=True, max_write_buffer_bytes=bound, write_stall_timeout_s=2)
+    with GatewayThread(config) as gw:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little for it
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", gw.port))
+        sock.sendall(connect("pinger"))
+        assert sock.recv(4)[:1] == b"\x20"  # CONNACK; nothing more is ever read
+        burst = b"\xc0\x00" * 8192
+        ended = threading.Event()
+
+        def flood() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    sock.sendall(burst)
+            ended.set()
+
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        core: Any = gw._gateway.broker._core  # type: ignore[union-attr]
+        peak = 0
+        deadline = time.monotonic() + 60
+        while not ended.is_set() and time.monotonic() < deadline:
+            conn = core.connections.get("pinger")
+            if conn is not None:
+                peak = max(peak, conn.transport.buffered())
+            time.sleep(0.005)
+        offences = gw.stats()["broker"]["offences"]
+        calm = Paho(gw.port, "calm-sub", subscribe=[("calm/flow", 1)])
+        pub = Paho(gw.port, "calm-pub")
+        pub.publish("calm/flow", b"still", 1)
+        wait_for(lambda: len(calm.received()) >= 1, 20, "another client's message")
+        pub.close()
+        calm.close()
+        sock.close()
+    assert ended.is_set()  # the broker closed it
+    assert offences.get("write_stalled") == 1
+    assert 0 < peak <= bound + 64

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,29 @@ def test_a_flooding_client_does_not_starve_another(gateway: GatewayThread) -> No
             flooder.join(10)
         pub.close()
         sub.close()
+
+
+async def test_a_burst_of_small_packets_holds_about_its_bytes_not_an_object_each() -> None:
+    """A 64 KiB read of 2-byte PINGREQs is not split at once into ~32,000 bytes objects (~1.4 MB held a
+    connection): what a connection holds after a burst stays within a small multiple of the burst."""
+    source = _Flood(connect("pinger") + b"\xc0\x00" * (CHUNK_BYTES // 2))
+    shut = asyncio.Event()
+    handed = 0
+
+    async def gate() -> None:
+        if handed >= 2:
+            await shut.wait()
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        firewall = _firewall(source, gate, [])
+        for _ in range(2):  # the CONNECT, then the first PINGREQ of the burst
+            assert await firewall.next_packet() is not None
+            handed += 1
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    firewall.close()
+    assert source.reads == 1
+    assert held < 4 * CHUNK_BYTES, held

@@ -97,3 +97,66 @@ async def test_pubacks_not_yet_taken_count_when_the_connection_goes() -> None:
     client.ack_from_paho_thread([1, 2, 3])  # no wake-up: the batch's last did not come
     destination._set_connected(False)  # paho's on_disconnect, as the loop runs it
     assert await asyncio.wait_for(acks, 1.0) == 3
+
+
+async def test_the_brokers_receive_maximum_bounds_the_messages_in_flight() -> None:
+    """A broker's MQTT 5 CONNACK with Receive Maximum 2: with max_inflight = 0 (the forwarder's window)
+    no more than 2 PUBLISHes await their PUBACK at once, as MQTT 5 requires [MQTT-3.3.4-7]; all 10
+    arrive as the PUBACKs come."""
+    published: list[int] = []
+    unacked: list[int] = []
+    most = 0
+
+    acking: list[asyncio.Future[None]] = []
+
+    async def ack_later(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.2)  # a client over the bound sends more meanwhile
+        for m in unacked:
+            writer.write(b"\x40\x02" + m.to_bytes(2, "big"))
+        unacked.clear()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal most
+        try:
+            while True:
+                first = (await reader.readexactly(1))[0]
+                length, shift = 0, 0
+                while True:
+                    byte = (await reader.readexactly(1))[0]
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+                body = await reader.readexactly(length)
+                kind = first >> 4
+                if kind == 1:  # CONNECT: CONNACK, properties: Receive Maximum 2
+                    writer.write(b"\x20\x06\x00\x00\x03\x21\x00\x02")
+                elif kind == 3:
+                    topic_len = int.from_bytes(body[:2], "big")
+                    mid = int.from_bytes(body[2 + topic_len:4 + topic_len], "big")
+                    published.append(mid)
+                    unacked.append(mid)
+                    most = max(most, len(unacked))
+                    if len(unacked) == 1:
+                        acking.append(asyncio.ensure_future(ack_later(writer)))
+                elif kind == 12:
+                    writer.write(b"\xd0\x00")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    destination = MqttDestination("central", MqttSettings(url=f"mqtt://127.0.0.1:{port}", gateway_id="gw",
+                                                          client_id="gw", protocol="5", ack_timeout_s=10))
+    try:
+        await destination.start()
+        async with asyncio.timeout(10):
+            while not destination.connected:
+                await asyncio.sleep(0.02)
+        assert await destination.send(_batch(10)) == 10
+    finally:
+        await destination.close()
+        server.close()
+    assert len(published) == 10
+    assert most == 2

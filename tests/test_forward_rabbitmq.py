@@ -187,6 +187,41 @@ async def test_what_the_broker_confirmed_is_never_published_again(rabbitmq: Rabb
     assert len(await amqp_messages(rabbitmq.url, "iotgw.gw.central.sent")) == 30
 
 
+def _sized(i: int, size: int) -> OutboundEvent:
+    event = _event(i)
+    pad = size - len(event.payload)
+    body = json.loads(event.payload)
+    body["data"]["pad"] = "p" * (pad - len(', "pad": ""'))
+    payload = json.dumps(body).encode()
+    assert len(payload) == size
+    return OutboundEvent(event.seq, event.event_id, event.topic, event.key, payload, event.created_ms)
+
+
+async def test_an_event_nacked_before_a_confirmed_one_keeps_the_order(rabbitmq: RabbitMq) -> None:
+    """A queue with x-overflow = reject-publish nacks A2 (no room for its bytes) and confirms A3 after it.
+    Only the confirmed prefix counts as the broker's: A3 is published again after A2, and a consumer
+    that keeps the last copy of each event id sees the outbox order (A3 alone, remembered from its own
+    confirm, left the queue with A3 before A2)."""
+    settings = RabbitSettings(url=rabbitmq.url, gateway_id="gw", own_prefix="iotgw.gw.order", dedupe_window=100)
+    a1, a2, a3 = _sized(1, 400), _sized(2, 400), _sized(3, 170)
+    destination = await _connected(RabbitDestination("order", settings))
+    try:
+        async with aiormq.connect(rabbitmq.url) as connection:
+            channel = await connection.channel()
+            await channel.queue_declare("limited", durable=True, arguments={
+                "x-max-length-bytes": 600, "x-overflow": "reject-publish"})
+            await channel.queue_bind("limited", settings.exchange, routing_key="telemetry.#")
+        assert await destination.send([a1, a2, a3]) == 1  # A2 nacked, A3 confirmed
+        stored = await amqp_messages(rabbitmq.url, "limited")  # the consumer takes them: room again
+        assert await destination.send([a2, a3]) == 2
+        stored += await amqp_messages(rabbitmq.url, "limited")
+    finally:
+        await destination.close()
+    ids = [m.message_id for m in stored]
+    last = sorted(set(ids), key=lambda i: max(n for n, x in enumerate(ids) if x == i))
+    assert last == [a1.event_id, a2.event_id, a3.event_id], ids
+
+
 async def test_the_ledger_keeps_only_the_newest_ids(rabbitmq: RabbitMq) -> None:
     def settings() -> RabbitSettings:
         return RabbitSettings(url=rabbitmq.url, gateway_id="gw", own_prefix="iotgw.gw.small", dedupe_window=5)

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 LIMITS = ("connections_refused", "connections_refused_per_address", "logins_throttled", "filters_refused",
           "sessions_refused", "sessions_expired", "queued_bytes_evicted", "retained_refused")  # status: broker.limits
 INBOX_MAX = 16  # packets read from one connection and not handled yet; then its reads wait
+_WRITE_POLL_S = 0.05  # how often a connection whose client does not read is looked at again
 UNACKED_MAX = 100  # QoS 1/2 PUBLISHes of one connection waiting for durability before their PUBACK/PUBREC; ditto
 _TAKEOVER_WAIT_S = 5.0
 _CLOSE_WAIT_S = 2.0
@@ -313,6 +314,25 @@ class Connection:
         while self.unacked >= UNACKED_MAX:
             self._acked.clear()
             await self._acked.wait()
+        if self.transport.buffered() > self.core.settings.max_write_buffer_bytes:
+            await self._wait_written()
+
+    async def _wait_written(self) -> None:
+        """The client does not take what it is sent (PINGRESPs, PUBACKs, ... answer its own packets):
+        read nothing more from it until it does; closed (offence ``write_stalled``) if it has not within
+        ``write_stall_timeout_s``."""
+        settings = self.core.settings
+        try:
+            async with asyncio.timeout(settings.write_stall_timeout_s):
+                while self.transport.buffered() > settings.max_write_buffer_bytes and not self.ended:
+                    await self.transport.drain()
+                    if self.transport.buffered() > settings.max_write_buffer_bytes:
+                        await asyncio.sleep(_WRITE_POLL_S)
+        except TimeoutError:
+            self.core.count_offence("write_stalled")
+            self.transport.abort()
+        except (ConnectionError, OSError):
+            self.transport.abort()
 
     def kick(self) -> None:
         """End this connection from the broker's side (a takeover, a shutdown)."""

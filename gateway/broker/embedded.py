@@ -150,9 +150,10 @@ class EmbeddedBroker:
             return False
         refused = core.retained.refused
         futures = core.retain(topic, payload, 1)
+        kept = core.retained.refused == refused  # now: another message refused while this one is written is not it
         if futures:
             await asyncio.gather(*futures)
-        return core.retained.refused == refused
+        return kept
 
     def when_connected(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Call ``callback`` once the broker listens (it has no connection to lose and get back)."""

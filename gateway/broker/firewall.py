@@ -34,10 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from gateway.broker.wire import OversizedMessage, TextFrame
 
@@ -210,16 +209,18 @@ CHUNK_BYTES = 65_536  # taken off a socket at a time (plus at most one partial p
 class PacketFirewall:
     """A client connection's reader: whole, checked packets only.
 
-    What the socket has is read at once (up to :data:`CHUNK_BYTES`) and split into packets, each
-    checked; a client that sends many packets together costs one read, not one a packet. What is held
-    is bounded: one chunk's packets, and at most one partial packet (no larger than the largest allowed).
-    A bad packet closes the connection once the good ones before it are handed over.
+    What the socket has is read at once (up to :data:`CHUNK_BYTES`) and kept as it came; packets are
+    split off it and checked one at a time, as they are handed over. A client that sends many packets
+    together costs one read, not one a packet, and what is held is bounded by bytes, not by packets:
+    one chunk, plus at most one partial packet (no larger than the largest allowed) — never an object
+    a packet for a burst of small ones. A bad packet closes the connection once the good ones before it
+    are handed over.
 
     amqtt reads the CONNECT through :meth:`read` (a packet is read off the socket by a task of its
     own, so amqtt cancelling a read never loses half a packet); the broker takes the later packets
     one by one from :meth:`next_packet`. ``gate`` is awaited before each packet is handed over (the
-    pipeline's backpressure, and room in the connection's own queue), and before each read off the
-    socket for the CONNECT; the deadlines do not count the time spent there.
+    pipeline's backpressure, and room in the connection's own queue); the deadlines do not count the
+    time spent there.
     """
 
     def __init__(
@@ -237,10 +238,9 @@ class PacketFirewall:
         self._keep_alive_s: float | None = None
         self._buffer = b""  # what amqtt has not read yet of the packets handed to it
         self._pos = 0
-        self._packets: deque[bytes] = deque()  # whole and checked, not handed over yet
-        self._raw = bytearray()  # off the socket, not yet split into packets
-        self._refusal: str | None = None  # found after good packets: refused once those are handed over
-        self._pending: asyncio.Task[bool] | None = None
+        self._raw = b""  # off the socket: packets are split off from _start on, as they are handed over
+        self._start = 0
+        self._pending: asyncio.Task[bytes | None] | None = None
         self._gated = False
         self._eof = False
 
@@ -249,22 +249,21 @@ class PacketFirewall:
         while not self._eof and (n < 0 or len(self._buffer) - self._pos < n):
             if n < 0 and self._pos < len(self._buffer):
                 break
-            if self._packets:
-                self._buffer = self._buffer[self._pos:] + self._packets.popleft()
-                self._pos = 0
-                continue
             if self._pending is None:
-                self._pending = asyncio.ensure_future(self._gated_fill())
+                self._pending = asyncio.ensure_future(self._gated_packet())
             try:
-                more = await asyncio.shield(self._pending)
+                packet = await asyncio.shield(self._pending)
             except asyncio.CancelledError:
                 if self._gated:  # nothing read off the socket yet: safe to stop altogether
                     self._pending.cancel()
                     self._pending = None
                 raise
             self._pending = None
-            if not more:
+            if packet is None:
                 self._eof = True
+            else:
+                self._buffer = self._buffer[self._pos:] + packet
+                self._pos = 0
         end = len(self._buffer) if n < 0 else min(len(self._buffer), self._pos + n)
         data = self._buffer[self._pos:end]
         self._pos = end
@@ -279,11 +278,12 @@ class PacketFirewall:
         if self._pos < len(self._buffer):  # left by the CONNECT's reader (not with amqtt's exact reads)
             rest, self._buffer, self._pos = self._buffer[self._pos:], b"", 0
             return rest
-        while not self._packets:
-            if self._eof or not await self._fill():
-                self._eof = True
-                return None
-        return self._packets.popleft()
+        if self._eof:
+            return None
+        packet = await self._packet()
+        if packet is None:
+            self._eof = True
+        return packet
 
     def feed_eof(self) -> None:
         self._eof = True
@@ -294,12 +294,12 @@ class PacketFirewall:
         if self._pending is not None:
             self._pending.cancel()
 
-    def _refuse(self, reason: str) -> None:
+    def _refuse(self, reason: str) -> NoReturn:
         self._offence(reason)
         self._abort()
         raise _Closed(reason)
 
-    async def _gated_fill(self) -> bool:
+    async def _gated_packet(self) -> bytes | None:
         started = self._loop.time()
         self._gated = True
         try:
@@ -308,77 +308,73 @@ class PacketFirewall:
             self._gated = False
         if self._deadline is not None:
             self._deadline += self._loop.time() - started
-        return await self._fill()
+        return await self._packet()
 
-    async def _fill(self) -> bool:
-        """Read what the socket has and split off the whole packets; False once the connection is over."""
+    async def _packet(self) -> bytes | None:
+        """The next whole checked packet, read off the socket if need be; None once the connection is over."""
         try:
-            return await self._read_packets()
+            while True:
+                try:
+                    packet = self._split_one()
+                except _Bad as bad:
+                    self._refuse(bad.reason)  # every good packet before it has been handed over
+                if packet is not None:
+                    return packet
+                if not await self._read_more():
+                    return None
         except (_Closed, ConnectionError, OSError):
-            return False
+            return None
 
-    async def _read_packets(self) -> bool:
-        if self._refusal is not None:
-            self._refuse(self._refusal)
-        while True:
-            try:
-                self._split()
-            except _Bad as bad:
-                if not self._packets:
-                    self._refuse(bad.reason)
-                self._refusal = bad.reason
-            if self._packets:
-                return True
-            try:
-                async with asyncio.timeout_at(self._deadline):  # the whole packet, not only its first byte
-                    chunk = await self._source.read(CHUNK_BYTES)
-            except TimeoutError:
-                self._refuse("keepalive_expired" if self._connected else "connect_timeout")
-            except OversizedMessage:
-                self._refuse("oversized")
-            except TextFrame:
-                self._refuse("text_frame")
-            if not chunk:
-                if self._raw:
-                    self._refuse("truncated")
-                return False  # closed between packets
-            self._raw += chunk
-
-    def _split(self) -> None:
-        """The whole packets at the start of the raw bytes, checked, onto the packet queue (what follows
-        the first bad one stays; raises :class:`_Bad` for it)."""
-        raw = self._raw
-        size = len(raw)
-        start = 0
+    async def _read_more(self) -> bool:
+        """Read what the socket has onto the raw bytes; False once the connection is closed."""
         try:
-            while start < size:
-                length, multiplier, i = 0, 1, start + 1
-                while True:
-                    if i > start + 4:
-                        raise _Bad("bad_remaining_length")
-                    if i >= size:
-                        return
-                    byte = raw[i]
-                    length += (byte & 0x7F) * multiplier
-                    multiplier *= 128
-                    i += 1
-                    if not byte & 0x80:
-                        break
-                if i - start + length > self._max:
-                    raise _Bad("oversized")
-                end = i + length
-                if size < end:
-                    return
-                packet = bytes(raw[start:end])
-                check = check_packet(packet[0], packet[i - start:], connected=self._connected)
-                if check.reason is not None:
-                    raise _Bad(check.reason)
-                start = end
-                if check.packet_type == CONNECT:
-                    self._connected = True
-                    self._keep_alive_s = check.keep_alive * KEEPALIVE_FACTOR if check.keep_alive else None
-                self._packets.append(packet)
-        finally:
-            if start:
-                del raw[:start]
-                self._deadline = self._loop.time() + self._keep_alive_s if self._keep_alive_s else None
+            async with asyncio.timeout_at(self._deadline):  # the whole packet, not only its first byte
+                chunk = await self._source.read(CHUNK_BYTES)
+        except TimeoutError:
+            self._refuse("keepalive_expired" if self._connected else "connect_timeout")
+        except OversizedMessage:
+            self._refuse("oversized")
+        except TextFrame:
+            self._refuse("text_frame")
+        if not chunk:
+            if self._start < len(self._raw):
+                self._refuse("truncated")
+            return False  # closed between packets
+        self._raw = self._raw[self._start:] + chunk  # what is kept: at most one partial packet
+        self._start = 0
+        return True
+
+    def _split_one(self) -> bytes | None:
+        """The next whole packet of the raw bytes, checked (None until it has all arrived; raises
+        :class:`_Bad` for a bad one)."""
+        raw, start = self._raw, self._start
+        size = len(raw)
+        if start >= size:
+            return None
+        length, multiplier, i = 0, 1, start + 1
+        while True:
+            if i > start + 4:
+                raise _Bad("bad_remaining_length")
+            if i >= size:
+                return None
+            byte = raw[i]
+            length += (byte & 0x7F) * multiplier
+            multiplier *= 128
+            i += 1
+            if not byte & 0x80:
+                break
+        if i - start + length > self._max:
+            raise _Bad("oversized")
+        end = i + length
+        if size < end:
+            return None
+        packet = raw[start:end]
+        check = check_packet(packet[0], packet[i - start:], connected=self._connected)
+        if check.reason is not None:
+            raise _Bad(check.reason)
+        self._start = end
+        if check.packet_type == CONNECT:
+            self._connected = True
+            self._keep_alive_s = check.keep_alive * KEEPALIVE_FACTOR if check.keep_alive else None
+        self._deadline = self._loop.time() + self._keep_alive_s if self._keep_alive_s else None
+        return packet

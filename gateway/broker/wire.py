@@ -86,6 +86,10 @@ class Transport(Protocol):
 
     async def drain(self) -> None: ...
 
+    def buffered(self) -> int:
+        """Bytes written and not yet taken by the peer's socket (the kernel's own buffer aside)."""
+        ...
+
     def get_peer_info(self) -> tuple[str, int] | None: ...
 
     def get_ssl_info(self) -> ssl.SSLObject | None: ...
@@ -128,6 +132,9 @@ class StreamTransport:
         if not self.closed:
             self._flush()
             await self._writer.drain()
+
+    def buffered(self) -> int:
+        return self._pending_bytes + self._writer.transport.get_write_buffer_size()
 
     def get_peer_info(self) -> tuple[str, int] | None:
         peer = self._writer.get_extra_info("peername")
@@ -177,6 +184,9 @@ class WebSocketTransport:
                     await self._ws.send(data)
                 except ConnectionClosed:
                     self.closed = True
+
+    def buffered(self) -> int:
+        return len(self._buffer) + self._ws.transport.get_write_buffer_size()
 
     def get_peer_info(self) -> tuple[str, int] | None:
         peer: Any = self._ws.remote_address

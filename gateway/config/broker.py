@@ -71,6 +71,11 @@ class BrokerSettings(Model):
     max_packet_bytes: int = Field(default=262_144, ge=64, le=268_435_455)
     connect_timeout_s: float = Field(default=10.0, gt=0, description="a connection must send its whole CONNECT "
                                      "within this (TLS and WebSocket handshakes included)")
+    # A client that sends packets answered by the broker (PINGREQ, QoS 1/2 PUBLISH) and does not read the
+    # answers: its next packet is read only once the broker's write buffer for it is below this; closed
+    # (counted in the offences as write_stalled) if it stays above for write_stall_timeout_s.
+    max_write_buffer_bytes: int = Field(default=1_048_576, ge=1024)
+    write_stall_timeout_s: float = Field(default=60.0, gt=0)
     # Bounds (gateway/broker/core.py); each one hit is counted in the broker's status (`limits`).
     max_connections: int = Field(default=1000, ge=1, description="open connections, all listeners together; "
                                  "more are closed at once")

@@ -235,10 +235,25 @@ class MqttDestination:
                 log.warning("forward %s: connection refused: %s", self.name, reason)
             return
         self.protocol_in_use = "5" if self._version == MQTTProtocolVersion.MQTTv5 else "3.1.1"
+        # paho's setter refuses an open connection; its own bound is read at each publish and PUBACK, so
+        # setting it here, in the CONNACK's callback and before paho sends what waited, takes effect at once
+        bound = self._inflight_bound(props)
+        if bound == 0 and client._max_inflight_messages:  # none now, one before: what paho queued must still go
+            bound = 65_535
+        client._max_inflight_messages = bound
         if self._settings.subscribe:
             client.subscribe([(f, int(self._settings.qos)) for f in self._settings.subscribe])
         announce(client, self._presence, online=True)
         self._call(self._set_connected, True)
+
+    def _inflight_bound(self, props: Any) -> int:
+        """paho's in-flight bound (0: none): ``max_inflight``, or the broker's MQTT 5 Receive Maximum from
+        its CONNACK when that is lower (paho does not heed it itself) [MQTT-3.3.4-7]."""
+        window = self._settings.max_inflight
+        receive_maximum = getattr(props, "ReceiveMaximum", None) if props is not None else None
+        if isinstance(receive_maximum, int) and receive_maximum > 0:
+            return min(window, receive_maximum) if window else receive_maximum
+        return window
 
     def _reconnect_as_311(self) -> None:
         old = self._client

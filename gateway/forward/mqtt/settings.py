@@ -37,5 +37,6 @@ class MqttForward(ForwardSettingsBase, WithSecrets):
     max_inflight: int = Field(
         default=0, ge=0, le=65_535,
         description="QoS 1 messages awaiting their PUBACK at most; 0: what the forwarder has on the way "
-                    "(three batches of batch_size). Set it for a broker that disconnects a client exceeding a limit",
+                    "(three batches of batch_size). Set it for a broker that disconnects a client exceeding a limit; "
+                    "an MQTT 5 broker's Receive Maximum bounds it too",
     )

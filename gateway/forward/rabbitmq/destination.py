@@ -35,10 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -179,6 +178,9 @@ class RabbitDestination:
         self._out = f"{settings.own_prefix}.out"
         self._ledger = f"{settings.own_prefix}.sent"
         self._published: OrderedDict[str, None] = OrderedDict()  # ids the broker has, newest last
+        # Published on this connection, in outbox order, not yet remembered: only a confirmed prefix is.
+        self._unconfirmed: deque[tuple[str, asyncio.Future[Any]]] = deque()
+        self._gap: str | None = None  # refused (or given up on): nothing after it is remembered till it is sent again
         self._keys: dict[str, str] = {}  # topic -> routing key: a gateway sends on the same topics again and again
         self._ready = False
         self._closing = False
@@ -200,6 +202,8 @@ class RabbitDestination:
                 self._open, what=f"forward {self.name}: connecting to {self._shown}", log=log,
                 retry_on=(*AMQP_FAILURES, TimeoutError), delay=_retry_delay, level=logging.WARNING,
             )
+            self._unconfirmed.clear()  # what the last connection published is failed or done
+            self._gap = None
             self._connection, self._channel, self._ready = connection, channel, True
             log.warning("forward %s: connected to %s", self.name, self._shown)
             closings = [connection.closing, channel.closing]
@@ -306,9 +310,10 @@ class RabbitDestination:
     async def submit(self, batch: Sequence[OutboundEvent]) -> asyncio.Future[int]:
         """Publish ``batch`` now, pipelined in order on the channel (what is submitted next is published
         after it: the channel's lock serves the publishes in the order they were made); the future counts
-        the confirms (see :class:`~gateway.forward.base.Pipelined`). An event is remembered as the broker's
-        as soon as its own confirm arrives, so one confirmed after a gap before it (a nack, a timeout) is
-        not published again when the gap is."""
+        the confirms (see :class:`~gateway.forward.base.Pipelined`). Events are remembered as the broker's
+        only as a confirmed prefix in outbox order, across pipelined batches: one confirmed after a gap
+        before it (a nack, a timeout) is published again after the gap is, so the queue's last copy of
+        each event is in per-device order (the consumer deduplicates by event id)."""
         channel = self._channel
         if channel is None or not self.connected:
             raise DestinationUnavailableError(f"{self.name}: not connected")
@@ -333,14 +338,27 @@ class RabbitDestination:
                 event.payload, exchange=exchange, routing_key=key, wait=False,
                 properties=message_properties(event, s.gateway_id),
             ))
-            publish.add_done_callback(functools.partial(self._confirmed, event.event_id) if s.dedupe_window
-                                      else _retrieve)
+            if s.dedupe_window and event.event_id == self._gap:
+                self._gap = None  # sent again: what follows it is in order once more
+            if s.dedupe_window and self._gap is None:
+                self._unconfirmed.append((event.event_id, publish))
+                publish.add_done_callback(self._confirmed)
+            else:
+                publish.add_done_callback(_retrieve)
             publishes.append(publish)
             self.sent += 1
         return asyncio.ensure_future(self._acknowledged(publishes))
 
-    def _confirmed(self, event_id: str, publish: asyncio.Future[Any]) -> None:
-        if not publish.cancelled() and publish.exception() is None:
+    def _confirmed(self, publish: asyncio.Future[Any]) -> None:
+        """Remember the confirmed prefix of what was published; a failure ends it until it is sent again."""
+        _retrieve(publish)
+        unconfirmed = self._unconfirmed
+        while unconfirmed and unconfirmed[0][1].done():
+            event_id, head = unconfirmed.popleft()
+            if head.cancelled() or head.exception() is not None:
+                self._gap = event_id
+                unconfirmed.clear()  # confirmed or not, published again after the gap
+                return
             self._remember((event_id,))
 
     async def _acknowledged(self, publishes: list[asyncio.Future[Any]]) -> int:

@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ def free_port() -> int:
         return port
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+def wait_listening(port: int, proc: subprocess.Popen[Any]) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -45,6 +46,39 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
         except OSError:
             time.sleep(0.05)
     raise SystemExit("server did not listen")
+
+
+def start_gateway(config: Path, port: int, *, stderr: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    """``iotgw run --config config`` in a process of its own, returned once its broker listens on ``port``."""
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    try:
+        wait_listening(port, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def mqtt_string(text: str) -> bytes:
+    """An MQTT UTF-8 string: its length in two bytes, then the bytes."""
+    raw = text.encode()
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def mqtt_packet(first: int, body: bytes) -> bytes:
+    """An MQTT packet: the first byte, the remaining length (variable-length integer), the body."""
+    length, out = len(body), bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes([first]) + bytes(out) + body
+
+
+def mqtt_connect(client_id: str, *, clean: bool = True) -> bytes:
+    """A 3.1.1 CONNECT without keep-alive, will or login."""
+    return mqtt_packet(0x10, mqtt_string("MQTT") + bytes([4, 2 if clean else 0, 0, 0]) + mqtt_string(client_id))
 
 
 def cpu_s(pid: int) -> float:

@@ -15,32 +15,12 @@ from __future__ import annotations
 import argparse
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _string(text: str) -> bytes:
-    raw = text.encode()
-    return len(raw).to_bytes(2, "big") + raw
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    length, out = len(body), bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        out.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes([first]) + bytes(out) + body
-
-
-def _connect(client_id: str) -> bytes:
-    return _packet(0x10, _string("MQTT") + bytes([4, 2, 0, 0]) + _string(client_id))
+from _harness import free_port, mqtt_connect, mqtt_packet, mqtt_string, start_gateway
 
 
 class _Reader:
@@ -83,7 +63,7 @@ class _Reader:
 def _client(port: int, client_id: str) -> tuple[socket.socket, _Reader]:
     sock = socket.create_connection(("127.0.0.1", port))
     reader = _Reader(sock)
-    sock.sendall(_connect(client_id))
+    sock.sendall(mqtt_connect(client_id))
     reader.wait(1)  # CONNACK
     return sock, reader
 
@@ -91,7 +71,7 @@ def _client(port: int, client_id: str) -> tuple[socket.socket, _Reader]:
 def _round(port: int, sub: _Reader, messages: int, n: int) -> float:
     pub, _ = _client(port, f"bench-pub-{n}")
     body = b'{"value": 21.5, "unit": "C"}'
-    batch = b"".join(_packet(0x30, _string("bench/x") + body) for _ in range(500))
+    batch = b"".join(mqtt_packet(0x30, mqtt_string("bench/x") + body) for _ in range(500))
     target = sub.count + messages
     start = time.perf_counter()
     for _ in range(messages // 500):
@@ -108,36 +88,24 @@ def main() -> None:
     parser.add_argument("--filters", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gw.toml"
         config.write_text(f'site = "bench"\n[broker]\nport = {port}\nallow_anonymous = true\n'
                           f"max_filters_per_client = {args.filters}\n"
                           f'[storage]\ndata_dir = "{Path(tmp) / "data"}"\n')
-        gateway = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)], cwd=ROOT,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        gateway = start_gateway(config, port)
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("the gateway did not start") from None
-                    time.sleep(0.1)
             sub_sock, sub = _client(port, "bench-sub")
-            sub_sock.sendall(_packet(0x82, b"\x00\x01" + _string("bench/x") + b"\x00"))
+            sub_sock.sendall(mqtt_packet(0x82, b"\x00\x01" + mqtt_string("bench/x") + b"\x00"))
             sub.wait(2)  # SUBACK
             _round(port, sub, 1000, 0)  # warm up
             before = [_round(port, sub, args.messages, i) for i in range(args.rounds)]
             flood, flood_reader = _client(port, "bench-flood")
             started = time.perf_counter()
             for batch in range(args.filters // 1000):
-                filters = b"".join(_string(f"unrelated/{batch}/{i}/+") + b"\x00" for i in range(1000))
-                flood.sendall(_packet(0x82, (batch + 1).to_bytes(2, "big") + filters))
+                filters = b"".join(mqtt_string(f"unrelated/{batch}/{i}/+") + b"\x00" for i in range(1000))
+                flood.sendall(mqtt_packet(0x82, (batch + 1).to_bytes(2, "big") + filters))
             flood_reader.wait(1 + args.filters // 1000)  # the SUBACKs
             subscribed = time.perf_counter() - started
             after = [_round(port, sub, args.messages, 100 + i) for i in range(args.rounds)]

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,33 +24,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, cast
 
-ROOT = Path(__file__).resolve().parent.parent
+from _harness import free_port, mqtt_connect, mqtt_packet, mqtt_string, start_gateway
+
 MIB = 1024 * 1024
-
-
-def _string(text: str) -> bytes:
-    raw = text.encode()
-    return len(raw).to_bytes(2, "big") + raw
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    length, out = len(body), bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        out.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes([first]) + bytes(out) + body
-
-
-def _connect(client_id: str, *, clean: bool = True) -> bytes:
-    return _packet(0x10, _string("MQTT") + bytes([4, 2 if clean else 0, 0, 0]) + _string(client_id))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class _Acks:
@@ -88,22 +62,12 @@ class _Acks:
 
 class Gateway:
     def __init__(self, tmp: Path) -> None:
-        self.port, self.http = _free_port(), _free_port()
+        self.port, self.http = free_port(), free_port()
         config = tmp / "gw.toml"
         self.data = tmp / "data"
         config.write_text(f'site = "bench"\n[broker]\nport = {self.port}\nallow_anonymous = true\n'
                           f'[http]\nenabled = true\nport = {self.http}\n[storage]\ndata_dir = "{self.data}"\n')
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)], cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("the gateway did not start") from None
-                time.sleep(0.1)
+        self.proc = start_gateway(config, self.port)
 
     def rss_mib(self) -> float:
         """VmRSS from /proc (Linux)."""
@@ -143,19 +107,19 @@ def session_flood(gw: Gateway, sessions: int, messages: int, start: int) -> floa
     """Returns the publisher's rate (acknowledged messages a second) while every session keeps them."""
     for i in range(start, start + sessions):
         with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
-            subscribe = _packet(0x82, b"\x00\x01" + _string("flood/#") + b"\x01")
-            sock.sendall(_connect(f"ghost-{i}", clean=False) + subscribe)
+            subscribe = mqtt_packet(0x82, b"\x00\x01" + mqtt_string("flood/#") + b"\x01")
+            sock.sendall(mqtt_connect(f"ghost-{i}", clean=False) + subscribe)
             answer = sock.recv(4)
             if answer[3:4] == b"\x00":  # accepted: wait for the SUBACK before leaving
                 sock.recv(5)
     with socket.create_connection(("127.0.0.1", gw.port)) as pub:
         acks = _Acks(pub)
-        pub.sendall(_connect(f"flood-pub-{start}"))
+        pub.sendall(mqtt_connect(f"flood-pub-{start}"))
         acks.wait(1)
         payload = b"x" * 2048
         started = time.perf_counter()
         for i in range(messages):
-            pub.sendall(_packet(0x32, _string("flood/x") + (i % 65535 + 1).to_bytes(2, "big") + payload))
+            pub.sendall(mqtt_packet(0x32, mqtt_string("flood/x") + (i % 65535 + 1).to_bytes(2, "big") + payload))
         acks.wait(1 + messages)
         return messages / (time.perf_counter() - started)
 
@@ -163,11 +127,11 @@ def session_flood(gw: Gateway, sessions: int, messages: int, start: int) -> floa
 def retained_flood(gw: Gateway, count: int, start: int) -> None:
     with socket.create_connection(("127.0.0.1", gw.port)) as pub:
         acks = _Acks(pub)
-        pub.sendall(_connect(f"retain-pub-{start}"))
+        pub.sendall(mqtt_connect(f"retain-pub-{start}"))
         acks.wait(1)
         payload = b"r" * 1024
         for i in range(start, start + count):
-            pub.sendall(_packet(0x33, _string(f"retained/{i}") + (i % 65535 + 1).to_bytes(2, "big") + payload))
+            pub.sendall(mqtt_packet(0x33, mqtt_string(f"retained/{i}") + (i % 65535 + 1).to_bytes(2, "big") + payload))
         acks.wait(1 + count)
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _harness import free_port, start_gateway
+
 RUNNER = """
 import logging, sys, unittest
 sys.argv = ["client_test"]
@@ -35,37 +34,20 @@ print(f"RESULT {{result.testsRun}} {{len(result.failures) + len(result.errors)}}
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("suite", type=Path, help="paho.mqtt.testing's interoperability folder (with client_test.py)")
     args = parser.parse_args()
     if not (args.suite / "client_test.py").is_file():
         parser.error(f"no client_test.py in {args.suite}")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "gw.toml"
         config.write_text(f'site = "interop"\n[broker]\nport = {port}\nallow_anonymous = true\n'
                           'acl_default = "readwrite"\n[[broker.acl]]\ntopic = "test/nosubscribe"\naccess = "deny"\n'
                           f'[storage]\ndata_dir = "{Path(tmp) / "data"}"\n')
-        gateway = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)], cwd=ROOT,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        gateway = start_gateway(config, port, stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or gateway.poll() is not None:
-                        raise SystemExit("the gateway did not start") from None
-                    time.sleep(0.1)
             run = subprocess.run([sys.executable, "-W", "ignore", "-c", RUNNER.format(port=port)], cwd=args.suite,
                                  capture_output=True, text=True, timeout=600, check=False)
         finally:

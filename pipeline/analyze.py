@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 
 from pipeline.model import AGGREGATE_TYPE, Reading, cloudevent, new_event_id
 from pipeline.readings import ReadingBatch, Run, mean_of, spans
-from pipeline.rules import AlertChange, RuleSet, Watch
+from pipeline.rules import AlertChange, RuleSet, Watch, announce
 from pipeline.stage import Emitter, StageStats
 from pipeline.topics import TopicFields, TopicTemplate
 
@@ -150,7 +150,7 @@ class AnalyzeStage:
                     evaluate(watches, site, device_class, device_id, metric, ts, t_ms / 1000, value, changes)
         self._expire(now_ms, emit)
         if changes:
-            await self._alert(changes, emit)
+            await announce(changes, emit, self.alerts, self._on_alerts)
         self.stats.received += len(batch)
         self.stats.passed += len(batch)
         return batch
@@ -281,18 +281,6 @@ class AnalyzeStage:
             if end == start + size:  # its last part: complete
                 self._publish(state, j, big, emit)
                 state.open[j] = None
-
-    async def _alert(self, changes: list[AlertChange], emit: Emitter) -> None:
-        for change in changes:
-            emit.publish(change.topic, change.to_cloudevent())
-            self.alerts["raised" if change.raised else "cleared"] += 1
-            log.warning("alert %s: %s", "raised" if change.raised else "cleared", change.message)
-        if self._on_alerts is not None:
-            try:
-                await self._on_alerts(changes)
-            except Exception:  # the events are out; the list of alerts is what misses them
-                self.alerts["record_failures"] += 1
-                log.exception("could not record %d alert change(s) in the store", len(changes))
 
     def _publish(self, state: SeriesState, i: int, window: Window, emit: Emitter) -> None:
         topic = self._template.format(state.fields)

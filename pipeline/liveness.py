@@ -24,7 +24,7 @@ from typing import ClassVar
 
 from pipeline.model import Reading
 from pipeline.readings import ReadingBatch
-from pipeline.rules import AlertChange, Kind, Selector
+from pipeline.rules import AlertChange, Kind, Selector, announce
 from pipeline.stage import Emitter, StageStats
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class InactivityStage:
         self._selected: dict[tuple[str, str, str], tuple[InactivityRule, ...]] = {}
         self._seeded: dict[tuple[str, str], datetime] = {}
         self.stats = StageStats()
-        self.alerts = {"raised": 0, "cleared": 0}
+        self.alerts = {"raised": 0, "cleared": 0, "record_failures": 0}
 
     def set_rules(self, rules: Sequence[InactivityRule]) -> None:
         """A reload: devices stay watched by the rules that are still there."""
@@ -118,7 +118,7 @@ class InactivityStage:
                         self._heard(rule, run.site, run.device_id, run.device_class, run.metric, heard, changes)
         self.stats.received += len(batch)
         self.stats.passed += len(batch)
-        await self._publish(changes, emit)
+        await announce(changes, emit, self.alerts, self._on_alerts)
         return batch
 
     def _heard(self, rule: InactivityRule, site: str, device_id: str, device_class: str, metric: str,  # noqa: PLR0917
@@ -149,22 +149,9 @@ class InactivityStage:
             changes.append(self._change(rule, device_id, state, raised=True, at=at,
                                         message=f"{rule.name}: {device_id} silent for {silent:.0f} s "
                                                 f"(limit {rule.after_s:g} s)", value=silent))
-        await self._publish(changes, emit)
+        await announce(changes, emit, self.alerts, self._on_alerts)
 
     def _change(self, rule: InactivityRule, device_id: str, state: _Watched, *, raised: bool, at: datetime,
                 message: str, value: float = 0.0) -> AlertChange:
         return AlertChange(raised, rule.name, rule.kind, rule.severity, state.site, state.device_class, device_id,
                            rule.metric, value, message, state.raised_at or at, at)
-
-    async def _publish(self, changes: list[AlertChange], emit: Emitter) -> None:
-        if not changes:
-            return
-        for change in changes:
-            emit.publish(change.topic, change.to_cloudevent())
-            self.alerts["raised" if change.raised else "cleared"] += 1
-            log.warning("alert %s: %s", "raised" if change.raised else "cleared", change.message)
-        if self._on_alerts is not None:
-            try:
-                await self._on_alerts(changes)
-            except Exception:  # the events are out; the store's list of alerts is what misses them
-                log.exception("could not record %d inactivity alert change(s) in the store", len(changes))

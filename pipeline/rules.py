@@ -25,15 +25,21 @@ configured are closed in the store at start (they could never clear), without an
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from fnmatch import fnmatchcase
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pipeline.model import ALERT_CLEARED_TYPE, ALERT_TYPE, cloudevent, new_event_id
+
+if TYPE_CHECKING:
+    from pipeline.stage import Emitter
+
+log = logging.getLogger(__name__)
 
 ALERT_VERSION = "1.0"
 Kind = Literal["threshold", "rate", "zscore", "inactivity"]  # inactivity: pipeline/liveness.py
@@ -250,6 +256,23 @@ class AlertChange:
             event_id=self.event_id, source=f"/iotgw/{self.site}/{self.device_id}",
             type_=ALERT_TYPE if self.raised else ALERT_CLEARED_TYPE, subject=topic, time=self.at, data=self.data(),
         )
+
+
+async def announce(changes: list[AlertChange], emit: Emitter, counts: dict[str, int],
+                   record: Callable[[list[AlertChange]], Awaitable[None]] | None) -> None:
+    """Publish alert changes, count them in ``counts`` (``raised``, ``cleared``) and hand them to ``record``
+    (the store's list of alerts); a failure to record is counted (``record_failures``) and logged."""
+    for change in changes:
+        what = "raised" if change.raised else "cleared"
+        emit.publish(change.topic, change.to_cloudevent())
+        counts[what] += 1
+        log.warning("alert %s: %s", what, change.message)
+    if record is not None and changes:
+        try:
+            await record(changes)
+        except Exception:  # the events are out; the list of alerts is what misses them
+            counts["record_failures"] += 1
+            log.exception("could not record %d alert change(s) in the store", len(changes))
 
 
 def rfc3339(value: datetime) -> str:

@@ -30,6 +30,7 @@ class BatchQueue(Generic[T]):
         self._enough = asyncio.Event()  # a lingering get_batch has what it wants
         self._wanted = 0
         self._closed = False
+        self._last_full = False  # the last batch handed out was as large as asked for: the queue is busy
         self.high_water = 0
         self.put_waits = 0  # how often a producer had to wait: the pipeline was behind
 
@@ -66,7 +67,9 @@ class BatchQueue(Generic[T]):
         """Up to ``max_items``, waiting for at least one; [] once closed and empty.
 
         With ``linger_s``, a short batch waits that long for more items: under light load that
-        turns many tiny transactions into a few larger ones (an SD card's write budget).
+        turns many tiny transactions into a few larger ones (an SD card's write budget). Right after a
+        full batch it does not wait: a short batch then is the end of a burst, and lingering would only
+        hold its last items back (batches that are always short, under light load, keep lingering).
         """
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
@@ -76,7 +79,7 @@ class BatchQueue(Generic[T]):
             self._ready.clear()
             await self._ready.wait()
         limit = min(max_items, self.maxsize)
-        if linger_s > 0 and len(self._items) < limit and not self._closed:
+        if linger_s > 0 and len(self._items) < limit and not self._closed and not self._last_full:
             # One timer for the whole linger, woken once when the batch is full (not at every item)
             self._wanted = limit
             self._enough.clear()
@@ -88,6 +91,7 @@ class BatchQueue(Generic[T]):
             finally:
                 self._wanted = 0
         count = min(max_items, len(self._items))
+        self._last_full = count >= limit
         batch = [self._items.popleft() for _ in range(count)]
         if not self._items:
             self._ready.clear()

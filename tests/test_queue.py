@@ -132,6 +132,19 @@ async def test_linger_already_full_batch_does_not_wait() -> None:
     assert await asyncio.wait_for(q.get_batch(100, linger_s=30.0), 0.2) == [0, 1, 2]
 
 
+async def test_a_short_batch_right_after_a_full_one_does_not_linger() -> None:
+    """The end of a burst goes at once; under light load (short batches) the linger holds again."""
+    q = await filled(10, 4)
+    assert await q.get_batch(3, linger_s=30.0) == [0, 1, 2]  # full: the queue is busy
+    assert await asyncio.wait_for(q.get_batch(3, linger_s=30.0), 0.2) == [3]  # the burst's tail, not held
+    await q.put(4)
+    consumer = asyncio.create_task(q.get_batch(3, linger_s=30.0))  # after a short batch: lingers again
+    assert await blocked(consumer)
+    await q.put(5)
+    await q.put(6)
+    assert await asyncio.wait_for(consumer, 0.2) == [4, 5, 6]
+
+
 async def test_close_lets_the_consumer_drain() -> None:
     q = await filled(10, 5)
     q.close()

@@ -81,6 +81,37 @@ def mqtt_connect(client_id: str, *, clean: bool = True) -> bytes:
     return mqtt_packet(0x10, mqtt_string("MQTT") + bytes([4, 2 if clean else 0, 0, 0]) + mqtt_string(client_id))
 
 
+class Progress:
+    """How many messages have arrived, over time: pass ``progress.saw(count)`` as ``run_load``'s ``done()``.
+
+    ``sustained()`` is the rate between the moments 10 % and 90 % of them had arrived: the steady state,
+    without the start (publishers connecting, a gateway's first batch filling) or the drain (the last few
+    messages waiting out a gateway's batch linger and commit interval, ``[pipeline] max_latency_s`` and
+    ``[storage] commit_interval_s``: a latency, not a rate)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self._seen: list[tuple[float, int]] = []
+
+    def saw(self, count: int) -> bool:
+        self._seen.append((time.perf_counter(), count))
+        return count >= self.target
+
+    def _when(self, fraction: float) -> float:
+        return next(t for t, count in self._seen if count >= fraction * self.target)
+
+    def sustained(self, low: float = 0.1, high: float = 0.9) -> float:
+        return (high - low) * self.target / (self._when(high) - self._when(low))
+
+    def end_to_end(self) -> float:
+        """The rate from the publishers' release (``run_load`` polls first right then) to the last arrival."""
+        return self.target / (self._when(1.0) - self._seen[0][0])
+
+    def drain_s(self) -> float:
+        """From 90 % arrived to all of them."""
+        return self._when(1.0) - self._when(0.9)
+
+
 def cpu_s(pid: int) -> float:
     """CPU seconds (user and system, all threads) a process has used."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -50,7 +50,15 @@ from gateway.journal import Journal
 from gateway.liveness import InactivityWatch, watch_known_devices
 from gateway.portal import Portal, RecentTopics
 from gateway.publish import Publisher
-from gateway.status import AnalyzeStatus, BrokerStatus, GatewayStatus, Health, StoreStatus, health
+from gateway.status import (
+    AnalyzeStatus,
+    BrokerStatus,
+    GatewayStatus,
+    Health,
+    LivenessStatus,
+    StoreStatus,
+    health,
+)
 from pipeline.analyze import AnalyzeStage
 from pipeline.catalog import Catalog
 from pipeline.clean import CleanStage, ClockPolicy
@@ -303,6 +311,7 @@ class Gateway:
             store_transactions=self.store.transactions,
             store=StoreStatus.model_validate(self.store.stats()),
             analyze=AnalyzeStatus.model_validate(self.analyze.stats_dict()),
+            liveness=LivenessStatus.model_validate(self.liveness.stats_dict()),
             undrained=self.undrained,
         )
 

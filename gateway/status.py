@@ -198,6 +198,12 @@ class AnalyzeStatus(_Status):
     alerts: dict[str, int]
 
 
+class LivenessStatus(_Status):
+    watched: int = Field(description="devices watched by an inactivity rule (one per rule)")
+    silent: int = Field(description="of them, silent for longer than their rule allows: an alert is active")
+    alerts: dict[str, int] = Field(description="inactivity alerts raised and cleared, and failures to record one")
+
+
 class GatewayStatus(_Status):
     """Counts per driver and stage, queue, outboxes (per destination), journal, broker."""
 
@@ -215,6 +221,7 @@ class GatewayStatus(_Status):
     store_transactions: int
     store: StoreStatus
     analyze: AnalyzeStatus
+    liveness: LivenessStatus
     undrained: int = Field(description="messages still in the broker when the last stop gave up draining")
 
 

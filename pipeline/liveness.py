@@ -151,6 +151,11 @@ class InactivityStage:
                                                 f"(limit {rule.after_s:g} s)", value=silent))
         await announce(changes, emit, self.alerts, self._on_alerts)
 
+    def stats_dict(self) -> dict[str, object]:
+        """Devices watched (per rule), how many of them are silent now, and the alert changes counted."""
+        return {"watched": len(self._watched), "silent": sum(1 for s in self._watched.values() if s.raised_at),
+                "alerts": dict(self.alerts)}
+
     def _change(self, rule: InactivityRule, device_id: str, state: _Watched, *, raised: bool, at: datetime,
                 message: str, value: float = 0.0) -> AlertChange:
         return AlertChange(raised, rule.name, rule.kind, rule.severity, state.site, state.device_class, device_id,

@@ -219,6 +219,11 @@ def test_metrics_parse_as_prometheus_text(demo: DemoWithHttp) -> None:
     limits = {s.labels["limit"] for s in families["iotgw_broker_limit_hits"].samples if s.name.endswith("_total")}
     assert limits == set(before["broker"]["limits"])  # every bound of [broker], counted
     assert families["iotgw_broker_clients"].samples[0].value >= 1  # the demo's MQTT sensor
+    changes = {(s.labels["stage"], s.labels["change"]) for s in families["iotgw_alert_changes"].samples
+               if s.name.endswith("_total")}
+    assert changes == {(stage, change) for stage in ("analyze", "liveness")
+                       for change in ("raised", "cleared", "record_failures")}
+    assert families["iotgw_devices_silent"].samples[0].value == before["liveness"]["silent"]
     assert all(name.startswith("iotgw_") for name in families)  # a private registry: no process_/python_ metrics
 
 

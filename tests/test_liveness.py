@@ -63,10 +63,14 @@ async def test_silence_raises_and_a_reading_clears() -> None:
     emit = Emitter()
     await stage.tick(emit)
     assert emit.events == []  # raised once
+    assert stage.stats_dict() == {"watched": 3, "silent": 3,
+                                  "alerts": {"raised": 3, "cleared": 0, "record_failures": 0}}
     emit = Emitter()
     await stage.process([reading("t-1", at=clock.now)], emit)
     assert [(t, e["data"]["message"]) for t, e in emit.events] == [
         ("alert/cleared/1.0/s1/air/t-1/inactive", "silent: t-1 is back (temperature)")]
+    assert stage.stats_dict() == {"watched": 3, "silent": 2,
+                                  "alerts": {"raised": 3, "cleared": 1, "record_failures": 0}}
     assert [(c.raised, c.device_id) for c in recorded] == [
         (True, "old"), (True, "never-heard"), (True, "t-1"), (False, "t-1")]
 
@@ -120,6 +124,8 @@ async def test_inactivity_alerts_on_the_external_broker(tmp_path: Path, mosquitt
             got = await asyncio.to_thread(watcher.wait_for, 2, 10)
             assert got[1].topic == "alert/cleared/1.0/s1/zigbee/door/inactive"
             alerts = await gw.store.active_alerts()
+            liveness = gw.stats()["liveness"]  # what /api/v1/stats answers
+            assert liveness == {"watched": 1, "silent": 0, "alerts": {"raised": 1, "cleared": 1, "record_failures": 0}}
         assert alerts == []
     finally:
         watcher.close()

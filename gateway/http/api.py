@@ -205,6 +205,14 @@ class StatsCollector(Collector):
             backbone.add_metric([name], 1 if f.connected else 0)
         yield from (*gauges.values(), *counters.values(), backbone)
         yield GaugeMetricFamily("iotgw_alerts_active", "Alerts currently active", value=len(self._alerts.active()))
+        changes = CounterMetricFamily("iotgw_alert_changes", "Alerts raised and cleared by a stage, and alert "
+                                      "changes it failed to record in the store", labels=["stage", "change"])
+        for stage, counts in (("analyze", s.analyze.alerts), ("liveness", s.liveness.alerts)):
+            for change, count in counts.items():
+                changes.add_metric([stage, change], count)
+        yield changes
+        yield GaugeMetricFamily("iotgw_devices_silent", "Devices silent for longer than their inactivity rule allows",
+                                value=s.liveness.silent)
 
 
 class HttpApi:

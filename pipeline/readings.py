@@ -171,7 +171,7 @@ class ReadingBatch(Sequence[Reading]):
 
     def __init__(self, runs: list[Run]) -> None:
         self.runs = runs
-        self._size = sum(len(run) for run in runs)
+        self._size = sum([len(run.ids) for run in runs])
         self._readings: list[Reading] | None = None
 
     @classmethod

@@ -2,7 +2,7 @@
 inserts of the same rows into the same schema, in the same run.
 
     .venv/bin/python bench/pipeline_throughput.py [--readings 200000] [--batch 500] [--rounds 3] [--series 200]
-                                                  [--no-analyze]
+                                                  [--no-analyze] [--ceiling]
 
 The process is pinned to one CPU (threads included: the store's SQLite thread shares it). Drafts
 are made by the collect stage beforehand (collect parses JSON; the figure asked for starts at
@@ -15,6 +15,11 @@ figure to watch is the ratio (target: >= 0.8; each round's too) and readings/s (
 Each stage's CPU time per reading is printed too, and the raw inserts' CPU time per row beside them: with
 the process on one CPU, a machine busy with other work makes both runs CPU-bound, and the ratio tends to
 that of their CPU times.
+
+``--ceiling`` then measures what bounds the ratio: the store alone on batches clean and define made
+beforehand (as if clean, define and analyze cost nothing), and the SQL statements the store executes for
+them, recorded once and replayed on a fresh file (as if the store's Python cost nothing too), each beside
+the raw inserts in the same round.
 """
 
 from __future__ import annotations

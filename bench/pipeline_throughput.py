@@ -2,7 +2,7 @@
 inserts of the same rows into the same schema, in the same run.
 
     .venv/bin/python bench/pipeline_throughput.py [--readings 200000] [--batch 500] [--rounds 3] [--series 200]
-                                                  [--no-analyze]
+                                                  [--no-analyze] [--ceiling]
 
 The process is pinned to one CPU (threads included: the store's SQLite thread shares it). Drafts
 are made by the collect stage beforehand (collect parses JSON; the figure asked for starts at
@@ -15,6 +15,11 @@ figure to watch is the ratio (target: >= 0.8; each round's too) and readings/s (
 Each stage's CPU time per reading is printed too, and the raw inserts' CPU time per row beside them: with
 the process on one CPU, a machine busy with other work makes both runs CPU-bound, and the ratio tends to
 that of their CPU times.
+
+``--ceiling`` then measures what bounds the ratio: the store alone on batches clean and define made
+beforehand (as if clean, define and analyze cost nothing), and the SQL statements the store executes for
+them, recorded once and replayed on a fresh file (as if the store's Python cost nothing too), each beside
+the raw inserts in the same round.
 """
 
 from __future__ import annotations
@@ -151,6 +156,98 @@ def raw_inserts(drafts: list[Draft], batch: int, data_dir: Path) -> tuple[float,
     return elapsed, cpu
 
 
+class _Recording:
+    """A connection that notes every statement and its parameters (the store's SQL, for :func:`ceiling`)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.statements: list[tuple[bool, str, Any]] = []  # (many, sql, parameters)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+    def execute(self, sql: str, parameters: Any = ()) -> sqlite3.Cursor:
+        self.statements.append((False, sql, parameters))
+        return self.db.execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Any) -> sqlite3.Cursor:
+        self.statements.append((True, sql, parameters))
+        return self.db.executemany(sql, parameters)
+
+
+def ceiling(drafts: list[Draft], batch: int, rounds: int) -> None:
+    """What the ratio would be (a) if clean, define and analyze cost nothing: the store alone, on batches
+    clean and define made beforehand; (b) if the store's Python cost nothing too: the statements the store
+    executes for those batches (recorded once), replayed on a fresh file with the same pragmas. Each beside
+    the raw inserts, in the same round; CPU time of the writing thread per reading."""
+    async def made() -> list[Any]:
+        clean = CleanStage(DEFAULT_METRIC_RULES)
+        define = DefineStage(TopicTemplate(DEFAULT_TEMPLATE), publish_valid=False)
+        out = []
+        for i in range(0, len(drafts), batch):
+            emit = Emitter()
+            out.append(await define.process(await clean.process(drafts[i:i + batch], emit), emit))
+        return out
+
+    batches = asyncio.run(made())
+
+    async def record(data_dir: Path) -> list[list[tuple[bool, str, Any]]]:
+        async with SqliteStore(data_dir) as store:
+            def each(db: sqlite3.Connection) -> list[list[tuple[bool, str, Any]]]:
+                out = []
+                for b in batches:
+                    recording = _Recording(db)
+                    store._write(recording, b)  # type: ignore[arg-type]
+                    out.append(recording.statements)
+                return out
+            return await store._db.run(each)
+
+    async def store_alone(data_dir: Path) -> tuple[float, float]:
+        async with SqliteStore(data_dir) as store:
+            stage = StoreStage(store)
+            clock = time.pthread_getcpuclockid(await store._db.run(lambda _: threading.get_ident()))
+            started, cpu = time.perf_counter(), time.clock_gettime(clock)
+            for b in batches:
+                await stage.process(b, Emitter())
+            return time.perf_counter() - started, time.clock_gettime(clock) - cpu
+
+    def sql_alone(data_dir: Path, statements: list[list[tuple[bool, str, Any]]]) -> tuple[float, float]:
+        db = sqlite3.connect(data_dir / "sql.sqlite3", isolation_level=None)
+        for pragma in STORE_PRAGMAS:
+            db.execute(f"PRAGMA {pragma}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        started, cpu = time.perf_counter(), time.thread_time()
+        for one_batch in statements:
+            for many, sql, parameters in one_batch:
+                (db.executemany if many else db.execute)(sql, parameters)
+        elapsed, cpu = time.perf_counter() - started, time.thread_time() - cpu
+        db.close()
+        return elapsed, cpu
+
+    with tempfile.TemporaryDirectory(prefix="iotgw-bench-") as tmp:
+        statements = asyncio.run(record(Path(tmp)))
+    gc.collect()
+    gc.freeze()
+    runs: dict[str, list[tuple[float, float]]] = {"store alone": [], "store's SQL alone": [], "raw inserts": []}
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory(prefix="iotgw-bench-") as tmp:
+            runs["store alone"].append(asyncio.run(store_alone(Path(tmp))))
+            runs["store's SQL alone"].append(sql_alone(Path(tmp), statements))
+            runs["raw inserts"].append(raw_inserts(drafts, batch, Path(tmp)))
+    raw = runs["raw inserts"]
+    print("ceiling (clean, define and analyze free; then the store's Python free too):")
+    for name, figures in runs.items():
+        wall, cpu = statistics.median(w for w, _ in figures), statistics.median(c for _, c in figures)
+        line = f"  {name + ':':20s} {len(drafts) / wall:10,.0f} readings/s, CPU {cpu / len(drafts) * 1e6:.1f} us each"
+        if figures is not raw:
+            line += (f"; ratio {statistics.median(r for r, _ in raw) / wall:.2f} (by round "
+                     + ", ".join(f"{r[0] / f[0]:.2f}" for f, r in zip(figures, raw, strict=True))
+                     + f"), CPU ratio {statistics.median(c for _, c in raw) / cpu:.2f}")
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readings", type=int, default=200_000)
@@ -159,6 +256,8 @@ def main() -> None:
     parser.add_argument("--series", type=int, default=200)
     parser.add_argument("--no-analyze", dest="analyze", action="store_false",
                         help="clean -> define -> store only (default: analyze runs after store, as in the gateway)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="then the store alone and its SQL alone beside the raw inserts (the ratio's ceiling)")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
         cpu = min(os.sched_getaffinity(0))
@@ -194,6 +293,9 @@ def main() -> None:
     print("per reading, CPU time inside each stage (median round): " + ", ".join(
         f"{name} {statistics.median(r[name] for r in per_stage) / len(drafts) * 1e6:.1f} us" for name in per_stage[0]
     ) + f"; raw inserts {statistics.median(raw_cpu) / len(drafts) * 1e6:.1f} us a row")
+    if args.ceiling:
+        gc.unfreeze()
+        ceiling(drafts, args.batch, args.rounds)
 
 
 if __name__ == "__main__":

@@ -75,10 +75,11 @@ class _Rule:
     stuck_after_ms: int | None = None
     deadband: float | None = None
     deadband_interval_ms: int = 0
+    temporal: bool = field(init=False)  # any of spike, stuck, deadband: worked out once, read per reading
 
-    @property
-    def temporal(self) -> bool:
-        return self.max_rate_per_ms is not None or self.stuck_after_ms is not None or self.deadband is not None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "temporal", self.max_rate_per_ms is not None or self.stuck_after_ms is not None
+                           or self.deadband is not None)
 
 
 def _rule(rule: MetricRule) -> _Rule:
@@ -144,7 +145,7 @@ class CleanStage:
         self._units = {cls: dict(metrics) for cls, metrics in (units or {}).items()}
         self._clock = clock or ClockPolicy()
         self._ahead = timedelta(seconds=self._clock.max_ahead_s)
-        self._behind = timedelta(seconds=self._clock.max_behind_s)
+        self._behind = -timedelta(seconds=self._clock.max_behind_s)  # skews below this are too far behind
         self._dup = timedelta(seconds=duplicate_window_s)
 
     async def process(self, batch: Sequence[Draft], emit: Emitter) -> list[Draft]:
@@ -198,7 +199,7 @@ class CleanStage:
         device_ts = draft.device_ts
         if device_ts is not None:
             skew = device_ts - received
-            if skew > self._ahead or -skew > self._behind:
+            if skew > self._ahead or skew < self._behind:
                 where = "ahead of" if skew > _ZERO else "behind"
                 off = abs(skew).total_seconds()
                 detail = f"device time {device_ts.isoformat()} is {off:.0f} s {where} the gateway's"

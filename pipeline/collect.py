@@ -11,6 +11,9 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
+
+from pydantic_core import from_json
 
 from pipeline.dialects import DialectSet, MappedMessage, derived_event_id
 from pipeline.errors import TopicError
@@ -69,7 +72,7 @@ class CollectStage:
         else:
             transport = "mqtt"
         try:
-            body = json.loads(message.payload)
+            body = parse_json(message.payload)
         except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd integers or nesting
             self._reject(message, emit, "invalid_json", str(exc)[:200])
             return None
@@ -149,6 +152,21 @@ class CollectStage:
                 event_id=derived_event_id(message.event_id, metric.metric),
             ))
         return drafts
+
+
+def parse_json(payload: bytes) -> Any:
+    """What ``json.loads(payload)`` returns or raises, about five times faster for what devices send.
+
+    pydantic-core's parser reads the payload first; whatever it refuses is handed to ``json.loads``, which
+    decides: it accepts a few documents pydantic-core does not (a UTF-8 byte order mark, UTF-16 and UTF-32,
+    lone surrogates, nesting deeper than 200) and its exception is the one reported for the rest. What
+    pydantic-core accepts, ``json.loads`` accepts as the same value (NaN and infinities, duplicate keys: the
+    last wins, integers up to 4300 digits; tests/test_collect_json.py).
+    """
+    try:
+        return from_json(payload)
+    except ValueError:
+        return json.loads(payload)
 
 
 _RFC3339 = re.compile(

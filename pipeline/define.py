@@ -29,7 +29,7 @@ from pydantic_core import from_json
 
 from pipeline.catalog import Catalog, EventType
 from pipeline.model import CLOUDEVENTS_SPEC, Quality, Reading, cloudevent, new_event_id, to_ms
-from pipeline.readings import SHARED, ReadingBatch, Run
+from pipeline.readings import SHARED, ReadingBatch, Run, ms_columns
 from pipeline.stage import Draft, Emitter, StageStats
 from pipeline.topics import TopicFields, TopicTemplate
 
@@ -240,17 +240,32 @@ class DefineStage:
         except ValidationError:
             return None
         runs: list[tuple[_Route, Run]] = []
-        start = 0
         model: Any = event_type.model
+        # The times in milliseconds (what the store writes and analyze windows by), for the whole batch at once
+        # and here, in the front half of the pipeline, not on the store's thread.
+        ts_ms, received_ms = ms_columns(valid.device_ts, valid.received_at)
+        if len(group) == 1:  # one topic of this type in the batch: its run takes the columns as they are
+            route, positions = group[0]
+            f = route.fields
+            return [(route, Run(
+                model, f.site, f.device_id, f.device_class, f.metric, positions, valid.id, valid.transport,
+                valid.value, valid.unit, valid.device_ts, valid.received_at, valid.seq, valid.quality,
+                {name: getattr(valid, name) for name in extras} if extras else None,
+                _ts_ms=ts_ms, _received_ms=received_ms,
+            ))]
+        # each topic's part of each column (the columns looked up once, not once a topic)
+        ids, transports, values, units = valid.id, valid.transport, valid.value, valid.unit
+        device_ts, received_at, seqs, quality = valid.device_ts, valid.received_at, valid.seq, valid.quality
+        start = 0
         for route, positions in group:
             stop = start + len(positions)
             f = route.fields
             runs.append((route, Run(
-                model, f.site, f.device_id, f.device_class, f.metric, positions, valid.id[start:stop],
-                valid.transport[start:stop], valid.value[start:stop], valid.unit[start:stop],
-                valid.device_ts[start:stop], valid.received_at[start:stop], valid.seq[start:stop],
-                valid.quality[start:stop],
+                model, f.site, f.device_id, f.device_class, f.metric, positions, ids[start:stop],
+                transports[start:stop], values[start:stop], units[start:stop], device_ts[start:stop],
+                received_at[start:stop], seqs[start:stop], quality[start:stop],
                 {name: getattr(valid, name)[start:stop] for name in extras} if extras else None,
+                _ts_ms=ts_ms[start:stop], _received_ms=received_ms[start:stop],
             )))
             start = stop
         return runs

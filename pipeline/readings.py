@@ -20,7 +20,7 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import islice
+from itertools import chain, islice
 from operator import le
 from typing import Any, overload
 
@@ -143,6 +143,36 @@ class Run:
         return self.objects
 
 
+def ms_columns(device_ts: list[datetime | None], received_at: list[datetime]) -> tuple[list[int], list[int]]:
+    """Readings' times (the device's, else the gateway's) and receive times in epoch milliseconds, converted as
+    :func:`~pipeline.model.to_ms` converts them."""
+    if None in device_ts:
+        ts = [_ms(d or r) for d, r in zip(device_ts, received_at, strict=True)]
+    else:
+        ts = [int(d.timestamp() * 1000) for d in device_ts]  # type: ignore[union-attr]
+    return ts, [int(r.timestamp() * 1000) for r in received_at]
+
+
+def times_ms(runs: Sequence[Run]) -> tuple[list[int], list[int]]:
+    """:attr:`Run.ts_ms` and :attr:`Run.received_ms` of the runs, one run after the other. Those not worked
+    out yet (define works them out for the runs it makes) are converted in one pass over the batch rather
+    than one a run, and each run keeps its part."""
+    if all(run._ts_ms is not None and run._received_ms is not None for run in runs):
+        return (list(chain.from_iterable(run.ts_ms for run in runs)),
+                list(chain.from_iterable(run.received_ms for run in runs)))
+    ts, received = ms_columns(list(chain.from_iterable(run.device_ts for run in runs)),
+                              list(chain.from_iterable(run.received_at for run in runs)))
+    if len(runs) == 1:
+        runs[0]._ts_ms, runs[0]._received_ms = ts, received
+        return ts, received
+    start = 0
+    for run in runs:
+        stop = start + len(run.ids)
+        run._ts_ms, run._received_ms = ts[start:stop], received[start:stop]
+        start = stop
+    return ts, received
+
+
 class ReadingBatch(Sequence[Reading]):
     """Runs of readings; as a sequence, the readings in arrival order (made when first asked for)."""
 
@@ -150,7 +180,7 @@ class ReadingBatch(Sequence[Reading]):
 
     def __init__(self, runs: list[Run]) -> None:
         self.runs = runs
-        self._size = sum(len(run) for run in runs)
+        self._size = sum([len(run.ids) for run in runs])
         self._readings: list[Reading] | None = None
 
     @classmethod

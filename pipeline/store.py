@@ -32,21 +32,22 @@ Retention and the disk budget (:meth:`SqliteStore.maintain`, run periodically by
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import repeat
-from operator import itemgetter
+from itertools import chain, repeat
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
-from pipeline.db import DatabaseError, SqliteThread, in_transaction, insert_many
+from pipeline.db import INSERT_CHUNK, DatabaseError, SqliteThread, in_transaction, insert_many
 from pipeline.errors import PipelineError
 from pipeline.model import Reading, to_ms, utc_from_ms
-from pipeline.readings import ReadingBatch, Run, mean_of, spans
+from pipeline.readings import ReadingBatch, Run, mean_of, spans, times_ms
 from pipeline.retry import backoff_delay, until_done
 from pipeline.rules import AlertChange
 from pipeline.stage import Emitter, StageStats
@@ -124,6 +125,12 @@ ON CONFLICT (series_id, bucket) DO UPDATE SET
     vmax = max(vmax, excluded.vmax)
 """)
 _INSERT_READING = "INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?, ?, ?)"
+
+
+@functools.cache
+def _insert_statement(columns: int, rows: int) -> str:
+    """``INSERT OR IGNORE INTO readings VALUES (?, ...), ...`` for ``rows`` rows."""
+    return "INSERT OR IGNORE INTO readings VALUES " + ", ".join(["(" + ", ".join("?" * columns) + ")"] * rows)  # noqa: S608
 _UPSERT_DEVICE = ("INSERT INTO devices VALUES", """
 ON CONFLICT (device_id) DO UPDATE SET transport = excluded.transport, device_class = excluded.device_class,
     site = excluded.site, last_seen = max(last_seen, excluded.last_seen)
@@ -365,11 +372,22 @@ class SqliteStore:
         return series_id
 
     @staticmethod
-    def _insert_all(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> bool:
-        """Insert, many to a statement; False if some rows were stored already."""
+    def _insert_all(db: sqlite3.Connection, columns: list[list[Any]]) -> bool:
+        """Insert, :data:`~pipeline.db.INSERT_CHUNK` rows to a statement; False if some rows were stored already.
+        The parameters are laid out straight from the columns (slice assignment), no tuple made per row."""
+        width, rows = len(columns), len(columns[0])
+        flat: list[Any] = [None] * (width * rows)
+        for i, column in enumerate(columns):
+            flat[i::width] = column
         before = db.total_changes
-        insert_many(db, "INSERT OR IGNORE INTO readings VALUES", "", rows)
-        return db.total_changes - before == len(rows)
+        whole = rows - rows % INSERT_CHUNK
+        step = INSERT_CHUNK * width
+        if whole:
+            db.executemany(_insert_statement(width, INSERT_CHUNK),
+                           [flat[i:i + step] for i in range(0, whole * width, step)])
+        if whole < rows:
+            db.execute(_insert_statement(width, rows - whole), flat[whole * width:])
+        return db.total_changes - before == rows
 
     @staticmethod
     def _insert_each(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -396,7 +414,6 @@ class SqliteStore:
         known = self._series
         new_series: dict[tuple[str, str], int] = {}  # cached only once committed
         seen: dict[str, list[Any]] = {}  # device id -> [transport, class, site, first, last] (receive ms)
-        rows: list[tuple[Any, ...]] = []
         db.execute("BEGIN")
         try:
             runs = []
@@ -404,22 +421,23 @@ class SqliteStore:
                 key = (run.device_id, run.metric)
                 runs.append((known.get(key) or new_series.get(key) or self._new_series(db, run, new_series), run))
             runs.sort(key=itemgetter(0))  # rows in about key order: the inserts walk the B-tree in order
-            for series_id, run in runs:
+            columns = self._columns(runs)
+            for _, run in runs:
                 received = run.received_ms
-                quality = [",".join(q) if q else None for q in run.quality] if any(run.quality) else repeat(None)
-                rows.extend(zip(repeat(series_id), run.ts_ms, run.ids, run.values, run.seqs, received, quality))
                 first, last = min(received), max(received)
                 device = seen.get(run.device_id)
                 if device is None:
                     seen[run.device_id] = [run.transports[0], run.device_class, run.site, first, last]
                 else:
                     device[3], device[4] = min(device[3], first), max(device[4], last)
+            total = len(columns[0])
             if careful:
-                inserted = self._insert_each(db, rows)
+                inserted = self._insert_each(db, list(zip(*columns, strict=True)))
                 rollups = rollup_rows(inserted)
-            elif self._insert_all(db, rows):
-                inserted = rows
+                stored = len(inserted)
+            elif self._insert_all(db, columns):
                 rollups = rollup_runs(runs)
+                stored = total
             else:
                 raise _Replayed
             for width, partials in rollups.items():
@@ -430,9 +448,23 @@ class SqliteStore:
             db.execute("ROLLBACK")
             raise
         known.update(new_series)
-        self.rows_written += len(inserted)
-        self.duplicates += len(rows) - len(inserted)
+        self.rows_written += stored
+        self.duplicates += total - stored
         self.transactions += 1
+
+    @staticmethod
+    def _columns(runs: list[tuple[int, Run]]) -> list[list[Any]]:
+        """The ``readings`` rows of ``(series_id, run)``, column by column, in that order: each column is one
+        C-level concatenation over the runs, and the times are converted once for the batch."""
+        def each(column: Callable[[Run], list[Any]]) -> list[Any]:
+            return list(chain.from_iterable(column(run) for _, run in runs))
+
+        ts, received = times_ms([run for _, run in runs])
+        quality: list[Any] = each(attrgetter("quality"))
+        quality = [",".join(q) if q else None for q in quality] if any(quality) else [None] * len(quality)
+        series = list(chain.from_iterable(repeat(series_id, len(run.ids)) for series_id, run in runs))
+        return [series, ts, each(attrgetter("ids")), each(attrgetter("values")), each(attrgetter("seqs")), received,
+                quality]
 
     # -- alerts ------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import pytest
 from gateway.config import parse_config
 from pipeline.catalog import Catalog
 from pipeline.define import DefineStage
-from pipeline.model import Quality, Reading, new_event_id
+from pipeline.model import Quality, Reading, new_event_id, to_ms
 from pipeline.readings import ReadingBatch, mean_of, spans
 from pipeline.stage import Draft, Emitter
 from pipeline.topics import TopicTemplate
@@ -47,7 +47,7 @@ def draft(rng: random.Random, i: int) -> Draft:
         body["accuracy"] = rng.choice([0.1, 2, None])
     if kind == "extra" and rng.random() < 0.5:
         body["label"] = "a"
-    received = RECEIVED + timedelta(milliseconds=i)
+    received = RECEIVED + timedelta(milliseconds=i, microseconds=rng.randrange(1000))
     device_ts = None if rng.random() < 0.3 else received - timedelta(seconds=rng.randrange(100))
     return Draft(
         topic=topic, fields=fields, transport=rng.choice(["mqtt", "ble"]), value=rng.choice([body["value"], 7]),
@@ -81,6 +81,11 @@ async def test_a_batch_validated_by_type_equals_each_draft_validated_alone(seed:
     assert list(batch) == expected  # in arrival order, field by field (extra fields too)
     assert [type(r) for r in batch] == [type(r) for r in expected]
     assert [r.model_dump_json() for r in batch] == [r.model_dump_json() for r in expected]
+    # each run's times in milliseconds, worked out by define for the batch at once: the model's conversion's
+    assert all(run._ts_ms is not None for run in batch.runs)
+    for run in batch.runs:
+        assert run.ts_ms == [to_ms(r.ts) for r in run.readings()]
+        assert run.received_ms == [to_ms(r.received_at) for r in run.readings()]
     # the valid events, made on demand, are the readings' in arrival order within each topic
     by_topic: dict[str, list[str]] = {}
     for topic, event in emit.events:

@@ -16,6 +16,7 @@ from pipeline.topics import (
     DEFAULT_TEMPLATE,
     DEFAULT_VERSION,
     STAGES,
+    SeenTopics,
     TopicFields,
     TopicFilter,
     TopicIndex,
@@ -169,6 +170,16 @@ def test_matches_table(pattern: str, syntax: Syntax, topic: str, expected: bool)
     f = compile_filter(pattern, syntax)
     assert f.matches(topic) is expected
     assert ref_matches(pattern, syntax, topic) is expected
+
+
+def test_seen_topics_answer_as_their_filter_and_stay_bounded() -> None:
+    """Every MATCH_CASES topic asked twice of a cache smaller than the cases: the same answers as the filter's."""
+    for pattern, syntax, topic, expected, _ in MATCH_CASES:
+        seen = SeenTopics(compile_filter(pattern, syntax), limit=3)
+        for other in (topic, "a/b", "$SYS/x", topic, "x/y/z", topic):
+            assert seen.matches(other) is compile_filter(pattern, syntax).matches(other)
+            assert len(seen) <= 3
+        assert seen.matches(topic) is expected
 
 
 AUTO_CASES = [

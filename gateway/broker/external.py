@@ -40,7 +40,7 @@ from gateway.broker.embedded import Ingest, Resend, Traffic
 from gateway.broker.mqtt_client import MqttClient, Publish, Will
 from gateway.config import ExternalBrokerSettings
 from gateway.forward.mqtt.connect import Presence, tls_context
-from pipeline.topics import TopicFilter
+from pipeline.topics import SeenTopics, TopicFilter
 
 log = logging.getLogger(__name__)
 CONNECT_WAIT_S = 5.0  # at start, how long to wait for the first CONNACK before going on without it
@@ -66,7 +66,7 @@ class ExternalBroker:
         wanted = dict.fromkeys([*filters, *settings.subscribe])
         group = settings.shared_group
         self.subscriptions = [f"$share/{group}/{f}" if group else f for f in wanted]
-        self._raw = TopicFilter(raw_filter, "mqtt")
+        self._raw = SeenTopics(TopicFilter(raw_filter, "mqtt"))  # topics repeat: each matched once
         self._presence = presence
         self._traffic = traffic
         self._commit_soon = commit_soon

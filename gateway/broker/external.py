@@ -194,6 +194,7 @@ class ExternalBroker:
             self._scheduled = False
             link = self._link
             waiting = False  # for PUBACKs: the broker may send no more until they go out
+            topics: dict[str, int] = {}  # messages taken, by topic: counted as traffic once a burst
             while inbox:
                 delivery = inbox.popleft()
                 self._ingesting = True
@@ -215,13 +216,15 @@ class ExternalBroker:
                     if link is not None:
                         link.taken()
                 self.tapped += 1
-                if traffic is not None:
-                    traffic.published(delivery.topic, origin)
+                topics[delivery.topic] = topics.get(delivery.topic, 0) + 1
                 if delivery.qos:
                     self._ack_when(delivery, futures)
                     waiting = True
             if waiting and self._commit_soon is not None:
                 self._commit_soon()
+            if traffic is not None:
+                for topic, count in topics.items():
+                    traffic.published(topic, origin, count)
 
     def _ack_when(self, delivery: Publish, futures: Sequence[asyncio.Future[None]]) -> None:
         if not futures:

@@ -25,7 +25,15 @@ from gateway.app import Gateway
 from gateway.broker import wire
 from gateway.broker.embedded import Resend
 from gateway.broker.external import ExternalBroker
-from gateway.broker.mqtt_client import MqttClient, PacketReader, ProtocolError, Publish, decode_publish
+from gateway.broker.mqtt_client import (
+    MqttClient,
+    PacketReader,
+    ProtocolError,
+    Publish,
+    decode_publish,
+    publish_packet,
+    publish_packets,
+)
 from gateway.config import parse_config
 
 TOPIC = "telemetry/raw/1.0/s1/meter/m-1/power"
@@ -73,6 +81,18 @@ def test_a_malformed_stream_is_a_protocol_error(data: bytes, why: str) -> None:
 def test_a_malformed_publish_is_a_protocol_error(body: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode_publish(0x32, body)
+
+
+@pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5"])
+@pytest.mark.parametrize("topic", ["t", "telemetry/valid/1.0/site/ü/d-1/temperature", "x" * 300])
+def test_publishes_on_one_topic_encode_as_each_alone(topic: str, v5: bool) -> None:
+    """Sizes on both sides of each remaining-length byte boundary (127, 16383)."""
+    name = len(topic.encode()) + 2 + v5
+    payloads = [b"", b"{}", b"a" * (127 - name), b"b" * (128 - name), b"c" * (16383 - name), b"d" * (16384 - name),
+                b"e" * 70_000]
+    assert publish_packets(topic, payloads, v5=v5) == b"".join(
+        publish_packet(topic, p, 0, None, v5=v5) for p in payloads)
+    assert publish_packets(topic, [], v5=v5) == b""
 
 
 @settings(max_examples=300, deadline=None)

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 CONNECT_WAIT_S = 5.0  # at start, how long to wait for the first CONNACK before going on without it
 GOODBYE_WAIT_S = 2.0  # at stop, how long the offline status may take to be acknowledged
 _DRAIN_POLL_S = 0.02
+_ACK_GROUP = 64  # deliveries of a burst whose PUBACKs wait on one callback (see ExternalBroker._ack_group)
 
 
 class ExternalBroker:
@@ -187,7 +188,7 @@ class ExternalBroker:
     async def _consume(self) -> None:
         """Deliveries to ingest, in the order they arrived; each acknowledged once what ingest wrote is durable."""
         inbox = self._inbox
-        ingest, origin, traffic = self._ingest, self._origin, self._traffic
+        origin, traffic = self._origin, self._traffic
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -195,36 +196,67 @@ class ExternalBroker:
             link = self._link
             waiting = False  # for PUBACKs: the broker may send no more until they go out
             topics: dict[str, int] = {}  # messages taken, by topic: counted as traffic once a burst
-            while inbox:
-                delivery = inbox.popleft()
-                self._ingesting = True
-                try:
-                    futures = await ingest(
-                        delivery.topic, delivery.payload, origin, None,
-                        Resend(delivery.packet_id, delivery.dup) if delivery.qos else None,
-                    )
-                except Exception:  # not taken: no PUBACK; the connection is dropped so that the broker sends it
-                    self.ingest_failures += 1  # again (it would hold an in-flight slot until the next reconnect)
-                    if self.ingest_failures == 1:
-                        log.exception("external broker: could not take a message on %s (reconnecting; traceback once)",
-                                      delivery.topic)
-                    if delivery.qos and link is not None:
-                        link.drop(delivery.generation, "a message could not be taken")
-                    continue
-                finally:
-                    self._ingesting = False
-                    if link is not None:
-                        link.taken()
-                self.tapped += 1
-                topics[delivery.topic] = topics.get(delivery.topic, 0) + 1
-                if delivery.qos:
-                    self._ack_when(delivery, futures)
-                    waiting = True
+            group: list[tuple[Publish, Sequence[asyncio.Future[None]]]] = []  # taken, to acknowledge once durable
+            try:
+                while inbox:
+                    delivery = inbox.popleft()
+                    futures = await self._take(delivery, link)
+                    if futures is None:
+                        continue
+                    self.tapped += 1
+                    topics[delivery.topic] = topics.get(delivery.topic, 0) + 1
+                    if delivery.qos:
+                        waiting = True
+                        if not futures:
+                            self._ack(delivery, None)
+                        else:
+                            group.append((delivery, futures))
+                            if len(group) >= _ACK_GROUP:
+                                self._ack_group(group)
+                                group = []
+            finally:  # stopped mid-burst too: what was taken is acknowledged once durable
+                if group:
+                    self._ack_group(group)
             if waiting and self._commit_soon is not None:
                 self._commit_soon()
             if traffic is not None:
                 for topic, count in topics.items():
                     traffic.published(topic, origin, count)
+
+    async def _take(self, delivery: Publish, link: _Link | None) -> Sequence[asyncio.Future[None]] | None:
+        """A delivery ingested: the futures of its writes; None when it could not be taken."""
+        self._ingesting = True
+        try:
+            return await self._ingest(
+                delivery.topic, delivery.payload, self._origin, None,
+                Resend(delivery.packet_id, delivery.dup) if delivery.qos else None,
+            )
+        except Exception:  # not taken: no PUBACK; the connection is dropped so that the broker sends it
+            self.ingest_failures += 1  # again (it would hold an in-flight slot until the next reconnect)
+            if self.ingest_failures == 1:
+                log.exception("external broker: could not take a message on %s (reconnecting; traceback once)",
+                              delivery.topic)
+            if delivery.qos and link is not None:
+                link.drop(delivery.generation, "a message could not be taken")
+            return None
+        finally:
+            self._ingesting = False
+            if link is not None:
+                link.taken()
+
+    def _ack_group(self, group: list[tuple[Publish, Sequence[asyncio.Future[None]]]]) -> None:
+        """PUBACKs for deliveries taken one after the other, once the last one's writes are durable. Theirs were
+        submitted before, and the journal commits in order: one callback mostly serves the whole group. A
+        delivery whose writes are not all durable by then waits for them on its own (an outbox's, say)."""
+        group[-1][1][-1].add_done_callback(partial(self._acked_group, group))
+
+    def _acked_group(self, group: list[tuple[Publish, Sequence[asyncio.Future[None]]]], _: object) -> None:
+        for delivery, futures in group:
+            if all(future.done() for future in futures):
+                if not any(future.cancelled() or future.exception() is not None for future in futures):
+                    self._ack(delivery, None)  # else not durable: no PUBACK (the broker sends it again)
+            else:
+                self._ack_when(delivery, futures)
 
     def _ack_when(self, delivery: Publish, futures: Sequence[asyncio.Future[None]]) -> None:
         if not futures:

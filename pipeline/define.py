@@ -116,13 +116,12 @@ class ValidEvents:
         extras = run.extras or {}
         if len(names) != len(_BASE_FIELDS) + len(extras) or any(n not in extras for n in names[len(_BASE_FIELDS):]):
             return [(topic, _valid_event(reading, route, name)) for reading in run.readings()]  # columns lacking
-        jsonable = to_jsonable_python({"device_ts": run.device_ts, "received_at": run.received_at,
-                                       "quality": run.quality, **extras})
+        jsonable = to_jsonable_python({"device_ts": run.device_ts, "received_at": run.received_at, **extras})
         size = len(run)
         columns = (
             run.ids, repeat(run.site, size), repeat(run.device_id, size), repeat(run.device_class, size),
             run.transports, repeat(run.metric, size), run.values, run.units, jsonable["device_ts"],
-            jsonable["received_at"], run.seqs, jsonable["quality"], *(jsonable[n] for n in names[len(_BASE_FIELDS):]),
+            jsonable["received_at"], run.seqs, _flags(run.quality), *(jsonable[n] for n in names[len(_BASE_FIELDS):]),
         )
         source = route.source
         events = []
@@ -361,6 +360,19 @@ def _data_fields(model: type[BaseModel]) -> tuple[str, ...]:
     extras (a declared type redefines ``value`` and ``unit`` in place)."""
     names = tuple(model.model_fields)
     return names if names[:len(_BASE_FIELDS)] == _BASE_FIELDS else ()  # () never matches: the model path
+
+
+def _flags(quality: list[tuple[Quality, ...]]) -> list[list[str]]:
+    """Quality flags as JSON values: each reading's own list. The same few sets come again and again, and an
+    enum's value is a Python property (to_jsonable_python calls it for every flag): each set is read once."""
+    texts: dict[tuple[Quality, ...], tuple[str, ...]] = {}
+    out = []
+    for flags in quality:
+        text = texts.get(flags)
+        if text is None:
+            text = texts[flags] = tuple(flag.value for flag in flags)
+        out.append(list(text))
+    return out
 
 
 def _utc_text(ts: datetime) -> str:

@@ -291,11 +291,14 @@ def publish_packets(topic: str, payloads: Sequence[bytes], *, v5: bool = False) 
     name = topic.encode()
     head = len(name).to_bytes(2, "big") + name + (b"\x00" if v5 else b"")  # MQTT 5: no properties
     fixed = len(head)
-    length = wire.remaining_length
     parts: list[bytes] = []
     append = parts.append
     for payload in payloads:
-        append(b"\x30" + length(fixed + len(payload)) + head)
+        size = fixed + len(payload)
+        if size < 16384:  # one or two bytes of remaining length, as wire.remaining_length writes them
+            append(b"\x30" + (bytes((size,)) if size < 128 else bytes((size & 0x7F | 0x80, size >> 7))) + head)
+        else:
+            append(b"\x30" + wire.remaining_length(size) + head)
         append(payload)
     return b"".join(parts)
 

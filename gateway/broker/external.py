@@ -188,7 +188,7 @@ class ExternalBroker:
     async def _consume(self) -> None:
         """Deliveries to ingest, in the order they arrived; each acknowledged once what ingest wrote is durable."""
         inbox = self._inbox
-        origin, traffic = self._origin, self._traffic
+        ingest, origin = self._ingest, self._origin
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -200,9 +200,17 @@ class ExternalBroker:
             try:
                 while inbox:
                     delivery = inbox.popleft()
-                    futures = await self._take(delivery, link)
-                    if futures is None:
+                    self._ingesting = True
+                    try:
+                        futures = await ingest(delivery.topic, delivery.payload, origin, None,
+                                               Resend(delivery.packet_id, delivery.dup) if delivery.qos else None)
+                    except Exception:
+                        self._not_taken(delivery, link)
                         continue
+                    finally:
+                        self._ingesting = False
+                        if link is not None:
+                            link.taken()
                     self.tapped += 1
                     topics[delivery.topic] = topics.get(delivery.topic, 0) + 1
                     if delivery.qos:
@@ -217,32 +225,26 @@ class ExternalBroker:
             finally:  # stopped mid-burst too: what was taken is acknowledged once durable
                 if group:
                     self._ack_group(group)
-            if waiting and self._commit_soon is not None:
-                self._commit_soon()
-            if traffic is not None:
-                for topic, count in topics.items():
-                    traffic.published(topic, origin, count)
+            self._burst_taken(topics, waiting=waiting)
 
-    async def _take(self, delivery: Publish, link: _Link | None) -> Sequence[asyncio.Future[None]] | None:
-        """A delivery ingested: the futures of its writes; None when it could not be taken."""
-        self._ingesting = True
-        try:
-            return await self._ingest(
-                delivery.topic, delivery.payload, self._origin, None,
-                Resend(delivery.packet_id, delivery.dup) if delivery.qos else None,
-            )
-        except Exception:  # not taken: no PUBACK; the connection is dropped so that the broker sends it
-            self.ingest_failures += 1  # again (it would hold an in-flight slot until the next reconnect)
-            if self.ingest_failures == 1:
-                log.exception("external broker: could not take a message on %s (reconnecting; traceback once)",
-                              delivery.topic)
-            if delivery.qos and link is not None:
-                link.drop(delivery.generation, "a message could not be taken")
-            return None
-        finally:
-            self._ingesting = False
-            if link is not None:
-                link.taken()
+    def _burst_taken(self, topics: dict[str, int], *, waiting: bool) -> None:
+        """What arrived is ingested: the journal commits now if PUBACKs wait on it (the broker may send no more till
+        they go out), and the traffic learner is told the burst's topics."""
+        if waiting and self._commit_soon is not None:
+            self._commit_soon()
+        if self._traffic is not None:
+            for topic, count in topics.items():
+                self._traffic.published(topic, self._origin, count)
+
+    def _not_taken(self, delivery: Publish, link: _Link | None) -> None:
+        """Ingest refused a delivery (raised): no PUBACK; the connection is dropped so that the broker sends it
+        again (it would hold an in-flight slot until the next reconnect)."""
+        self.ingest_failures += 1
+        if self.ingest_failures == 1:
+            log.exception("external broker: could not take a message on %s (reconnecting; traceback once)",
+                          delivery.topic)
+        if delivery.qos and link is not None:
+            link.drop(delivery.generation, "a message could not be taken")
 
     def _ack_group(self, group: list[tuple[Publish, Sequence[asyncio.Future[None]]]]) -> None:
         """PUBACKs for deliveries taken one after the other, once the last one's writes are durable. Theirs were

@@ -254,11 +254,12 @@ class ExternalBroker:
 
     def _acked_group(self, group: list[tuple[Publish, Sequence[asyncio.Future[None]]]], _: object) -> None:
         for delivery, futures in group:
-            if all(future.done() for future in futures):
-                if not any(future.cancelled() or future.exception() is not None for future in futures):
-                    self._ack(delivery, None)  # else not durable: no PUBACK (the broker sends it again)
-            else:
+            durable = _durable(futures)
+            if durable is None:
                 self._ack_when(delivery, futures)
+            elif durable:
+                self._ack(delivery, None)
+            # else a write failed: no PUBACK (the broker sends it again)
 
     def _ack_when(self, delivery: Publish, futures: Sequence[asyncio.Future[None]]) -> None:
         if not futures:
@@ -369,6 +370,16 @@ class ExternalBroker:
                                      "queued_bytes_evicted", "retained_refused"), 0),
             "offences": {},
         }
+
+
+def _durable(futures: Sequence[asyncio.Future[None]]) -> bool | None:
+    """Whether writes are durable: True, all of them; False, one failed; None, one is still under way."""
+    failed = False
+    for future in futures:
+        if not future.done():
+            return None
+        failed = failed or future.cancelled() or future.exception() is not None
+    return not failed
 
 
 class _Link:

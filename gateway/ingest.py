@@ -27,7 +27,7 @@ from pipeline.dialects import DialectSet
 from pipeline.model import new_event_id
 from pipeline.queue import BatchQueue
 from pipeline.stage import RawMessage, Reject
-from pipeline.topics import TopicTemplate
+from pipeline.topics import SeenTopics, TopicTemplate
 
 log = logging.getLogger(__name__)
 FRAME_METRIC = "_frame"  # the metric level under which undecodable frames are rejected
@@ -49,7 +49,7 @@ class Ingest:
                  outboxes: Outboxes, dialects: DialectSet | None = None) -> None:
         """``dialects``: the foreign topics a client's message is read on too (pipeline/dialects.py)."""
         self._template = template
-        self._raw = template.stage_filter("raw")
+        self._raw = SeenTopics(template.stage_filter("raw"))  # topics repeat: each matched once
         self._dialects = dialects or None
         self._journal = journal
         self._queue = queue

@@ -111,10 +111,12 @@ class Journal:
         return recovered
 
     def _remember(self, origin: str, packet_id: int, event_id: str, hashed: bytes) -> None:
-        self._resend[(origin, packet_id)] = (event_id, hashed)
-        self._resend.move_to_end((origin, packet_id))
-        if len(self._resend) > RESEND_MEMORY:
-            self._resend.popitem(last=False)
+        resend, key = self._resend, (origin, packet_id)
+        if key in resend:  # the packet id came round again: newest now
+            resend.move_to_end(key)
+        resend[key] = (event_id, hashed)
+        if len(resend) > RESEND_MEMORY:
+            resend.popitem(last=False)
 
     def resent_id(self, origin: str, packet_id: int, topic: str, payload: bytes) -> str | None:
         """The event id of the same message (topic and payload) this client last sent under this

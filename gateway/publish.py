@@ -12,7 +12,7 @@ they are skipped. Each event is encoded once; the broker hands the same bytes to
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from pydantic_core import to_json
@@ -27,6 +27,8 @@ class Broker(Protocol):
     async def publish(
         self, topic: str, payload: bytes, *, event_id: str | None = None, origin: str | None = None, qos: int = 0
     ) -> None: ...
+
+    async def publish_many(self, topic: str, payloads: Sequence[bytes], event_ids: Sequence[str]) -> None: ...
 
 
 def dumps(event: dict[str, Any]) -> bytes:
@@ -56,8 +58,9 @@ class Publisher:
             if isinstance(item, tuple):
                 await self._publish(*item)
             elif self._wanted is None or self._wanted(item.topic):
-                for topic, event in item.events():
-                    await self._publish(topic, event)
+                events = item.events()  # all on the item's topic: published together
+                await self._broker.publish_many(item.topic, [dumps(event) for _, event in events],
+                                                [event["id"] for _, event in events])
             else:
                 self.unwanted += item.count
         self._events += emit.count

@@ -50,6 +50,7 @@ __all__ = [
     "MAX_TOPIC_BYTES",
     "STAGES",
     "FilterSyntax",
+    "SeenTopics",
     "TopicFields",
     "TopicFilter",
     "TopicIndex",
@@ -284,6 +285,30 @@ class TopicFilter:
         if self.syntax == "smf" and token.endswith("*"):
             return (token[:-1], True)
         return token
+
+
+class SeenTopics:
+    """A filter's answers for the topics it was asked about, kept: for per-message paths, where the same
+    topics come again and again. Bounded (forgotten all at once at ``limit``, then learnt again)."""
+
+    __slots__ = ("_answers", "_filter", "_limit")
+
+    def __init__(self, topic_filter: TopicFilter, limit: int = _MQTT_CACHE_SIZE) -> None:
+        self._filter = topic_filter
+        self._limit = limit
+        self._answers: dict[str, bool] = {}
+
+    def matches(self, topic: str) -> bool:
+        answer = self._answers.get(topic)
+        if answer is None:
+            answer = self._filter.matches(topic)
+            if len(self._answers) >= self._limit:
+                self._answers.clear()
+            self._answers[topic] = answer
+        return answer
+
+    def __len__(self) -> int:
+        return len(self._answers)
 
 
 # A filter level: literal text, or a single-level wildcard as (prefix, whether the level must be non-empty).

@@ -126,7 +126,7 @@ class TrafficLearner:
             await self._db.close()
 
     # -- what the broker calls (synchronous, cheap: once per message) --------------------------------
-    def published(self, topic: str, origin: str | None) -> None:
+    def published(self, topic: str, origin: str | None, count: int = 1) -> None:
         info = self._topics.get(topic)
         if info is None:
             info = self._resolve(topic)
@@ -136,10 +136,10 @@ class TrafficLearner:
         now = int(self._clock() * 1000)
         seen = self._pending.get((info.type_key, producer))
         if seen is None:
-            self._pending[(info.type_key, producer)] = [now, now, 1]
+            self._pending[(info.type_key, producer)] = [now, now, count]
         else:
             seen[1] = now
-            seen[2] += 1
+            seen[2] += count
 
     def subscribed(self, client: str, topic_filter: str) -> None:
         try:

@@ -464,7 +464,7 @@ async def test_traffic_learner_attributes_publishes_and_subscriptions(tmp_path: 
         learner.published(raw, "mqtt:sensor-1")
         clock.now += 1
         learner.published(raw, "mqtt:sensor-1")
-        learner.published("telemetry/raw/1.0/site1/particulate/pm-1/pm2_5", None)  # an in-process driver
+        learner.published("telemetry/raw/1.0/site1/particulate/pm-1/pm2_5", None, 5)  # an in-process driver's burst
         learner.published("telemetry/raw/1.0/site1/environment/t-1/temperature", "mqtt:env-1")
         learner.published("telemetry/valid/1.0/site1/pump/p-1/vibration", None)  # the gateway's relay: not counted
         learner.published("telemetry/agg/1.0/site1/pump/p-1/vibration", None)
@@ -481,7 +481,7 @@ async def test_traffic_learner_attributes_publishes_and_subscriptions(tmp_path: 
         await learner.flush()
         producers, consumers = read_traffic(tmp_path)
         assert {(p.type_key, p.client, p.messages) for p in producers} == {
-            (reading, "mqtt:sensor-1", 2), (reading, "driver:pm-1", 1), (f"{TEMPERATURE_V1}@1.0", "mqtt:env-1", 1),
+            (reading, "mqtt:sensor-1", 2), (reading, "driver:pm-1", 5), (f"{TEMPERATURE_V1}@1.0", "mqtt:env-1", 1),
             (f"{AGGREGATE_TYPE}@1.0", "gateway:gw-1", 1), (f"{ALERT_TYPE}@1.0#outbox_dropped", "gateway:gw-1", 1),
         }
         sensor = next(p for p in producers if p.client == "mqtt:sensor-1")

@@ -25,7 +25,15 @@ from gateway.app import Gateway
 from gateway.broker import wire
 from gateway.broker.embedded import Resend
 from gateway.broker.external import ExternalBroker
-from gateway.broker.mqtt_client import MqttClient, PacketReader, ProtocolError, Publish, decode_publish
+from gateway.broker.mqtt_client import (
+    MqttClient,
+    PacketReader,
+    ProtocolError,
+    Publish,
+    decode_publish,
+    publish_packet,
+    publish_packets,
+)
 from gateway.config import parse_config
 
 TOPIC = "telemetry/raw/1.0/s1/meter/m-1/power"
@@ -73,6 +81,18 @@ def test_a_malformed_stream_is_a_protocol_error(data: bytes, why: str) -> None:
 def test_a_malformed_publish_is_a_protocol_error(body: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode_publish(0x32, body)
+
+
+@pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5"])
+@pytest.mark.parametrize("topic", ["t", "telemetry/valid/1.0/site/ü/d-1/temperature", "x" * 300])
+def test_publishes_on_one_topic_encode_as_each_alone(topic: str, v5: bool) -> None:
+    """Sizes on both sides of each remaining-length byte boundary (127, 16383)."""
+    name = len(topic.encode()) + 2 + v5
+    payloads = [b"", b"{}", b"a" * (127 - name), b"b" * (128 - name), b"c" * (16383 - name), b"d" * (16384 - name),
+                b"e" * 70_000]
+    assert publish_packets(topic, payloads, v5=v5) == b"".join(
+        publish_packet(topic, p, 0, None, v5=v5) for p in payloads)
+    assert publish_packets(topic, [], v5=v5) == b""
 
 
 @settings(max_examples=300, deadline=None)
@@ -531,6 +551,55 @@ async def test_a_message_ingest_fails_on_drops_the_connection_and_its_resend_is_
             await until(lambda: external.acknowledged >= 1, 10, "the resend acknowledged")
             assert (external.ingest_failures, broker.connections, len(calls)) == (1, 2, 2)
             await until(lambda: wire.puback(31) in b"".join(broker.received), 5, "the PUBACK")
+    finally:
+        server.close()
+
+
+async def test_each_delivery_of_a_burst_is_acknowledged_once_all_its_writes_are_durable_and_only_then() -> None:
+    """Deliveries taken together are acknowledged together once the last one's writes are durable, but one with a
+    write still pending waits for it, and one whose write failed gets no PUBACK."""
+
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _accept(writer)
+        writer.write(b"".join(_publish(TOPIC, b'{"value": %d}' % i, i) for i in (1, 2, 3, 4)))  # one read: a burst
+        await writer.drain()
+
+    broker = RawBroker(script)
+    server = await asyncio.start_server(broker._serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    journal = {i: loop.create_future() for i in (1, 2, 3, 4)}
+    outbox: asyncio.Future[None] = loop.create_future()  # the second message is also forwarded: its outbox write
+
+    async def ingest(topic: str, payload: bytes, origin: str | None, event_id: str | None,
+                     resend: Resend | None) -> list[asyncio.Future[None]]:
+        assert resend is not None
+        return [journal[resend.packet_id], outbox] if resend.packet_id == 2 else [journal[resend.packet_id]]
+
+    def pubacks() -> set[int]:
+        received = b"".join(broker.received)
+        return {i for i in (1, 2, 3, 4) if wire.puback(i) in received}
+
+    settings = parse_config({
+        "site": "s1", "gateway_id": "gw-x", "storage": {"data_dir": "/nonexistent"},
+        "broker": {"mode": "external", "external": {"url": f"mqtt://127.0.0.1:{port}"}},
+    }).broker.external
+    assert settings is not None
+    try:
+        async with ExternalBroker(settings, ingest, client_id="burst", filters=["telemetry/#"],
+                                  raw_filter="telemetry/raw/#") as external:
+            await until(lambda: external.tapped == 4, 10, "the burst taken")
+            await asyncio.sleep(0.1)
+            assert (external.acknowledged, pubacks()) == (0, set())  # nothing durable yet
+            for i in (1, 2, 4):
+                journal[i].set_result(None)
+            journal[3].set_exception(OSError("disk full"))
+            await until(lambda: external.acknowledged == 2, 5, "the durable ones acknowledged")
+            await until(lambda: pubacks() == {1, 4}, 5, "their PUBACKs")
+            outbox.set_result(None)
+            await until(lambda: pubacks() == {1, 2, 4}, 5, "the forwarded one's PUBACK, once its outbox has it")
+            await asyncio.sleep(0.1)
+            assert (external.acknowledged, pubacks()) == (3, {1, 2, 4})  # never the one whose write failed
     finally:
         server.close()
 

@@ -25,7 +25,7 @@ from test_http_security import _raw
 
 from gateway.app import Gateway
 from gateway.config import load_config, parse_config
-from gateway.portal import with_applications
+from gateway.portal import RecentTopics, with_applications
 from gateway.portal.define import definition_toml, field_of
 from gateway.portal.types import search, type_records
 from pipeline.asyncapi import asyncapi_document
@@ -74,6 +74,30 @@ def _settings(portal_file: Path) -> dict[str, Any]:
         "version", "major", "name"])
 def test_each_catalog_check_names_its_field(message: str, field: str) -> None:
     assert field_of(message) == field
+
+
+class _Counted:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str | None, int]] = []
+
+    def published(self, topic: str, origin: str | None, count: int = 1) -> None:
+        self.calls.append((topic, origin, count))
+
+    def subscribed(self, client: str, topic_filter: str) -> None: ...
+
+    def unsubscribed(self, client: str, topic_filter: str) -> None: ...
+
+
+def test_live_topics_count_a_burst_at_once_and_pass_it_on() -> None:
+    inner, now = _Counted(), [1.0]
+    recent = RecentTopics(inner, limit=2, clock=lambda: now[0])
+    recent.published("a/1", "mqtt:x")
+    now[0] = 2.0
+    recent.published("a/1", "mqtt:x", 4)  # a burst of 4 (the external broker counts each burst's topics once)
+    recent.published("b/1", None, 3)
+    recent.published("c/1", None)  # over the limit: the oldest topic goes
+    assert [(t.topic, t.last_seen_ms, t.messages) for t in recent.topics()] == [("c/1", 2000, 1), ("b/1", 2000, 3)]
+    assert inner.calls == [("a/1", "mqtt:x", 1), ("a/1", "mqtt:x", 4), ("b/1", None, 3), ("c/1", None, 1)]
 
 
 def test_a_definition_is_written_as_the_catalog_file_reads_it(tmp_path: Path) -> None:

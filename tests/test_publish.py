@@ -4,6 +4,7 @@ somebody consumes their topic, everything else always."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +26,9 @@ class Broker:
     async def publish(self, topic: str, payload: bytes, *, event_id: str | None = None, origin: str | None = None,
                       qos: int = 0) -> None:
         self.published.append((topic, payload, event_id))
+
+    async def publish_many(self, topic: str, payloads: Sequence[bytes], event_ids: Sequence[str]) -> None:
+        self.published += [(topic, payload, event_id) for payload, event_id in zip(payloads, event_ids, strict=True)]
 
 
 def draft(device: str, value: float) -> Draft:

@@ -16,6 +16,7 @@ from pipeline.topics import (
     DEFAULT_TEMPLATE,
     DEFAULT_VERSION,
     STAGES,
+    SeenTopics,
     TopicFields,
     TopicFilter,
     TopicIndex,
@@ -169,6 +170,21 @@ def test_matches_table(pattern: str, syntax: Syntax, topic: str, expected: bool)
     f = compile_filter(pattern, syntax)
     assert f.matches(topic) is expected
     assert ref_matches(pattern, syntax, topic) is expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "syntax", "topic", "expected"),
+    [pytest.param(*case[:4], id=case[4]) for case in MATCH_CASES],
+)
+def test_seen_topics_answer_as_their_filter_and_stay_bounded(pattern: str, syntax: Syntax, topic: str,
+                                                             expected: bool) -> None:
+    """Each topic asked again, among others, of a cache smaller than them all: the same answers as the filter's."""
+    f = compile_filter(pattern, syntax)
+    seen = SeenTopics(f, limit=3)
+    for other in (topic, "a/b", "$SYS/x", topic, "x/y/z", "a//b", topic):
+        assert seen.matches(other) is f.matches(other)
+        assert len(seen) <= 3
+    assert seen.matches(topic) is expected
 
 
 AUTO_CASES = [

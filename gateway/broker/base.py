@@ -59,6 +59,10 @@ class GatewayBroker(RetainedBroker, Protocol):
         self, topic: str, payload: bytes, *, event_id: str | None = None, origin: str | None = None, qos: int = 0
     ) -> None: ...
 
+    async def publish_many(self, topic: str, payloads: Sequence[bytes], event_ids: Sequence[str]) -> None:
+        """Events of the gateway's own on one topic, each with its event id (as ``publish`` takes each)."""
+        ...
+
     def has_subscriber(self, topic: str) -> bool: ...
 
     async def drain(self, timeout_s: float) -> int:

@@ -23,7 +23,7 @@ import asyncio
 import errno
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -140,6 +140,11 @@ class EmbeddedBroker:
         where it came from (None: this gateway) and ``event_id`` keeps the id it already has. No write
         check: the gateway's drivers and pipeline publish where they must."""
         await self._running.publish(topic, payload, qos, origin=origin, event_id=event_id)
+
+    async def publish_many(self, topic: str, payloads: Sequence[bytes], event_ids: Sequence[str]) -> None:
+        """Events of the gateway's own on one topic, each as :meth:`publish` takes it."""
+        for payload, event_id in zip(payloads, event_ids, strict=True):
+            await self._running.publish(topic, payload, 0, event_id=event_id)
 
     async def publish_retained(self, topic: str, payload: bytes) -> bool:
         """Retain a message of the gateway's own (QoS 1; empty: clear the topic) and deliver it to the

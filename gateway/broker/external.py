@@ -40,12 +40,13 @@ from gateway.broker.embedded import Ingest, Resend, Traffic
 from gateway.broker.mqtt_client import MqttClient, Publish, Will
 from gateway.config import ExternalBrokerSettings
 from gateway.forward.mqtt.connect import Presence, tls_context
-from pipeline.topics import TopicFilter
+from pipeline.topics import SeenTopics, TopicFilter
 
 log = logging.getLogger(__name__)
 CONNECT_WAIT_S = 5.0  # at start, how long to wait for the first CONNACK before going on without it
 GOODBYE_WAIT_S = 2.0  # at stop, how long the offline status may take to be acknowledged
 _DRAIN_POLL_S = 0.02
+_ACK_GROUP = 64  # deliveries of a burst whose PUBACKs wait on one callback (see ExternalBroker._ack_group)
 
 
 class ExternalBroker:
@@ -66,7 +67,7 @@ class ExternalBroker:
         wanted = dict.fromkeys([*filters, *settings.subscribe])
         group = settings.shared_group
         self.subscriptions = [f"$share/{group}/{f}" if group else f for f in wanted]
-        self._raw = TopicFilter(raw_filter, "mqtt")
+        self._raw = SeenTopics(TopicFilter(raw_filter, "mqtt"))  # topics repeat: each matched once
         self._presence = presence
         self._traffic = traffic
         self._commit_soon = commit_soon
@@ -187,41 +188,78 @@ class ExternalBroker:
     async def _consume(self) -> None:
         """Deliveries to ingest, in the order they arrived; each acknowledged once what ingest wrote is durable."""
         inbox = self._inbox
-        ingest, origin, traffic = self._ingest, self._origin, self._traffic
+        ingest, origin = self._ingest, self._origin
         while True:
             await self._wake.wait()
             self._wake.clear()
             self._scheduled = False
             link = self._link
             waiting = False  # for PUBACKs: the broker may send no more until they go out
-            while inbox:
-                delivery = inbox.popleft()
-                self._ingesting = True
-                try:
-                    futures = await ingest(
-                        delivery.topic, delivery.payload, origin, None,
-                        Resend(delivery.packet_id, delivery.dup) if delivery.qos else None,
-                    )
-                except Exception:  # not taken: no PUBACK; the connection is dropped so that the broker sends it
-                    self.ingest_failures += 1  # again (it would hold an in-flight slot until the next reconnect)
-                    if self.ingest_failures == 1:
-                        log.exception("external broker: could not take a message on %s (reconnecting; traceback once)",
-                                      delivery.topic)
-                    if delivery.qos and link is not None:
-                        link.drop(delivery.generation, "a message could not be taken")
-                    continue
-                finally:
-                    self._ingesting = False
-                    if link is not None:
-                        link.taken()
-                self.tapped += 1
-                if traffic is not None:
-                    traffic.published(delivery.topic, origin)
-                if delivery.qos:
-                    self._ack_when(delivery, futures)
-                    waiting = True
-            if waiting and self._commit_soon is not None:
-                self._commit_soon()
+            topics: dict[str, int] = {}  # messages taken, by topic: counted as traffic once a burst
+            group: list[tuple[Publish, Sequence[asyncio.Future[None]]]] = []  # taken, to acknowledge once durable
+            try:
+                while inbox:
+                    delivery = inbox.popleft()
+                    self._ingesting = True
+                    try:
+                        futures = await ingest(delivery.topic, delivery.payload, origin, None,
+                                               Resend(delivery.packet_id, delivery.dup) if delivery.qos else None)
+                    except Exception:
+                        self._not_taken(delivery, link)
+                        continue
+                    finally:
+                        self._ingesting = False
+                        if link is not None:
+                            link.taken()
+                    self.tapped += 1
+                    topics[delivery.topic] = topics.get(delivery.topic, 0) + 1
+                    if delivery.qos:
+                        waiting = True
+                        if not futures:
+                            self._ack(delivery, None)
+                        else:
+                            group.append((delivery, futures))
+                            if len(group) >= _ACK_GROUP:
+                                self._ack_group(group)
+                                group = []
+            finally:  # stopped mid-burst too: what was taken is acknowledged once durable
+                if group:
+                    self._ack_group(group)
+            self._burst_taken(topics, waiting=waiting)
+
+    def _burst_taken(self, topics: dict[str, int], *, waiting: bool) -> None:
+        """What arrived is ingested: the journal commits now if PUBACKs wait on it (the broker may send no more till
+        they go out), and the traffic learner is told the burst's topics."""
+        if waiting and self._commit_soon is not None:
+            self._commit_soon()
+        if self._traffic is not None:
+            for topic, count in topics.items():
+                self._traffic.published(topic, self._origin, count)
+
+    def _not_taken(self, delivery: Publish, link: _Link | None) -> None:
+        """Ingest refused a delivery (raised): no PUBACK; the connection is dropped so that the broker sends it
+        again (it would hold an in-flight slot until the next reconnect)."""
+        self.ingest_failures += 1
+        if self.ingest_failures == 1:
+            log.exception("external broker: could not take a message on %s (reconnecting; traceback once)",
+                          delivery.topic)
+        if delivery.qos and link is not None:
+            link.drop(delivery.generation, "a message could not be taken")
+
+    def _ack_group(self, group: list[tuple[Publish, Sequence[asyncio.Future[None]]]]) -> None:
+        """PUBACKs for deliveries taken one after the other, once the last one's writes are durable. Theirs were
+        submitted before, and the journal commits in order: one callback mostly serves the whole group. A
+        delivery whose writes are not all durable by then waits for them on its own (an outbox's, say)."""
+        group[-1][1][-1].add_done_callback(partial(self._acked_group, group))
+
+    def _acked_group(self, group: list[tuple[Publish, Sequence[asyncio.Future[None]]]], _: object) -> None:
+        for delivery, futures in group:
+            durable = _durable(futures)
+            if durable is None:
+                self._ack_when(delivery, futures)
+            elif durable:
+                self._ack(delivery, None)
+            # else a write failed: no PUBACK (the broker sends it again)
 
     def _ack_when(self, delivery: Publish, futures: Sequence[asyncio.Future[None]]) -> None:
         if not futures:
@@ -250,6 +288,22 @@ class ExternalBroker:
             self._traffic.published(topic, origin)
         if not self._raw.matches(topic):
             self._send(topic, payload, max(qos, self._settings.publish_qos), retain=False)
+
+    async def publish_many(self, topic: str, payloads: Sequence[bytes], event_ids: Sequence[str]) -> None:
+        """Events of the gateway's own on one topic (a batch's valid events), each as :meth:`publish` takes it,
+        with what depends only on the topic done once: counted as traffic once, written to the broker at once."""
+        ingest = self._ingest
+        for payload, event_id in zip(payloads, event_ids, strict=True):
+            await ingest(topic, payload, None, event_id, None)
+        if self._traffic is not None:
+            self._traffic.published(topic, None, len(payloads))
+        if self._raw.matches(topic) or not payloads:
+            return
+        link = self._link
+        sent = link.send_many(topic, payloads, self._settings.publish_qos) if link is not None and self._connected \
+            else 0
+        self.published += sent
+        self._send_failures += len(payloads) - sent
 
     async def publish_retained(self, topic: str, payload: bytes) -> bool:
         """A retained message of the gateway's own (QoS 1), straight to the broker; False when not connected
@@ -316,6 +370,16 @@ class ExternalBroker:
                                      "queued_bytes_evicted", "retained_refused"), 0),
             "offences": {},
         }
+
+
+def _durable(futures: Sequence[asyncio.Future[None]]) -> bool | None:
+    """Whether writes are durable: True, all of them; False, one failed; None, one is still under way."""
+    failed = False
+    for future in futures:
+        if not future.done():
+            return None
+        failed = failed or future.cancelled() or future.exception() is not None
+    return not failed
 
 
 class _Link:
@@ -389,6 +453,9 @@ class _Link:
 
     def send(self, topic: str, payload: bytes, qos: int, *, retain: bool) -> bool:
         return self._client.publish(topic, payload, qos, retain=retain) is not None
+
+    def send_many(self, topic: str, payloads: Sequence[bytes], qos: int) -> int:
+        return self._client.publish_many(topic, payloads, qos)
 
     def taken(self) -> None:
         if self._client.paused and len(self._broker._inbox) <= self._low:

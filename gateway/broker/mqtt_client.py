@@ -285,6 +285,24 @@ def publish_packet(topic: str, payload: bytes, qos: int, packet_id: int | None, 
     return bytes((0x30 | (qos << 1) | (0x01 if retain else 0),)) + wire.remaining_length(len(body)) + body
 
 
+def publish_packets(topic: str, payloads: Sequence[bytes], *, v5: bool = False) -> bytes:
+    """QoS 0 PUBLISHes of ``payloads`` on one topic, one after the other: the same bytes as :func:`publish_packet`
+    makes for each, with the topic encoded once."""
+    name = topic.encode()
+    head = len(name).to_bytes(2, "big") + name + (b"\x00" if v5 else b"")  # MQTT 5: no properties
+    fixed = len(head)
+    parts: list[bytes] = []
+    append = parts.append
+    for payload in payloads:
+        size = fixed + len(payload)
+        if size < 16384:  # one or two bytes of remaining length, as wire.remaining_length writes them
+            append(b"\x30" + (bytes((size,)) if size < 128 else bytes((size & 0x7F | 0x80, size >> 7))) + head)
+        else:
+            append(b"\x30" + wire.remaining_length(size) + head)
+        append(payload)
+    return b"".join(parts)
+
+
 class ClientHandler(Protocol):
     """What the client tells its owner (on the event loop)."""
 
@@ -604,6 +622,17 @@ class MqttClient:
             self._sent.add(packet_id)
             connection.write(packet)
         return packet_id
+
+    def publish_many(self, topic: str, payloads: Sequence[bytes], qos: int = 0) -> int:
+        """Several PUBLISHes on one topic; how many were queued. QoS 0 ones are encoded and written at once
+        (all or none); QoS 1 ones go as :meth:`publish` sends each."""
+        if qos:
+            return sum(self.publish(topic, payload, qos) is not None for payload in payloads)
+        connection = self._connection
+        if connection is None or not self._ready or connection.backed_up:
+            return 0
+        connection.write(publish_packets(topic, payloads, v5=connection.v5))
+        return len(payloads)
 
     async def published(self, packet_id: int, timeout_s: float) -> bool:
         """Wait until the broker acknowledged our QoS 1 PUBLISH ``packet_id`` (False at the deadline, or when

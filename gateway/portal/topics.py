@@ -17,7 +17,8 @@ __all__ = ["LiveTopic", "RecentTopics", "Traffic"]
 
 
 class Traffic(Protocol):
-    def published(self, topic: str, origin: str | None) -> None: ...
+    def published(self, topic: str, origin: str | None, count: int = 1) -> None:
+        """``count`` messages on ``topic`` just now (a burst's, counted at once)."""
 
     def subscribed(self, client: str, topic_filter: str) -> None: ...
 
@@ -38,17 +39,17 @@ class RecentTopics:
         self._clock = clock
         self._topics: OrderedDict[str, list[int]] = OrderedDict()  # topic -> [last seen ms, messages]
 
-    def published(self, topic: str, origin: str | None) -> None:
-        self._inner.published(topic, origin)
+    def published(self, topic: str, origin: str | None, count: int = 1) -> None:
+        self._inner.published(topic, origin, count)
         now = int(self._clock() * 1000)
         seen = self._topics.get(topic)
         if seen is None:
-            self._topics[topic] = [now, 1]
+            self._topics[topic] = [now, count]
             if len(self._topics) > self._limit:
                 self._topics.popitem(last=False)
         else:
             seen[0] = now
-            seen[1] += 1
+            seen[1] += count
             self._topics.move_to_end(topic)
 
     def subscribed(self, client: str, topic_filter: str) -> None:

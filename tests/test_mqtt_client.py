@@ -34,7 +34,7 @@ from gateway.broker.mqtt_client import (
     publish_packet,
     publish_packets,
 )
-from gateway.config import parse_config
+from gateway.config import ExternalBrokerSettings, parse_config
 
 TOPIC = "telemetry/raw/1.0/s1/meter/m-1/power"
 
@@ -175,6 +175,16 @@ async def raw_broker() -> AsyncIterator[Callable[[Script], Awaitable[tuple[RawBr
     await asyncio.gather(*tasks, return_exceptions=True)
     for server in servers:
         server.close()
+
+
+def _external_settings(port: int) -> ExternalBrokerSettings:
+    """External mode's settings for a broker on ``port`` (everything else at its default)."""
+    settings = parse_config({
+        "site": "s1", "gateway_id": "gw-x", "storage": {"data_dir": "/nonexistent"},
+        "broker": {"mode": "external", "external": {"url": f"mqtt://127.0.0.1:{port}"}},
+    }).broker.external
+    assert settings is not None
+    return settings
 
 
 async def _accept(writer: asyncio.StreamWriter) -> None:
@@ -540,11 +550,7 @@ async def test_a_message_ingest_fails_on_drops_the_connection_and_its_resend_is_
             raise RuntimeError("the journal is full")
         return []
 
-    settings = parse_config({
-        "site": "s1", "gateway_id": "gw-x", "storage": {"data_dir": "/nonexistent"},
-        "broker": {"mode": "external", "external": {"url": f"mqtt://127.0.0.1:{port}"}},
-    }).broker.external
-    assert settings is not None
+    settings = _external_settings(port)
     try:
         async with ExternalBroker(settings, ingest, client_id="ingest-fails", filters=["telemetry/#"],
                                   raw_filter="telemetry/raw/#") as external:
@@ -580,11 +586,7 @@ async def test_each_delivery_of_a_burst_is_acknowledged_once_all_its_writes_are_
         received = b"".join(broker.received)
         return {i for i in (1, 2, 3, 4) if wire.puback(i) in received}
 
-    settings = parse_config({
-        "site": "s1", "gateway_id": "gw-x", "storage": {"data_dir": "/nonexistent"},
-        "broker": {"mode": "external", "external": {"url": f"mqtt://127.0.0.1:{port}"}},
-    }).broker.external
-    assert settings is not None
+    settings = _external_settings(port)
     try:
         async with ExternalBroker(settings, ingest, client_id="burst", filters=["telemetry/#"],
                                   raw_filter="telemetry/raw/#") as external:

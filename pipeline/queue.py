@@ -12,6 +12,7 @@ from collections import deque
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+IDLE_GAP_S = 0.01  # right after a full batch, a lingering batch goes once nothing was put for this long
 
 
 class QueueClosedError(Exception):
@@ -31,6 +32,7 @@ class BatchQueue(Generic[T]):
         self._wanted = 0
         self._closed = False
         self._last_full = False  # the last batch handed out was as large as asked for: the queue is busy
+        self._puts = 0
         self.high_water = 0
         self.put_waits = 0  # how often a producer had to wait: the pipeline was behind
 
@@ -56,6 +58,7 @@ class BatchQueue(Generic[T]):
         if self._closed:
             raise QueueClosedError("queue closed")
         self._items.append(item)
+        self._puts += 1
         self.high_water = max(self.high_water, len(self._items))
         if len(self._items) >= self.maxsize:
             self._room.clear()
@@ -68,8 +71,8 @@ class BatchQueue(Generic[T]):
 
         With ``linger_s``, a short batch waits that long for more items: under light load that
         turns many tiny transactions into a few larger ones (an SD card's write budget). Right after a
-        full batch it does not wait: a short batch then is the end of a burst, and lingering would only
-        hold its last items back (batches that are always short, under light load, keep lingering).
+        full batch the queue is busy: the linger then also ends when nothing has been put for
+        :data:`IDLE_GAP_S` (the end of a burst goes at once; steady load keeps filling batches).
         """
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
@@ -79,17 +82,8 @@ class BatchQueue(Generic[T]):
             self._ready.clear()
             await self._ready.wait()
         limit = min(max_items, self.maxsize)
-        if linger_s > 0 and len(self._items) < limit and not self._closed and not self._last_full:
-            # One timer for the whole linger, woken once when the batch is full (not at every item)
-            self._wanted = limit
-            self._enough.clear()
-            try:
-                async with asyncio.timeout(linger_s):
-                    await self._enough.wait()
-            except TimeoutError:
-                pass
-            finally:
-                self._wanted = 0
+        if linger_s > 0 and len(self._items) < limit and not self._closed:
+            await self._linger(limit, linger_s, idle_gap=IDLE_GAP_S if self._last_full else None)
         count = min(max_items, len(self._items))
         self._last_full = count >= limit
         batch = [self._items.popleft() for _ in range(count)]
@@ -97,6 +91,26 @@ class BatchQueue(Generic[T]):
             self._ready.clear()
         self._room.set()
         return batch
+
+    async def _linger(self, limit: int, linger_s: float, *, idle_gap: float | None) -> None:
+        """Until ``limit`` items are here or ``linger_s`` has passed (or, with ``idle_gap``, that long without a
+        put). One timer at a time, woken once when the batch is full (not at every item)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + linger_s
+        self._wanted = limit
+        self._enough.clear()
+        try:
+            while (wait := deadline - loop.time()) > 0:
+                puts = self._puts
+                try:
+                    async with asyncio.timeout(wait if idle_gap is None else min(wait, idle_gap)):
+                        await self._enough.wait()
+                    return
+                except TimeoutError:
+                    if idle_gap is None or self._puts == puts:
+                        return
+        finally:
+            self._wanted = 0
 
     def close(self) -> None:
         """No more puts; consumers get what is left, then []."""

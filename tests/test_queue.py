@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.queue import BatchQueue, QueueClosedError
+from pipeline.queue import IDLE_GAP_S, BatchQueue, QueueClosedError
 
 SHORT = 0.05  # long enough for a waiting task to have run, were it able to
 PROPERTY = settings(max_examples=50, deadline=None)
@@ -143,6 +143,19 @@ async def test_a_short_batch_right_after_a_full_one_does_not_linger() -> None:
     await q.put(5)
     await q.put(6)
     assert await asyncio.wait_for(consumer, 0.2) == [4, 5, 6]
+
+
+async def test_after_a_full_batch_a_steady_trickle_still_fills_the_next() -> None:
+    """Steady load is not the end of a burst: the linger goes on while items keep coming (no alternation of
+    full and tiny batches, each a transaction and an fsync)."""
+    q = await filled(10, 3)
+    assert await q.get_batch(3, linger_s=30.0) == [0, 1, 2]  # full
+    await q.put(3)
+    consumer = asyncio.create_task(q.get_batch(3, linger_s=30.0))
+    for item in (4, 5):
+        await asyncio.sleep(IDLE_GAP_S / 2)  # closer together than the idle gap
+        await q.put(item)
+    assert await asyncio.wait_for(consumer, 0.5) == [3, 4, 5]
 
 
 async def test_close_lets_the_consumer_drain() -> None:

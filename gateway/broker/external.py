@@ -219,22 +219,23 @@ class ExternalBroker:
                             self._ack(delivery, None)
                         else:
                             group.append((delivery, futures))
-                            if len(group) >= _ACK_GROUP:
+                            if len(group) >= _ACK_GROUP:  # a long burst (a full queue holds us here)
                                 self._ack_group(group)
                                 group = []
-            finally:  # stopped mid-burst too: what was taken is acknowledged once durable
+                                self._count_traffic(topics)
+            finally:  # stopped mid-burst too: what was taken is acknowledged once durable, and counted
                 if group:
                     self._ack_group(group)
-            self._burst_taken(topics, waiting=waiting)
+                self._count_traffic(topics)
+            if waiting and self._commit_soon is not None:  # the broker may send no more till the PUBACKs go
+                self._commit_soon()
 
-    def _burst_taken(self, topics: dict[str, int], *, waiting: bool) -> None:
-        """What arrived is ingested: the journal commits now if PUBACKs wait on it (the broker may send no more till
-        they go out), and the traffic learner is told the burst's topics."""
-        if waiting and self._commit_soon is not None:
-            self._commit_soon()
+    def _count_traffic(self, topics: dict[str, int]) -> None:
+        """The traffic learner is told the topics taken since it was last told, with their counts."""
         if self._traffic is not None:
             for topic, count in topics.items():
                 self._traffic.published(topic, self._origin, count)
+        topics.clear()
 
     def _not_taken(self, delivery: Publish, link: _Link | None) -> None:
         """Ingest refused a delivery (raised): no PUBACK; the connection is dropped so that the broker sends it
@@ -247,10 +248,11 @@ class ExternalBroker:
             link.drop(delivery.generation, "a message could not be taken")
 
     def _ack_group(self, group: list[tuple[Publish, Sequence[asyncio.Future[None]]]]) -> None:
-        """PUBACKs for deliveries taken one after the other, once the last one's writes are durable. Theirs were
-        submitted before, and the journal commits in order: one callback mostly serves the whole group. A
-        delivery whose writes are not all durable by then waits for them on its own (an outbox's, say)."""
-        group[-1][1][-1].add_done_callback(partial(self._acked_group, group))
+        """PUBACKs for deliveries taken one after the other, once the last one's first write is durable: the
+        journal's, for a raw-stage message (gateway/ingest.py), and the journal commits in order, so one callback
+        mostly serves the whole group. Not its last write: an outbox's, on the outbox's own cadence, would hold
+        the whole group back. A delivery whose writes are not all durable by then waits for them on its own."""
+        group[-1][1][0].add_done_callback(partial(self._acked_group, group))
 
     def _acked_group(self, group: list[tuple[Publish, Sequence[asyncio.Future[None]]]], _: object) -> None:
         for delivery, futures in group:

@@ -51,34 +51,29 @@ class _Client:
         thread.join()
 
 
-def _destination(timeout_s: float = 5.0) -> MqttDestination:
-    return MqttDestination("central", MqttSettings(url="mqtt://127.0.0.1:1", gateway_id="gw", client_id="gw",
-                                                    ack_timeout_s=timeout_s))
-
-
 def _batch(count: int) -> list[OutboundEvent]:
     return [OutboundEvent(i + 1, f"id-{i}", "telemetry/valid/1.0/s/c/d/m", "d", b"{}", 0) for i in range(count)]
 
 
-def _attach(destination: MqttDestination, client: _Client) -> None:
-    """What a CONNACK leaves behind, without a broker."""
+def _attached(*, acks_now: bool = False) -> tuple[MqttDestination, _Client]:
+    """A destination and its fake paho client as a CONNACK leaves them behind, without a broker."""
+    destination = MqttDestination("central", MqttSettings(url="mqtt://127.0.0.1:1", gateway_id="gw", client_id="gw",
+                                                                  ack_timeout_s=5.0))
+    client = _Client(destination, acks_now=acks_now)
     destination._loop = asyncio.get_running_loop()
     destination._client = client  # type: ignore[assignment]
     destination._connected = True
+    return destination, client
 
 
 async def test_pubacks_before_the_loop_registered_the_messages_complete_the_batch() -> None:
-    destination = _destination()
-    client = _Client(destination, acks_now=True)
-    _attach(destination, client)
+    destination, _ = _attached(acks_now=True)
     acks = await destination.submit(_batch(50))
     assert await asyncio.wait_for(acks, 1.0) == 50
 
 
 async def test_a_batch_completes_at_its_last_puback_even_out_of_order() -> None:
-    destination = _destination()
-    client = _Client(destination)
-    _attach(destination, client)
+    destination, client = _attached()
     first = await destination.submit(_batch(10))
     second = await destination.submit(_batch(10))
     client.ack_from_paho_thread([10, 1, 2, 3, 4, 5])  # the first batch's last before the others
@@ -90,9 +85,7 @@ async def test_a_batch_completes_at_its_last_puback_even_out_of_order() -> None:
 
 
 async def test_pubacks_not_yet_taken_count_when_the_connection_goes() -> None:
-    destination = _destination()
-    client = _Client(destination)
-    _attach(destination, client)
+    destination, client = _attached()
     acks = await destination.submit(_batch(10))
     client.ack_from_paho_thread([1, 2, 3])  # no wake-up: the batch's last did not come
     destination._set_connected(False)  # paho's on_disconnect, as the loop runs it

@@ -137,13 +137,14 @@ class RawBroker:
     def __init__(self, script: Script) -> None:
         self.script = script
         self.connections = 0
+        self.connects: list[bytes] = []  # each connection's CONNECT (its protocol level is byte 8)
         self.received: list[bytes] = []
         self.port = 0
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
-            await reader.read(4096)  # the CONNECT
+            self.connects.append(await reader.read(4096))
             await self.script(self.connections, reader, writer)
             while data := await reader.read(4096):
                 self.received.append(data)
@@ -155,26 +156,13 @@ class RawBroker:
 
 @pytest.fixture
 async def raw_broker() -> AsyncIterator[Callable[[Script], Awaitable[tuple[RawBroker, MqttClient, Recorder]]]]:
-    servers: list[asyncio.Server] = []
-    tasks: list[asyncio.Task[None]] = []
+    """Start a hostile raw broker and a client of it (``_client_of``), as often as a test wants; all stopped after."""
+    async with contextlib.AsyncExitStack() as stack:
+        async def start(script: Script) -> tuple[RawBroker, MqttClient, Recorder]:
+            return await stack.enter_async_context(
+                _client_of(script, client_id="hostile", subscriptions=["t/#"], max_packet_bytes=1024))
 
-    async def start(script: Script) -> tuple[RawBroker, MqttClient, Recorder]:
-        broker = RawBroker(script)
-        server = await asyncio.start_server(broker._serve, "127.0.0.1", 0)
-        servers.append(server)
-        broker.port = server.sockets[0].getsockname()[1]
-        recorder = Recorder()
-        client = MqttClient(recorder, "127.0.0.1", broker.port, client_id="hostile", subscriptions=["t/#"],
-                            max_packet_bytes=1024)
-        tasks.append(asyncio.create_task(client.run()))
-        return broker, client, recorder
-
-    yield start
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for server in servers:
-        server.close()
+        yield start
 
 
 def _external_settings(port: int) -> ExternalBrokerSettings:
@@ -292,28 +280,14 @@ async def test_an_oversized_publish_from_a_raw_broker_is_handed_over_marked_and_
 
 
 async def test_auto_falls_back_to_3_1_1_when_mqtt_5_is_refused() -> None:
-    versions: list[int] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connect = await reader.read(4096)
-        versions.append(connect[8])  # the protocol level, after the fixed header and "\0\4MQTT"
-        writer.write(wire.connack(False, 1 if connect[8] == 5 else 0))  # a 3.1.1 broker's refusal
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        level = broker.connects[-1][8]  # the protocol level, after the fixed header and "\0\4MQTT"
+        writer.write(wire.connack(False, 1 if level == 5 else 0))  # a 3.1.1 broker's refusal
         await writer.drain()
-        await reader.read(4096)
-        writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    recorder = Recorder()
-    client = MqttClient(recorder, "127.0.0.1", server.sockets[0].getsockname()[1], client_id="auto",
-                        subscriptions=[], protocol="auto")
-    task = asyncio.create_task(client.run())
-    try:
+    async with _client_of(script, client_id="auto", protocol="auto") as (broker, client, _):
         await until(lambda: client.connected, 10, "the 3.1.1 connection")
-        assert (versions, client.protocol_in_use) == ([5, 4], "3.1.1")
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        server.close()
+        assert ([c[8] for c in broker.connects], client.protocol_in_use) == ([5, 4], "3.1.1")
 
 
 # --- against a real Mosquitto -----------------------------------------------------------------------------
@@ -424,7 +398,7 @@ async def _client_of(script: Script, **options: Any) -> AsyncIterator[tuple[RawB
     server = await asyncio.start_server(broker._serve, "127.0.0.1", 0)
     broker.port = server.sockets[0].getsockname()[1]
     recorder = Recorder()
-    client = MqttClient(recorder, "127.0.0.1", broker.port, client_id="raw", subscriptions=[], **options)
+    client = MqttClient(recorder, "127.0.0.1", broker.port, **{"client_id": "raw", "subscriptions": [], **options})
     task = asyncio.create_task(client.run())
     try:
         yield broker, client, recorder
@@ -485,28 +459,16 @@ async def test_a_broker_that_does_not_answer_pings_is_left_however_much_the_clie
 
 
 async def test_auto_keeps_to_mqtt_5_when_the_broker_closes_before_its_connack() -> None:
-    versions: list[int] = []
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if n == 1:  # the first attempt meets a broker going down, as on a restart
+            writer.close()
+            return
+        writer.write(wire.connack(False, 0) if broker.connects[-1][8] == 4 else b"\x20\x03\x00\x00\x00")
+        await writer.drain()
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connect = await reader.read(4096)
-        versions.append(connect[8])
-        if len(versions) > 1:  # the first attempt meets a broker going down, as on a restart
-            writer.write(wire.connack(False, 0) if connect[8] == 4 else b"\x20\x03\x00\x00\x00")
-            await writer.drain()
-            await reader.read(4096)
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    client = MqttClient(Recorder(), "127.0.0.1", server.sockets[0].getsockname()[1], client_id="auto",
-                        subscriptions=[], protocol="auto")
-    task = asyncio.create_task(client.run())
-    try:
+    async with _client_of(script, client_id="auto", protocol="auto") as (broker, client, _):
         await until(lambda: client.connected, 10, "the MQTT 5 connection")
-        assert (versions, client.protocol_in_use) == ([5, 5], "5")
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        server.close()
+        assert ([c[8] for c in broker.connects], client.protocol_in_use) == ([5, 5], "5")
 
 
 async def test_the_wait_before_reconnecting_grows_while_connections_are_cut_at_once(

@@ -18,7 +18,6 @@ somebody consumes their topic (gateway/publish.py).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,9 +26,10 @@ from itertools import repeat
 from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, ValidationError, create_model
-from pydantic_core import from_json, to_jsonable_python
+from pydantic_core import to_jsonable_python
 
 from pipeline.catalog import Catalog, EventType
+from pipeline.collect import parse_json
 from pipeline.model import CLOUDEVENTS_SPEC, Quality, Reading, cloudevent, new_event_id, to_ms
 from pipeline.readings import SHARED, ReadingBatch, Run, ms_columns
 from pipeline.stage import Draft, Emitter, StageStats
@@ -357,12 +357,9 @@ def _ids(batch: Sequence[Draft]) -> list[str]:
 def _extra_fields(payload: bytes, names: tuple[str, ...]) -> dict[str, Any]:
     """The declared extra fields present in the raw JSON object (collect has parsed it once already)."""
     try:
-        body = from_json(payload)  # pydantic-core's parser: about 10x json.loads here
-    except ValueError:
-        try:
-            body = json.loads(payload)  # what collect accepted and from_json does not (a UTF-8 BOM)
-        except (ValueError, RecursionError):
-            return {}
+        body = parse_json(payload)
+    except (ValueError, RecursionError):
+        return {}
     return {name: body[name] for name in names if name in body} if isinstance(body, dict) else {}
 
 

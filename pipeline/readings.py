@@ -100,16 +100,13 @@ class Run:
     def ts_ms(self) -> list[int]:
         """Each reading's time (the device's, else the gateway's) in epoch milliseconds."""
         if self._ts_ms is None:
-            if None in self.device_ts:
-                self._ts_ms = [_ms(d or r) for d, r in zip(self.device_ts, self.received_at, strict=True)]
-            else:
-                self._ts_ms = [int(d.timestamp() * 1000) for d in self.device_ts]  # type: ignore[union-attr]
+            self._ts_ms, self._received_ms = ms_columns(self.device_ts, self.received_at)
         return self._ts_ms
 
     @property
     def received_ms(self) -> list[int]:
         if self._received_ms is None:
-            self._received_ms = [int(r.timestamp() * 1000) for r in self.received_at]
+            self._ts_ms, self._received_ms = ms_columns(self.device_ts, self.received_at)
         return self._received_ms
 
     def data(self, i: int) -> dict[str, Any]:

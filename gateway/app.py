@@ -129,7 +129,7 @@ class Gateway:
         self.broker: GatewayBroker = build_broker(
             config, self.ingest, self.queue.wait_for_room, filters=[raw, *(d.filter for d in self.dialects.dialects)],
             raw_filter=raw, port_option=port_option, traffic=self.topics, data_dir=data_dir,
-            commit_soon=self.ingest.hurry,
+            commit_soon=self.journal.hurry,
         )
         self.publisher = Publisher(self.broker, self.pipeline.reject_event, wanted=self._consumed)
         self.devices = Devices(config, template, ble_source=ble_source)

@@ -76,11 +76,6 @@ class Ingest:
             )
         return futures
 
-    def hurry(self) -> None:
-        """The caller sends nothing more until what it was given is durable (an external broker waiting for
-        PUBACKs): commit the journal now rather than after its window."""
-        self._journal.hurry()
-
     async def replay(self, recovered: list[RawMessage]) -> None:
         """What the journal held at start (accepted before the last stop, not done): queued again, with
         the event ids it had, before any new message, so per-device order holds across the crash."""

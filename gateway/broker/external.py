@@ -60,7 +60,7 @@ class ExternalBroker:
     ) -> None:
         """``filters``: what the pipeline reads (the raw stage, the dialects' topics); ``raw_filter``: the raw
         stage, which in-process publishes do not echo to the broker; ``commit_soon``: called when what arrived
-        is all ingested and its PUBACKs wait for the journal (gateway/ingest.py ``Ingest.hurry``)."""
+        is all ingested and its PUBACKs wait for the journal (gateway/journal.py ``Journal.hurry``)."""
         self._settings = settings
         self._ingest = ingest
         self._client_id = client_id
@@ -77,7 +77,6 @@ class ExternalBroker:
         # consumer task woken once per burst.
         self._inbox: collections.deque[Publish] = collections.deque()
         self._wake = asyncio.Event()
-        self._scheduled = False
         self._ingesting = False
         self._consumer: asyncio.Task[None] | None = None
         self._draining = False
@@ -158,9 +157,7 @@ class ExternalBroker:
         return "take"
 
     def _wake_up(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            self._wake.set()
+        self._wake.set()
 
     def _refused(self, why: str) -> None:
         if why != self._refusal:
@@ -192,7 +189,6 @@ class ExternalBroker:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            self._scheduled = False
             link = self._link
             waiting = False  # for PUBACKs: the broker may send no more until they go out
             topics: dict[str, int] = {}  # messages taken, by topic: counted as traffic once a burst
@@ -264,9 +260,8 @@ class ExternalBroker:
             # else a write failed: no PUBACK (the broker sends it again)
 
     def _ack_when(self, delivery: Publish, futures: Sequence[asyncio.Future[None]]) -> None:
-        if not futures:
-            self._ack(delivery, None)
-        elif len(futures) == 1:
+        """The PUBACK once ``futures`` (one at least) are all durable."""
+        if len(futures) == 1:
             futures[0].add_done_callback(partial(self._ack, delivery))
         else:
             asyncio.gather(*futures).add_done_callback(partial(self._ack, delivery))

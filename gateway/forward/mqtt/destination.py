@@ -381,9 +381,10 @@ class MqttDestination:
             # wake it, so the loop looks once itself (it appended the PUBACK before looking at _wake_on).
             self._wake_on.add(mids[-1])
             asyncio.get_running_loop().call_soon(self._take_acks)
-        return asyncio.ensure_future(self._acknowledged(waiting, mids))
+        return asyncio.ensure_future(self._acknowledged(waiting))
 
-    async def _acknowledged(self, waiting: _Outstanding, mids: list[int]) -> int:
+    async def _acknowledged(self, waiting: _Outstanding) -> int:
+        mids = waiting.mids
         try:
             if mids:
                 with contextlib.suppress(TimeoutError, DestinationUnavailableError):

@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from _harness import ROOT, free_port, peak_rss_kib, run_load, wait_listening
+from _harness import free_port, peak_rss_kib, run_load, start_gateway, wait_listening
 from amqtt.broker import Broker
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -91,10 +91,8 @@ def run_gateway(messages: int, publishers: int, qos: int) -> tuple[float, int, f
         passwd.write_text("".join(f"meter-{i}:{encoded}\n" for i in range(publishers)))
         config.write_text(f'site = "bench"\n[broker]\nport = {port}\npassword_file = "{passwd}"\n'
                           f'[storage]\ndata_dir = "{data}"\n')
-        proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = start_gateway(config, port)
         try:
-            wait_listening(port, proc)
             target = (messages // publishers) * publishers
             db_path = data / "iotgw.sqlite3"
 

@@ -19,7 +19,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,15 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _harness import ROOT, free_port
+
 SYSCALLS = ("fdatasync", "fsync", "pwrite64")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def serve(data_dir: Path, port: int, interval_s: float, seconds: float) -> None:
@@ -79,7 +72,7 @@ def _counts(strace_output: str) -> dict[str, int]:
 
 def measure(interval_s: float, seconds: float, warmup: float, work: Path) -> dict[str, float]:
     data = work / f"data-{interval_s:g}"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(data), str(port), str(interval_s), str(warmup + seconds + 30)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

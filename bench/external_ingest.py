@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from _harness import ROOT, Progress, cpu_s, free_port, peak_rss_kib, run_load, wait_listening
+from _harness import Progress, cpu_s, free_port, peak_rss_kib, run_load, start_gateway, wait_listening
 from paho.mqtt.enums import CallbackAPIVersion
 
 
@@ -94,7 +94,7 @@ def run_external(messages: int, publishers: int, workers: int, protocol: str) ->
     """(arrivals in the stores over time, peak RSS KiB, the gateways' CPU microseconds per message)."""
     with tempfile.TemporaryDirectory() as tmp:
         broker = Mosquitto(Path(tmp))
-        procs: list[subprocess.Popen[bytes]] = []
+        procs: list[subprocess.Popen[str]] = []
         try:
             stores = []
             for n in range(workers):
@@ -108,10 +108,7 @@ def run_external(messages: int, publishers: int, workers: int, protocol: str) ->
                     f'[broker]\nmode = "external"\n[broker.external]\nurl = "mqtt://127.0.0.1:{broker.port}"\n{shared}'
                     f'protocol = "{protocol}"\n'
                 )
-                proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)], cwd=ROOT,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                procs.append(proc)
-                wait_listening(http, proc)
+                procs.append(start_gateway(config, http))
                 stores.append(data / "iotgw.sqlite3")
             time.sleep(0.5)  # subscribed
             target = (messages // publishers) * publishers

@@ -130,15 +130,21 @@ async def through_stages(drafts: list[Draft], batch: int, data_dir: Path, *, ana
         return elapsed, store.rows_written, spent
 
 
-def raw_inserts(drafts: list[Draft], batch: int, data_dir: Path) -> tuple[float, float]:
-    """The same rows as ready tuples, straight into the store's schema: seconds, and CPU seconds of the
-    inserting thread."""
-    db = sqlite3.connect(data_dir / "raw.sqlite3", isolation_level=None)
-    for pragma in STORE_PRAGMAS:  # the store's, in the order it sets them
+def store_like_db(path: Path) -> sqlite3.Connection:
+    """A new database with the store's schema and settings (its pragmas in its order, WAL, synchronous=FULL)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    for pragma in STORE_PRAGMAS:
         db.execute(f"PRAGMA {pragma}")
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.executescript(_SCHEMA)
+    return db
+
+
+def raw_inserts(drafts: list[Draft], batch: int, data_dir: Path) -> tuple[float, float]:
+    """The same rows as ready tuples, straight into the store's schema: seconds, and CPU seconds of the
+    inserting thread."""
+    db = store_like_db(data_dir / "raw.sqlite3")
     series: dict[tuple[str, str], int] = {}
     rows = []
     for d in drafts:
@@ -212,12 +218,7 @@ def ceiling(drafts: list[Draft], batch: int, rounds: int) -> None:
             return time.perf_counter() - started, time.clock_gettime(clock) - cpu
 
     def sql_alone(data_dir: Path, statements: list[list[tuple[bool, str, Any]]]) -> tuple[float, float]:
-        db = sqlite3.connect(data_dir / "sql.sqlite3", isolation_level=None)
-        for pragma in STORE_PRAGMAS:
-            db.execute(f"PRAGMA {pragma}")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(_SCHEMA)
+        db = store_like_db(data_dir / "sql.sqlite3")
         started, cpu = time.perf_counter(), time.thread_time()
         for one_batch in statements:
             for many, sql, parameters in one_batch:

@@ -114,7 +114,8 @@ class SocatPair:
         if proc is not None and proc.returncode is None:
             proc.kill()
             with contextlib.suppress(TimeoutError):  # reaped later by the child watcher if need be
-                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await proc.wait()
         for link in (self.device_path, self.gateway_path):
             with contextlib.suppress(FileNotFoundError):
                 link.unlink()

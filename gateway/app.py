@@ -66,6 +66,7 @@ from pipeline.collect import CollectStage
 from pipeline.define import DefineStage
 from pipeline.liveness import InactivityStage
 from pipeline.queue import BatchQueue
+from pipeline.retry import cancel_and_wait
 from pipeline.rules import RuleSet
 from pipeline.runner import Pipeline
 from pipeline.stage import RawMessage
@@ -232,9 +233,7 @@ class Gateway:
     ) -> None:
         try:
             loops, self._loops = self._loops, []
-            for task in loops:
-                task.cancel()
-            await asyncio.gather(self.devices.stop(), *loops, return_exceptions=True)
+            await asyncio.gather(self.devices.stop(), cancel_and_wait(*loops))
             self.undrained = await self.broker.drain(DRAIN_TIMEOUT_S)
             if self.undrained:
                 log.error("%d message(s) were still in the broker after %.0f s", self.undrained, DRAIN_TIMEOUT_S)

@@ -19,6 +19,7 @@ from drivers.serial.modbus import RegisterSpec
 from drivers.serial.modbus_driver import ModbusDriver
 from gateway.config import BleDevice, GatewayConfig, SerialDevice
 from gateway.status import BleScannerStatus, DriverStatus
+from pipeline.retry import cancel_and_wait
 from pipeline.topics import TopicFields, TopicTemplate
 
 if TYPE_CHECKING:
@@ -118,17 +119,12 @@ class Devices:
         self._tasks[driver.name] = asyncio.create_task(driver.run(self._sink), name=f"driver {driver.name}")
 
     async def _stop(self, name: str) -> None:
-        task = self._tasks.pop(name, None)
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(self._tasks.pop(name, None))
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
 
     @property
     def tasks(self) -> list[asyncio.Task[None]]:

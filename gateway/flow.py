@@ -11,7 +11,6 @@ outboxes, so a crash at any point replays, and never loses, what was acknowledge
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from gateway.publish import Publisher
 from gateway.status import PipelineStatus, StageStatus
 from pipeline.analyze import AnalyzeStage
 from pipeline.queue import BatchQueue
+from pipeline.retry import stop_task
 from pipeline.runner import Pipeline
 from pipeline.stage import Emitter, RawMessage
 from pipeline.store import SqliteStore
@@ -81,9 +81,7 @@ class Flow:
     async def cancel(self) -> None:
         """Stop the tasks where they are (after a failed start, or a drain that timed out)."""
         if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
 
     def status(self) -> PipelineStatus:
         now = time.monotonic()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 from pipeline.errors import PipelineError
-from pipeline.retry import until_done
+from pipeline.retry import stop_task, until_done
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -272,20 +272,20 @@ class GroupCommit(Generic[Op]):
             self._wake.clear()
             if not self._hurry.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._hurry.wait(), self._window)
+                    async with asyncio.timeout(self._window):
+                        await self._hurry.wait()
             # the cadence: the interval since the last commit, unless enough is waiting (or was, last time)
             while (not self._busy and (wait := self._last_commit + self._interval - loop.time()) > 0
                    and len(self._ops) < self._early):
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._enough.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._enough.wait()
             # What is submitted meanwhile joins the retried commit: flush takes everything pending.
             await until_done(self.flush, what=f"commit to {self._db.path}", log=log)
 
     async def stop(self) -> None:
         """Commit what is pending and stop the background committer."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
             self._task = None
         await self.flush()

@@ -18,7 +18,6 @@ with ``synchronous=NORMAL``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
@@ -31,7 +30,7 @@ from typing import Final, Self
 from pipeline.catalog import Catalog, EventType
 from pipeline.db import SqliteThread, in_transaction
 from pipeline.errors import TopicError
-from pipeline.retry import StateLog
+from pipeline.retry import StateLog, stop_task
 from pipeline.topics import compile_filter
 
 log = logging.getLogger(__name__)
@@ -114,10 +113,7 @@ class TrafficLearner:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         for client, topic_filter in list(self._subs):
             self.unsubscribed(client, topic_filter)
         try:

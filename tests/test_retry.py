@@ -1,14 +1,16 @@
-"""pipeline.retry: the one backoff formula, the state-change log and the retry-until-done loop."""
+"""pipeline.retry: the one backoff formula, the state-change log, the retry-until-done loop and the
+stop of a task that swallows its cancellation."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import statistics
+import sys
 
 import pytest
 
-from pipeline.retry import StateLog, backoff_delay, commit_delay, until_done
+from pipeline.retry import RECANCEL_S, StateLog, backoff_delay, cancel_and_wait, commit_delay, stop_task, until_done
 
 LOGGER = "test.retry"
 
@@ -174,3 +176,107 @@ async def test_cancelling_until_done_ends_its_wait() -> None:
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 1.0)
     assert op.calls == 1
+
+
+# -- cancel_and_wait / stop_task ---------------------------------------------------------------------
+
+
+async def _answered_as_cancelled(answers: asyncio.Queue[asyncio.Future[int]]) -> None:
+    """Waits for replies as pymodbus does (``asyncio.wait_for``), one after another, forever."""
+    while True:
+        reply: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        await answers.put(reply)
+        await asyncio.wait_for(reply, 10.0)
+
+
+async def _swallowing_task() -> tuple[asyncio.Task[None], asyncio.Future[int]]:
+    """A task cancelled in the same loop step as its reply arrives. On Python 3.11 ``wait_for``
+    returns the reply and the task runs on; on 3.12 it ends."""
+    answers: asyncio.Queue[asyncio.Future[int]] = asyncio.Queue()
+    task = asyncio.create_task(_answered_as_cancelled(answers))
+    reply = await answers.get()
+    await asyncio.sleep(0)  # the task is in wait_for now
+    reply.set_result(1)
+    return task, reply
+
+
+async def test_one_cancel_may_be_swallowed_and_cancel_and_wait_ends_the_task_anyway() -> None:
+    task, _ = await _swallowing_task()
+    task.cancel()
+    await asyncio.wait({task}, timeout=3 * RECANCEL_S)
+    if sys.version_info < (3, 12):
+        assert not task.done(), "Python 3.11's wait_for swallowed the cancel: the task runs on"
+    task.cancel()
+    await asyncio.wait({task}, timeout=5)
+    assert task.cancelled()
+
+    task, _ = await _swallowing_task()
+    async with asyncio.timeout(5):
+        await cancel_and_wait(task)  # its first cancel comes in the reply's step too
+    assert task.cancelled()
+
+
+async def test_a_task_that_ignores_cancels_for_a_while_is_cancelled_until_it_ends() -> None:
+    cancels = 0
+
+    async def stubborn() -> None:
+        nonlocal cancels
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancels += 1
+                if cancels == 3:
+                    raise
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        await stop_task(task)
+    assert task.cancelled()
+    assert cancels == 3
+
+
+async def test_cancelling_the_caller_is_not_swallowed() -> None:
+    deaf = True
+
+    async def deaf_for_now() -> None:  # ignores every cancel while ``deaf``
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if not deaf:
+                    raise
+
+    task = asyncio.create_task(deaf_for_now())
+    await asyncio.sleep(0)
+    caller = asyncio.create_task(stop_task(task))
+    await asyncio.sleep(3 * RECANCEL_S)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(5):
+            await caller
+    assert caller.cancelled()
+    assert not task.done()
+    deaf = False
+    async with asyncio.timeout(5):
+        await stop_task(task)
+    assert task.cancelled()
+
+
+async def test_stop_task_raises_what_the_task_raised_and_cancel_and_wait_does_not() -> None:
+    async def failing_on_cancel() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RuntimeError("the cleanup failed") from None
+
+    first = asyncio.create_task(failing_on_cancel())
+    second = asyncio.create_task(failing_on_cancel())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="the cleanup failed"):
+        await stop_task(first)
+    await cancel_and_wait(second, None)
+    assert isinstance(second.exception(), RuntimeError)
+    await stop_task(None)
+    await cancel_and_wait()

@@ -48,6 +48,7 @@ from gateway.broker.retained import RetainedStore
 from gateway.broker.sessions import Body, ClientQueue, Restored, Sessions
 from gateway.config import BrokerSettings
 from pipeline.errors import TopicError
+from pipeline.retry import stop_task
 from pipeline.topics import TopicIndex, mqtt_filter
 
 log = logging.getLogger(__name__)
@@ -467,10 +468,7 @@ class BrokerCore:
     async def close(self) -> None:
         """End every connection (no will: the gateway is stopping) and wait for them, briefly."""
         self.draining.set()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await stop_task(self._sweeper)
         for conn in list(self.connections.values()):
             conn.kick()
         for transport in self._tasks.values():  # those still before their CONNECT

@@ -36,6 +36,7 @@ from gateway.broker.sessions import Sessions
 from gateway.config import BrokerSettings
 from gateway.errors import GatewayError, PortInUseError
 from gateway.forward.mqtt.connect import Presence
+from pipeline.retry import cancel_and_wait
 
 __all__ = ["EmbeddedBroker", "Ingest", "Resend", "Traffic"]
 
@@ -102,9 +103,7 @@ class EmbeddedBroker:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
-            for task in self._callbacks:
-                task.cancel()
-            await asyncio.gather(*self._callbacks, return_exceptions=True)
+            await cancel_and_wait(*self._callbacks)
             if self._listeners is not None:
                 self._listeners.stop_listening()
             if self._core is not None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,6 +39,7 @@ from gateway.broker.embedded import Ingest, Resend, Traffic
 from gateway.broker.mqtt_client import MqttClient, Publish, Will
 from gateway.config import ExternalBrokerSettings
 from gateway.forward.mqtt.connect import Presence, tls_context
+from pipeline.retry import stop_task
 from pipeline.topics import SeenTopics, TopicFilter
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ class ExternalBroker:
         self._link = _Link(self, self._settings, self._client_id, self._presence)
         self._link.start()
         try:
-            await asyncio.wait_for(self._first_connect.wait(), CONNECT_WAIT_S)
+            async with asyncio.timeout(CONNECT_WAIT_S):
+                await self._first_connect.wait()
         except TimeoutError:
             log.warning("external broker %s:%d not reachable yet; the gateway runs and keeps trying",
                         self._settings.host, self.port)
@@ -124,10 +125,7 @@ class ExternalBroker:
     ) -> None:
         self._draining = True
         self._closing = True
-        if self._consumer is not None:
-            self._consumer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._consumer
+        await stop_task(self._consumer)
         if self._link is not None:
             await self._link.close(goodbye=self._connected)
         self._connected = False
@@ -466,7 +464,4 @@ class _Link:
             if packet_id:
                 await client.published(packet_id, GOODBYE_WAIT_S)
         await client.disconnect()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)

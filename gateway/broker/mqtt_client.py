@@ -641,7 +641,8 @@ class MqttClient:
             return True
         waiter = self._waiters.setdefault(packet_id, asyncio.get_running_loop().create_future())
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(waiter)
         except TimeoutError:
             return False
 
@@ -671,7 +672,8 @@ class MqttClient:
             connection.write(DISCONNECT)
             connection.close()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(connection.closed), 1.0)
+                async with asyncio.timeout(1.0):
+                    await asyncio.shield(connection.closed)
 
     # --- what the connection tells the client ---------------------------------------------------------
 

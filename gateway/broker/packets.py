@@ -12,7 +12,6 @@ checked every field this reads, so decoding cannot fail on what a client sends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from gateway.broker.core import PacketSink
@@ -29,6 +28,7 @@ from gateway.broker.firewall import (
     UNSUBSCRIBE,
     PacketFirewall,
 )
+from pipeline.retry import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,7 @@ class PacketChannel:
         self._reader.close()
         task, self._task = self._task, None
         if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
 
     async def _run(self, sink: PacketSink) -> None:
         reader = self._reader

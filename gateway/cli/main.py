@@ -86,7 +86,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
                 where = device.get("port") or f"mqtt {spec.mqtt_host}:{spec.mqtt_port}"
                 print(f"  {device['id']:<16} {device['transport']:<7} {where}", flush=True)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), args.seconds)
+                async with asyncio.timeout(args.seconds):
+                    await stop.wait()
 
     try:
         asyncio.run(serve())

@@ -23,6 +23,7 @@ from gateway.ops.logs import redact, secret_values, setup_logging
 from gateway.ops.systemd import Notifier, notifying
 from gateway.status import GatewayStatus
 from pipeline.errors import PipelineError
+from pipeline.retry import stop_task
 
 log = logging.getLogger("iotgw")
 EXIT_USAGE = 2
@@ -64,11 +65,10 @@ async def _serve(make: Callable[[], AbstractAsyncContextManager[Gateway]], secon
             reloader = asyncio.create_task(reloads(gateway), name="reload")
             try:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), seconds)
+                    async with asyncio.timeout(seconds):
+                        await stop.wait()
             finally:
-                reloader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reloader
+                await stop_task(reloader)
             log.info("stopping: flushing what was accepted")
         return gateway
     finally:

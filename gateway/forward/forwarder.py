@@ -31,7 +31,7 @@ from gateway.forward.base import (
     UnsendableEventError,
 )
 from gateway.forward.outbox import Limits, Outbox
-from pipeline.retry import StateLog, backoff_delay
+from pipeline.retry import StateLog, backoff_delay, cancel_and_wait
 from pipeline.topics import TopicFilter
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,7 @@ async def _abandon(window: _Window) -> None:
     """Stop waiting for the batches on the way: they are sent again from the outbox."""
     pending = [acks for _, acks in window]
     window.clear()
-    for acks in pending:
-        acks.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    await cancel_and_wait(*pending)
 
 
 class Forwarder:
@@ -129,10 +127,7 @@ class Forwarder:
         ]
 
     async def _stop(self, name: str) -> None:
-        tasks = self._tasks.pop(name, [])
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks.pop(name, []))
         with contextlib.suppress(Exception):
             await self.routes[name].destination.close()
 

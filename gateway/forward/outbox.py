@@ -226,7 +226,8 @@ class Outbox:
     async def wait_new(self, dest: str, timeout_s: float) -> None:
         event = self._new[dest]
         try:
-            await asyncio.wait_for(event.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await event.wait()
         except TimeoutError:
             return
         event.clear()

@@ -377,7 +377,8 @@ class HttpApi:
         if problems := [f"{name}: {d.error}" for name, d in status.forward.destinations.items() if d.error]:
             checks["forward"] = "; ".join(problems)  # a config problem: the outbox fills until it is fixed
         try:
-            await asyncio.wait_for(self._store.run(lambda s: s.count_series()), 5.0)
+            async with asyncio.timeout(5.0):
+                await self._store.run(lambda s: s.count_series())
             checks["store"] = "up"
         except Exception as exc:  # StoreError, sqlite3.Error, a timeout: whatever it is, not ready
             checks["store"] = f"cannot read the store: {exc or type(exc).__name__}"

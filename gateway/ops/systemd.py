@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.status import Health
+from pipeline.retry import stop_task
 
 log = logging.getLogger(__name__)
 STATUS_INTERVAL_S = 10.0
@@ -109,9 +110,7 @@ async def notifying(notifier: Notifier, health: Callable[[], Health]) -> AsyncIt
         yield notifier
     finally:
         notifier.notify(STOPPING=1, STATUS="stopping: flushing what was accepted")
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)
 
 
 # --- the unit ------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ data queued: fixing the config must not lose it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import json
@@ -45,7 +44,7 @@ from gateway.errors import GatewayError
 from gateway.forward.base import DestinationUnavailableError, InboundMessage, OutboundEvent, UnsendableEventError
 from gateway.forward.influxdb.settings import INFLUX_DEFAULT_TAGS
 from pipeline.model import AGGREGATE_TYPE, READING_TYPE
-from pipeline.retry import StateLog, backoff_delay
+from pipeline.retry import StateLog, backoff_delay, stop_task
 from pipeline.topics import TopicTemplate
 
 log = logging.getLogger(__package__)  # "gateway.forward.<type>", the name operators filter on
@@ -336,10 +335,7 @@ class InfluxDestination:
     async def close(self) -> None:
         self._closed = True
         probe, self._probe = self._probe, None
-        if probe is not None:
-            probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probe
+        await stop_task(probe)
         client, self._client = self._client, None
         if client is not None:
             await asyncio.to_thread(client.close)

@@ -39,7 +39,7 @@ from aiokafka.errors import (  # type: ignore[import-untyped, unused-ignore]
 
 from gateway.errors import ConfigError
 from gateway.forward.base import DestinationUnavailableError, InboundMessage, OutboundEvent
-from pipeline.retry import StateLog, backoff_delay
+from pipeline.retry import StateLog, backoff_delay, cancel_and_wait
 from pipeline.topics import STAGES
 
 __all__ = [
@@ -473,9 +473,7 @@ class KafkaDestination:
             return
         self._closed = True
         task, self._connect_task = self._connect_task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
+        await cancel_and_wait(task)
         producer, self._producer = self._producer, None
         self._started = False
         if producer is not None:

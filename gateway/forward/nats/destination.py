@@ -32,7 +32,7 @@ from gateway.forward.base import (
 )
 from pipeline.errors import TopicError
 from pipeline.queue import DropOldestQueue
-from pipeline.retry import backoff_delay, until_done
+from pipeline.retry import backoff_delay, stop_task, until_done
 from pipeline.topics import compile_filter, filter_to_subjects, subject_to_topic, topic_to_subject
 
 log = logging.getLogger(__package__)  # "gateway.forward.<type>", the name operators filter on
@@ -207,10 +207,7 @@ class NatsDestination:
             yield await self._inbound.get()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.close()

@@ -59,7 +59,7 @@ from gateway.forward.base import (
 from gateway.forward.rabbitmq.routing import binding_key, routing_key_to_topic, topic_to_routing_key
 from pipeline.errors import TopicError
 from pipeline.queue import DropOldestQueue
-from pipeline.retry import backoff_delay, until_done
+from pipeline.retry import backoff_delay, stop_task, until_done
 from pipeline.topics import compile_filter
 
 log = logging.getLogger(__package__)  # "gateway.forward.<type>", the name operators filter on
@@ -381,10 +381,7 @@ class RabbitDestination:
 
     async def close(self) -> None:
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()

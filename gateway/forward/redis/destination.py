@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 
 from gateway.forward.base import DestinationUnavailableError, InboundMessage, OutboundEvent
 from gateway.forward.redis.streams import StreamNames
-from pipeline.retry import backoff_delay, until_done
+from pipeline.retry import backoff_delay, stop_task, until_done
 
 log = logging.getLogger(__package__)  # "gateway.forward.<type>", the name operators filter on
 IDS_SUFFIX: Final = ":ids"
@@ -204,10 +204,7 @@ class RedisDestination:
         return _no_inbound()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         self._ready = False
         with contextlib.suppress(Exception):
             await self._client.aclose()

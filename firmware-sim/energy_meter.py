@@ -10,8 +10,10 @@ Register map (unit 1 by default)::
 
 Fault knobs, counted per request answered (0 = off): ``no_reply_every`` (the meter stays silent),
 ``exception_every`` (a Modbus exception response with ``exception_code``), ``bad_crc_every`` (a
-reply whose CRC is wrong), ``spike_every`` (an impossible voltage), ``unplug_every`` (after every N
-requests the cable is pulled for ``unplug_for_s``). At most one fault touches a request.
+reply whose CRC is wrong), ``late_every`` (an intact reply, ``late_by_s`` seconds after the reply
+time: a master whose timeout is shorter has given up on it, and it comes while the master waits for
+its next answer), ``spike_every`` (an impossible voltage), ``unplug_every`` (after every N requests the
+cable is pulled for ``unplug_for_s``). At most one fault touches a request.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ class EnergyMeterSim:
     protocol = "modbus"
     SPIKE = ("voltage", 9999.0)
     RANGES: ClassVar[dict[str, tuple[float, float]]] = {"voltage": (0.0, 500.0)}
-    REASONS: ClassVar[dict[str, str]] = {"no_reply": "timeout", "bad_crc": "bad_crc"}  # + exception_<code>
+    REASONS: ClassVar[dict[str, str]] = {  # + exception_<code>
+        "no_reply": "timeout", "bad_crc": "bad_crc", "late": "timeout"}
 
     def __init__(
         self,
@@ -75,12 +78,14 @@ class EnergyMeterSim:
         exception_every: int = 0,
         exception_code: int = int(ExcCodes.DEVICE_FAILURE),
         bad_crc_every: int = 0,
+        late_every: int = 0,
+        late_by_s: float = 1.0,
         spike_every: int = 0,
         unplug_every: int = 0,
         unplug_for_s: float = 1.0,
         interval_s: float = 1.0,  # unused: a Modbus device answers when polled; accepted for a uniform shape
     ) -> None:
-        if min(no_reply_every, exception_every, bad_crc_every, spike_every, unplug_every) < 0:
+        if min(no_reply_every, exception_every, bad_crc_every, late_every, spike_every, unplug_every, late_by_s) < 0:
             raise ValueError("fault intervals must be >= 0")
         self.link = link
         self.pair: SerialCable = serial_cable(link, unplugs=unplug_every > 0)
@@ -88,7 +93,8 @@ class EnergyMeterSim:
         self.baudrate = baudrate
         self.rng = random.Random(seed)
         self.every = {"exception": exception_every, "no_reply": no_reply_every, "bad_crc": bad_crc_every,
-                      "spike": spike_every}
+                      "late": late_every, "spike": spike_every}
+        self.late_by_s = late_by_s
         self.exception_code = ExcCodes(exception_code)
         self.unplug_every, self.unplug_for_s = unplug_every, unplug_for_s
         self.faults: Counter[str] = Counter()
@@ -96,8 +102,9 @@ class EnergyMeterSim:
         self.requests = 0
         self.voltage, self.current, self.energy_wh, self.frequency = 230.0, 1.5, 123_456, 5000
         self._server: ModbusSerialServer | None = None
-        self._fault: str | None = None
-        self._served: dict[str, float] | None = None
+        # (fault, values served) of each reply the server is about to send, in the order they leave: pymodbus's
+        # server answers each request in a task of its own, so a late reply may leave after a newer one.
+        self._leaving: deque[tuple[str | None, dict[str, float] | None]] = deque()
         self._unplugging: asyncio.Task[None] | None = None
         self._unplug_due = False
 
@@ -128,6 +135,7 @@ class EnergyMeterSim:
         await self.pair.replug(self._start_server)
 
     async def _start_server(self) -> None:
+        self._leaving.clear()  # replies of the last cable's requests never leave
         device = SimDevice(
             id=self.unit_id,
             simdata=(
@@ -165,13 +173,16 @@ class EnergyMeterSim:
         fault = next((f for f, every in self.every.items() if every and n % every == 0), None)
         if self._unplugging is not None:
             fault = "unplugging"  # the cable is about to go: no reply, and no fault of its own
-        self._fault, self._served = fault, None
         await asyncio.sleep((5 + 2 * count) * 10 / self.baudrate)  # the reply's time on the wire
+        if fault == "late":
+            await asyncio.sleep(self.late_by_s)
         if fault == "unplugging":
+            self._leaving.append((fault, None))
             return None
         if fault == "exception":
             self.faults["exception"] += 1
-            self._after_request(n)
+            self._leaving.append((fault, None))
+            self._after_request(n, fault)
             return self.exception_code
         self._tick()
         voltage = self.SPIKE[1] if fault == "spike" else self.voltage
@@ -185,18 +196,18 @@ class EnergyMeterSim:
             served = {"energy": energy * 0.001, "frequency": self.frequency * 0.01}
         offset = HOLDING_BASE if function_code == 3 else INPUT_BASE
         registers[offset - start_address:offset - start_address + len(words)] = words
-        self._served = {k: v for k, v in served.items() if math.isfinite(v)}
         if fault == "spike" and function_code != 4:
-            self._fault = None  # only the voltage can spike
-        self._after_request(n)
+            fault = None  # only the voltage can spike
+        self._leaving.append((fault, {k: v for k, v in served.items() if math.isfinite(v)}))
+        self._after_request(n, fault)
         return None
 
-    def _after_request(self, n: int) -> None:
+    def _after_request(self, n: int, fault: str | None) -> None:
         """After every ``unplug_every`` requests, pull the cable after the next intact reply (a fault
         just before the pull would look like part of the outage)."""
         if self.unplug_every and n % self.unplug_every == 0:
             self._unplug_due = True
-        if self._unplug_due and self._fault in (None, "spike") and self._unplugging is None:
+        if self._unplug_due and fault in (None, "spike") and self._unplugging is None:
             self._unplug_due = False
             self._unplugging = asyncio.get_running_loop().create_task(self._pull_cable())
 
@@ -212,8 +223,7 @@ class EnergyMeterSim:
         """The server's wire: apply the request's fault to the reply on its way out."""
         if not sending:
             return data
-        fault, self._fault = self._fault, None
-        served, self._served = self._served, None
+        fault, served = self._leaving.popleft() if self._leaving else (None, None)
         if fault == "unplugging":
             return b""
         if fault == "no_reply":
@@ -222,6 +232,9 @@ class EnergyMeterSim:
         if fault == "bad_crc":
             self.faults["bad_crc"] += 1
             return data[:-1] + bytes([data[-1] ^ 0xFF])
+        if fault == "late":
+            self.faults["late"] += 1  # sent intact, but not for the master any more: not in the history
+            return data
         if fault == "spike":
             self.faults["spike"] += 1
         if served is not None:

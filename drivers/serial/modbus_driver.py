@@ -6,6 +6,12 @@ A poll that fails is counted by reason and sent to the reject path: ``timeout`` 
 ``bad_crc`` / ``truncated`` / ``garbage`` / ``wrong_unit`` (a reply pymodbus discarded, classified
 from the bytes it saw), ``exception_<code>`` (a Modbus exception response, e.g. ``exception_2`` for
 an illegal data address).
+
+After a read that got no usable reply, the driver stays quiet for ``QUIET_AFTER_FAILURE_S`` (at most
+the timeout) before its next request, as libmodbus's error recovery flushes the line: a reply that comes
+late (a slow device, or this gateway's loop stalled past the timeout) arrives then, with no request
+waiting, and pymodbus drops it. RTU replies carry no request id, so one arriving during the next read
+would be taken as that read's answer: another block's words under this block's metrics.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from collections.abc import Sequence
 
 from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.exceptions import ModbusException
-from pymodbus.pdu import ModbusPDU
 
 from drivers.base import DriverReading, DriverStats, Sink
 from drivers.errors import DriverError
@@ -26,6 +31,7 @@ from pipeline.retry import StateLog, backoff_delay
 
 log = logging.getLogger(__name__)
 logging.getLogger("pymodbus.logging").setLevel(logging.CRITICAL)  # it logs every timeout; we count them
+QUIET_AFTER_FAILURE_S = 0.25
 
 
 class PortLost(DriverError):
@@ -108,8 +114,6 @@ class ModbusDriver:
             raise PortLost("the serial port closed")
         read = client.read_holding_registers if block.kind == "holding" else client.read_input_registers
         self.requests += 1
-        response: ModbusPDU | None = None
-        failure: FrameError | None = None
         try:
             response = await read(block.address, count=block.count, device_id=self.unit_id)
         except ModbusException as exc:
@@ -118,13 +122,14 @@ class ModbusDriver:
             failure = classify_reply(self._rx, self.unit_id, FUNCTION[block.kind], block.count)
             if failure.reason == "no_reply":
                 failure = FrameError("timeout", f"no reply within {self.timeout_s} s")
-        if response is not None and response.isError():
-            code = getattr(response, "exception_code", 0)
-            failure = FrameError(f"exception_{code}", f"exception response {code} to a read at {block.address}")
-        if failure is not None:
             await self._reject(sink, failure)
+            await asyncio.sleep(min(QUIET_AFTER_FAILURE_S, self.timeout_s))  # a late reply arrives and is dropped
             return
-        assert response is not None
+        if response.isError():
+            code = getattr(response, "exception_code", 0)
+            detail = f"exception response {code} to a read at {block.address}"
+            await self._reject(sink, FrameError(f"exception_{code}", detail))
+            return
         self.stats.frames += 1
         for item in decode_block(block, response.registers):
             if isinstance(item, FrameError):

@@ -99,6 +99,7 @@ class EnergyMeterSim:
         self.unplug_every, self.unplug_for_s = unplug_every, unplug_for_s
         self.faults: Counter[str] = Counter()
         self.history: deque[dict[str, float]] = deque(maxlen=100_000)  # values of each reply sent intact
+        self.late_history: deque[dict[str, float]] = deque(maxlen=100_000)  # and of each sent late
         self.requests = 0
         self.voltage, self.current, self.energy_wh, self.frequency = 230.0, 1.5, 123_456, 5000
         self._server: ModbusSerialServer | None = None
@@ -233,7 +234,9 @@ class EnergyMeterSim:
             self.faults["bad_crc"] += 1
             return data[:-1] + bytes([data[-1] ^ 0xFF])
         if fault == "late":
-            self.faults["late"] += 1  # sent intact, but not for the master any more: not in the history
+            self.faults["late"] += 1  # sent intact, but the master gave up on it: not in the history
+            if served is not None:
+                self.late_history.append(served)
             return data
         if fault == "spike":
             self.faults["spike"] += 1

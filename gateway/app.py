@@ -244,8 +244,10 @@ class Gateway:
             await self.alerts.publish()
             await self.destinations.flush()
         finally:
-            await self.flow.cancel()
-            await self._stack.aclose()
+            try:
+                await self.flow.cancel()
+            finally:
+                await self._stack.aclose()
         log.info("gateway stopped: %d reading(s) stored", self.store.rows_written)
 
     async def reload(self, new: GatewayConfig) -> ReloadPlan:

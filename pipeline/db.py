@@ -285,7 +285,8 @@ class GroupCommit(Generic[Op]):
 
     async def stop(self) -> None:
         """Commit what is pending and stop the background committer."""
-        if self._task is not None:
+        try:
             await stop_task(self._task)
+        finally:  # even when the caller is cancelled: what is pending gets its commit
             self._task = None
-        await self.flush()
+            await self.flush()

@@ -10,7 +10,8 @@ its server again, a commit on a failing disk) or stops a task:
   Home Assistant's update coordinator does);
 - :func:`until_done`: awaits an operation until it succeeds, with both of the above;
 - :func:`cancel_and_wait` and :func:`stop_task`: cancel tasks and wait until they have ended, cancelling
-  again a task that swallowed its cancellation.
+  again a task that swallowed its cancellation (:func:`raise_swallowed_cancel` stops the known case
+  where it happens).
 
 Nothing here imports the rest of the project.
 """
@@ -24,9 +25,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-__all__ = ["RECANCEL_S", "StateLog", "backoff_delay", "cancel_and_wait", "commit_delay", "stop_task", "until_done"]
+__all__ = [
+    "RECANCEL_S", "StateLog", "backoff_delay", "cancel_and_wait", "commit_delay", "raise_swallowed_cancel", "stop_task",
+    "until_done",
+]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def backoff_delay(
@@ -131,37 +136,61 @@ async def until_done(
         return result
 
 
-RECANCEL_S = 0.1
-"""How long a cancelled task may run on before it is cancelled again."""
+RECANCEL_S = 5.0
+"""How long a cancelled task may run on (its cleanup: a BLE disconnect, a broker's goodbye) before it
+is taken to have swallowed the cancel and is cancelled again."""
 
 
-async def cancel_and_wait(*tasks: asyncio.Future[Any] | None) -> None:
+def raise_swallowed_cancel() -> None:
+    """Raise ``CancelledError`` if the current task was cancelled and the cancel was swallowed.
+
+    On Python 3.11 (Debian 12, Raspberry Pi OS), ``asyncio.wait_for`` returns its result instead of
+    raising ``CancelledError`` when the awaited future completes in the same loop step as the cancel
+    (fixed in 3.12); the task's ``cancelling()`` count stays up. pymodbus waits for every reply that
+    way: a Modbus driver polling back to back swallowed 52 cancels in 300 in a scratch run, and a
+    stop that awaited it once hung. Call this right after awaiting such a library, never in cleanup
+    that runs because of a cancel."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def cancel_and_wait(*tasks: asyncio.Future[Any] | None, recancel_s: float = RECANCEL_S) -> None:
     """Cancel ``tasks`` (``None`` skipped) and wait until every one has ended. What they raised is
     retrieved and dropped, as ``asyncio.gather(..., return_exceptions=True)`` drops it.
 
-    One ``cancel()`` is not always enough: on Python 3.11 (Debian 12, Raspberry Pi OS),
-    ``asyncio.wait_for`` returns its result instead of raising ``CancelledError`` when the awaited
-    future completes in the same loop step as the cancel (fixed in 3.12). pymodbus waits for every
-    reply that way: a Modbus driver polling back to back swallowed 52 cancels in 300 here, and a
-    stop that awaited it once hung. A task still running ``RECANCEL_S`` after its cancel is
-    cancelled again.
+    A task still running ``recancel_s`` after its cancel has swallowed it (see
+    :func:`raise_swallowed_cancel`, which the known case uses): it is logged and cancelled again, so
+    a stop cannot hang on it for good.
 
-    Cancelling the caller interrupts the wait and is not swallowed (``with
-    contextlib.suppress(asyncio.CancelledError): await task`` would swallow it); the tasks stay cancelled.
+    Cancelling the caller does not abandon the tasks half-stopped: as a ``TaskGroup`` does, the wait
+    goes on until they have ended, then the caller's ``CancelledError`` is raised (``with
+    contextlib.suppress(asyncio.CancelledError): await task`` swallowed it).
     """
     pending = {task for task in tasks if task is not None}
+    for task in pending:
+        task.cancel()
+    interrupted = False
     while pending := {task for task in pending if not task.done()}:
-        for task in pending:
+        try:
+            _, running = await asyncio.wait(pending, timeout=recancel_s)
+        except asyncio.CancelledError:
+            interrupted = True
+            continue
+        for task in running:
+            log.warning("%s still runs %.1f s after it was cancelled: cancelling it again",
+                        task.get_name() if isinstance(task, asyncio.Task) else task, recancel_s)
             task.cancel()
-        await asyncio.wait(pending, timeout=RECANCEL_S)
     for ended in tasks:
         if ended is not None and not ended.cancelled():
             ended.exception()  # retrieved: asyncio does not log it as never retrieved
+    if interrupted:
+        raise asyncio.CancelledError
 
 
-async def stop_task(task: asyncio.Future[Any] | None) -> None:
+async def stop_task(task: asyncio.Future[Any] | None, *, recancel_s: float = RECANCEL_S) -> None:
     """:func:`cancel_and_wait` for one task, then raise what it raised other than its cancellation,
     as ``await task`` would."""
-    await cancel_and_wait(task)
+    await cancel_and_wait(task, recancel_s=recancel_s)
     if task is not None and not task.cancelled():
         task.result()

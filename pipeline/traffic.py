@@ -113,13 +113,15 @@ class TrafficLearner:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await stop_task(self._task)
-        for client, topic_filter in list(self._subs):
-            self.unsubscribed(client, topic_filter)
         try:
-            await self.flush()
-        finally:
-            await self._db.close()
+            await stop_task(self._task)
+        finally:  # even when the caller is cancelled: what was learned is written and the file closed
+            for client, topic_filter in list(self._subs):
+                self.unsubscribed(client, topic_filter)
+            try:
+                await self.flush()
+            finally:
+                await self._db.close()
 
     # -- what the broker calls (synchronous, cheap: once per message) --------------------------------
     def published(self, topic: str, origin: str | None, count: int = 1) -> None:

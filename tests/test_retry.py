@@ -10,7 +10,16 @@ import sys
 
 import pytest
 
-from pipeline.retry import RECANCEL_S, StateLog, backoff_delay, cancel_and_wait, commit_delay, stop_task, until_done
+from pipeline.retry import (
+    RECANCEL_S,
+    StateLog,
+    backoff_delay,
+    cancel_and_wait,
+    commit_delay,
+    raise_swallowed_cancel,
+    stop_task,
+    until_done,
+)
 
 LOGGER = "test.retry"
 
@@ -178,42 +187,58 @@ async def test_cancelling_until_done_ends_its_wait() -> None:
     assert op.calls == 1
 
 
-# -- cancel_and_wait / stop_task ---------------------------------------------------------------------
+# -- cancel_and_wait / stop_task / raise_swallowed_cancel ------------------------------------------------
+
+QUICK = 0.05  # a re-cancel interval for the tests
 
 
-async def _answered_as_cancelled(answers: asyncio.Queue[asyncio.Future[int]]) -> None:
-    """Waits for replies as pymodbus does (``asyncio.wait_for``), one after another, forever."""
+async def _answered_as_cancelled(answers: asyncio.Queue[asyncio.Future[int]], *, check: bool) -> None:
+    """Waits for replies as pymodbus does (``asyncio.wait_for``), one after another, forever; with
+    ``check``, calls ``raise_swallowed_cancel`` after each, as the Modbus driver does."""
     while True:
         reply: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         await answers.put(reply)
         await asyncio.wait_for(reply, 10.0)
+        if check:
+            raise_swallowed_cancel()
 
 
-async def _swallowing_task() -> tuple[asyncio.Task[None], asyncio.Future[int]]:
-    """A task cancelled in the same loop step as its reply arrives. On Python 3.11 ``wait_for``
-    returns the reply and the task runs on; on 3.12 it ends."""
+async def _swallowing_task(*, check: bool = False) -> asyncio.Task[None]:
+    """A task to be cancelled in the same loop step as its reply arrives (call ``cancel`` at once).
+    On Python 3.11 ``wait_for`` then returns the reply and the task runs on; on 3.12 it ends."""
     answers: asyncio.Queue[asyncio.Future[int]] = asyncio.Queue()
-    task = asyncio.create_task(_answered_as_cancelled(answers))
+    task = asyncio.create_task(_answered_as_cancelled(answers, check=check))
     reply = await answers.get()
     await asyncio.sleep(0)  # the task is in wait_for now
     reply.set_result(1)
-    return task, reply
+    return task
 
 
-async def test_one_cancel_may_be_swallowed_and_cancel_and_wait_ends_the_task_anyway() -> None:
-    task, _ = await _swallowing_task()
+async def test_one_cancel_may_be_swallowed_and_raise_swallowed_cancel_ends_the_task() -> None:
+    task = await _swallowing_task()
     task.cancel()
-    await asyncio.wait({task}, timeout=3 * RECANCEL_S)
+    await asyncio.wait({task}, timeout=0.3)
     if sys.version_info < (3, 12):
         assert not task.done(), "Python 3.11's wait_for swallowed the cancel: the task runs on"
     task.cancel()
     await asyncio.wait({task}, timeout=5)
     assert task.cancelled()
 
-    task, _ = await _swallowing_task()
+    checked = await _swallowing_task(check=True)
+    checked.cancel()
+    await asyncio.wait({checked}, timeout=5)
+    assert checked.cancelled()
+
+
+async def test_cancel_and_wait_cancels_again_a_task_that_swallowed_its_cancel(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    task = await _swallowing_task()
     async with asyncio.timeout(5):
-        await cancel_and_wait(task)  # its first cancel comes in the reply's step too
+        await cancel_and_wait(task, recancel_s=QUICK)  # its first cancel comes in the reply's step
     assert task.cancelled()
+    if sys.version_info < (3, 12):
+        assert "after it was cancelled: cancelling it again" in caplog.text
 
 
 async def test_a_task_that_ignores_cancels_for_a_while_is_cancelled_until_it_ends() -> None:
@@ -232,12 +257,30 @@ async def test_a_task_that_ignores_cancels_for_a_while_is_cancelled_until_it_end
     task = asyncio.create_task(stubborn())
     await asyncio.sleep(0)
     async with asyncio.timeout(5):
-        await stop_task(task)
+        await stop_task(task, recancel_s=QUICK)
     assert task.cancelled()
     assert cancels == 3
 
 
-async def test_cancelling_the_caller_is_not_swallowed() -> None:
+async def test_a_cleanup_shorter_than_the_recancel_time_is_not_cut() -> None:
+    steps: list[str] = []
+
+    async def with_cleanup() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            steps.append("cleanup started")
+            await asyncio.sleep(0.3)  # a BLE disconnect, a broker's goodbye
+            steps.append("cleanup done")
+
+    task = asyncio.create_task(with_cleanup())
+    await asyncio.sleep(0)
+    await stop_task(task, recancel_s=1.0)
+    assert steps == ["cleanup started", "cleanup done"]
+    assert RECANCEL_S >= 1.0
+
+
+async def test_cancelling_the_caller_finishes_the_stop_then_raises() -> None:
     deaf = True
 
     async def deaf_for_now() -> None:  # ignores every cancel while ``deaf``
@@ -250,17 +293,16 @@ async def test_cancelling_the_caller_is_not_swallowed() -> None:
 
     task = asyncio.create_task(deaf_for_now())
     await asyncio.sleep(0)
-    caller = asyncio.create_task(stop_task(task))
-    await asyncio.sleep(3 * RECANCEL_S)
+    caller = asyncio.create_task(stop_task(task, recancel_s=QUICK))
+    await asyncio.sleep(3 * QUICK)
     caller.cancel()
+    await asyncio.sleep(3 * QUICK)
+    assert not caller.done(), "the stop goes on: the task is not left half-stopped and untracked"
+    deaf = False
     with pytest.raises(asyncio.CancelledError):
         async with asyncio.timeout(5):
             await caller
     assert caller.cancelled()
-    assert not task.done()
-    deaf = False
-    async with asyncio.timeout(5):
-        await stop_task(task)
     assert task.cancelled()
 
 

@@ -11,7 +11,9 @@ After a read that got no usable reply, the driver stays quiet for ``QUIET_AFTER_
 the timeout) before its next request, as libmodbus's error recovery flushes the line: a reply that comes
 late (a slow device, or this gateway's loop stalled past the timeout) arrives then, with no request
 waiting, and pymodbus drops it. RTU replies carry no request id, so one arriving during the next read
-would be taken as that read's answer: another block's words under this block's metrics.
+would be taken as that read's answer. A reply later still is caught when it does not fit the read (another
+function: ``wrong_function``; another size: ``bad_length``), and the driver goes quiet again; one that
+fits (the previous poll's reply to the same block) cannot be told from the answer.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from drivers.base import DriverReading, DriverStats, Sink
 from drivers.errors import DriverError
 from drivers.reading import FrameError
 from drivers.serial.modbus import FUNCTION, Block, RegisterSpec, classify_reply, decode_block, plan_blocks
-from pipeline.retry import StateLog, backoff_delay
+from pipeline.retry import StateLog, backoff_delay, raise_swallowed_cancel
 
 log = logging.getLogger(__name__)
 logging.getLogger("pymodbus.logging").setLevel(logging.CRITICAL)  # it logs every timeout; we count them
@@ -82,6 +84,7 @@ class ModbusDriver:
                 reason = "cannot open the port"
             if not connected:
                 client.close()
+                raise_swallowed_cancel()
                 self._state.down(reason)
                 attempt += 1
                 await asyncio.sleep(backoff_delay(attempt))
@@ -90,6 +93,7 @@ class ModbusDriver:
             self.stats.connected = True
             attempt = 0
             try:
+                raise_swallowed_cancel()  # pymodbus connects and reads with 3.11's asyncio.wait_for
                 await self._poll_forever(client, sink)
             except PortLost as exc:
                 self.stats.disconnects += 1
@@ -117,18 +121,30 @@ class ModbusDriver:
         try:
             response = await read(block.address, count=block.count, device_id=self.unit_id)
         except ModbusException as exc:
+            raise_swallowed_cancel()
             if not client.connected:
                 raise PortLost(str(exc)) from None
             failure = classify_reply(self._rx, self.unit_id, FUNCTION[block.kind], block.count)
             if failure.reason == "no_reply":
                 failure = FrameError("timeout", f"no reply within {self.timeout_s} s")
             await self._reject(sink, failure)
-            await asyncio.sleep(min(QUIET_AFTER_FAILURE_S, self.timeout_s))  # a late reply arrives and is dropped
+            await self._quiet()
             return
+        raise_swallowed_cancel()
         if response.isError():
             code = getattr(response, "exception_code", 0)
             detail = f"exception response {code} to a read at {block.address}"
             await self._reject(sink, FrameError(f"exception_{code}", detail))
+            return
+        function = FUNCTION[block.kind]
+        if response.function_code != function or len(response.registers) != block.count:
+            # The answer to another read (a reply later than the quiet time): its words are not this block's.
+            if response.function_code != function:
+                misfit = FrameError("wrong_function", f"a function {response.function_code} reply to a {function} read")
+            else:
+                misfit = FrameError("bad_length", f"{len(response.registers)} registers, expected {block.count}")
+            await self._reject(sink, misfit)
+            await self._quiet()  # this read's own reply is on its way: let it pass
             return
         self.stats.frames += 1
         for item in decode_block(block, response.registers):
@@ -137,6 +153,11 @@ class ModbusDriver:
                 continue
             self.stats.readings += 1
             await sink.reading(DriverReading(self.device_id, item.metric, item.value, item.unit))
+
+    async def _quiet(self) -> None:
+        """After a read with no usable reply: wait, so that a late reply arrives with no request waiting
+        (pymodbus drops it) instead of during the next read."""
+        await asyncio.sleep(min(QUIET_AFTER_FAILURE_S, self.timeout_s))
 
     async def _reject(self, sink: Sink, error: FrameError) -> None:
         self.stats.errors[error.reason] += 1

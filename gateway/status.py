@@ -139,6 +139,11 @@ class ExternalBrokerStatus(_Status):
                                               "broker (an MQTT 5 PUBACK reason code of 0x80 or more; the outboxes "
                                               "keep what a destination forwards)")
     disconnects: int
+    subscriptions_refused: int = Field(default=0, description="subscriptions the broker refused (SUBACK failure)"
+                                                              ", counted at each connection: those topics are not read")
+    subscriptions_at_qos0: int = Field(default=0, description="subscriptions granted QoS 0 for the gateway's QoS 1, "
+                                                              "counted at each connection: deliveries there are at "
+                                                              "most once")
 
 
 class BrokerStatus(_Status):

@@ -104,6 +104,7 @@ async def test_external_mode_end_to_end(tmp_path: Path, mosquitto: Mosquitto, pr
         assert (status.broker.mode, external.connected, external.protocol) == (
             "external", True, "5" if protocol == "auto" else "3.1.1")
         assert external.received == external.acknowledged == 5
+        assert (external.subscriptions_refused, external.subscriptions_at_qos0) == (0, 0)  # Mosquitto granted QoS 1
         assert status.stages["clean"].rejected == {"non_numeric": 1}
         ack = next(json.loads(m.payload) for m in watcher.messages if m.topic == "cmdack/s1/valve-1/open")
         assert ack["data"]["status"] == "delivered"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -604,3 +605,29 @@ async def test_an_mqtt_5_puback_with_a_failure_reason_code_counts_as_a_failure()
         assert (client.publish("t/a", b"1", 1), client.publish("t/b", b"2", 1)) == (1, 2)
         assert (await client.published(1, 5), await client.published(2, 5)) == (False, True)
         assert client.publishes_refused == 1
+
+
+async def test_a_suback_that_refuses_or_grants_qos_0_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Every subscription asks for QoS 1 (deliveries held until the journal has them). A broker may refuse one
+    (0x80: those topics are not read) or grant QoS 0 (deliveries at most once): both are counted for the
+    external broker's status, and logged. (Mosquitto refuses neither: with an ``acl_file`` it filters
+    deliveries instead, and ``max_qos 0`` refuses the gateway's QoS 1 will at CONNECT. A raw broker says it.)"""
+    caplog.set_level(logging.WARNING, logger="gateway.broker.mqtt_client")
+
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _accept(writer)  # (RawBroker read the CONNECT)
+        data = b""
+        while len(data) < 4:  # the SUBSCRIBE's fixed header and packet id
+            if not (more := await reader.read(4096)):
+                return
+            data += more
+        assert data[0] == 0x82, data
+        writer.write(b"\x90\x05" + data[2:4] + b"\x01\x00\x80")  # granted 1, granted 0, refused
+        await writer.drain()
+
+    async with _client_of(script, protocol="3.1.1", subscriptions=["a/#", "b/#", "c/#"]) as (_, client, _recorder):
+        await until(lambda: client.subscribe_failures, 10, "the SUBACK")
+        assert (client.subscribe_failures, client.subscriptions_at_qos0) == (1, 1)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("refused 1 of the gateway's subscriptions" in line for line in lines), lines
+    assert any("granted QoS 0 to 1 of the gateway's QoS 1 subscriptions" in line for line in lines), lines

@@ -354,6 +354,8 @@ class ExternalBroker:
                 "retained_skipped": self.retained_skipped, "oversized_skipped": self.oversized_skipped,
                 "pending": self.pending_deliveries(), "published": self.published,
                 "publish_failures": self.publish_failures, "disconnects": self.disconnects,
+                "subscriptions_refused": self._link.subscriptions_refused if self._link is not None else 0,
+                "subscriptions_at_qos0": self._link.subscriptions_at_qos0 if self._link is not None else 0,
             },
             # The embedded broker's sections, empty: the site's broker keeps its own sessions and bounds.
             "connections": 0,
@@ -441,6 +443,14 @@ class _Link:
     @property
     def publishes_refused(self) -> int:
         return self._client.publishes_refused
+
+    @property
+    def subscriptions_refused(self) -> int:
+        return self._client.subscribe_failures
+
+    @property
+    def subscriptions_at_qos0(self) -> int:
+        return self._client.subscriptions_at_qos0
 
     def drop(self, generation: int, why: str) -> None:
         """Close connection ``generation`` if it is still the one (it reconnects, with the usual wait)."""

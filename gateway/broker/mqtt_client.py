@@ -51,7 +51,8 @@ _CONNACK_REASONS = {1: "unacceptable protocol version", 2: "identifier rejected"
                     4: "bad user name or password", 5: "not authorized", 0x80: "unspecified error",
                     0x84: "unsupported protocol version", 0x85: "client identifier not valid",
                     0x86: "bad user name or password", 0x87: "not authorized", 0x88: "server unavailable",
-                    0x89: "server busy", 0x8A: "banned", 0x8C: "bad authentication method"}
+                    0x89: "server busy", 0x8A: "banned", 0x8C: "bad authentication method",
+                    0x9A: "retain not supported", 0x9B: "QoS not supported"}
 _PROTOCOL_REFUSED = (1, 0x84)  # 3.1.1 "unacceptable protocol version", 5 "unsupported protocol version"
 RETAIN_NOT_SENT = 0x20  # MQTT 5 subscription option: retain handling 2, no retained messages on subscribing
 # MQTT 5 property identifiers -> the size of their value (0: a variable byte integer; -2: a string or binary
@@ -472,7 +473,8 @@ class MqttClient:
         self._sent: set[int] = set()  # of them, those written on a connection (sent again with DUP)
         self._send_maximum = 65_535  # the broker's Receive Maximum (MQTT 5)
         self._waiters: dict[int, asyncio.Future[bool]] = {}
-        self.subscribe_failures = 0
+        self.subscribe_failures = 0  # subscriptions the broker refused (SUBACK 0x80 or more)
+        self.subscriptions_at_qos0 = 0  # granted QoS 0 for our QoS 1: deliveries then are never acknowledged
         self.publishes_refused = 0  # our QoS 1 PUBLISHes an MQTT 5 broker answered with a failure reason code
 
     @property
@@ -709,6 +711,11 @@ class MqttClient:
             self.subscribe_failures += refused
             log.warning("external broker %s:%d refused %d of the gateway's subscriptions", self.host, self.port,
                         refused)
+        if at_qos0 := codes.count(0):  # every subscription asks for QoS 1
+            self.subscriptions_at_qos0 += at_qos0
+            log.warning("external broker %s:%d granted QoS 0 to %d of the gateway's QoS 1 subscriptions: what it"
+                        " delivers on them is not acknowledged, and a crash can lose it",
+                        self.host, self.port, at_qos0)
 
     def _packet_id(self) -> int:
         for _ in range(65_535):

@@ -611,7 +611,8 @@ async def test_a_suback_that_refuses_or_grants_qos_0_is_counted_and_logged(caplo
     """Every subscription asks for QoS 1 (deliveries held until the journal has them). A broker may refuse one
     (0x80: those topics are not read) or grant QoS 0 (deliveries at most once): both are counted for the
     external broker's status, and logged. (Mosquitto refuses neither: with an ``acl_file`` it filters
-    deliveries instead, and ``max_qos 0`` refuses the gateway's QoS 1 will at CONNECT. A raw broker says it.)"""
+    deliveries instead, and ``max_qos 0`` refuses the gateway's retained QoS 1 will at CONNECT. A raw broker
+    says it.)"""
     caplog.set_level(logging.WARNING, logger="gateway.broker.mqtt_client")
 
     async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

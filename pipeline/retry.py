@@ -167,20 +167,26 @@ async def cancel_and_wait(*tasks: asyncio.Future[Any] | None, recancel_s: float 
     goes on until they have ended, then the caller's ``CancelledError`` is raised (``with
     contextlib.suppress(asyncio.CancelledError): await task`` swallowed it).
     """
+    loop = asyncio.get_running_loop()
     pending = {task for task in tasks if task is not None}
     for task in pending:
         task.cancel()
+    deadline = loop.time() + recancel_s  # not moved by the caller's cancels: a stop inside a stop ends too
     interrupted = False
     while pending := {task for task in pending if not task.done()}:
         try:
-            _, running = await asyncio.wait(pending, timeout=recancel_s)
+            await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
         except asyncio.CancelledError:
             interrupted = True
             continue
-        for task in running:
-            log.warning("%s still runs %.1f s after it was cancelled: cancelling it again",
-                        task.get_name() if isinstance(task, asyncio.Task) else task, recancel_s)
-            task.cancel()
+        if loop.time() < deadline:
+            continue  # all ended
+        for task in pending:
+            if not task.done():
+                log.warning("%s still runs %.1f s after it was cancelled: cancelling it again",
+                            task.get_name() if isinstance(task, asyncio.Task) else task, recancel_s)
+                task.cancel()
+        deadline = loop.time() + recancel_s
     for ended in tasks:
         if ended is not None and not ended.cancelled():
             ended.exception()  # retrieved: asyncio does not log it as never retrieved

@@ -322,3 +322,32 @@ async def test_stop_task_raises_what_the_task_raised_and_cancel_and_wait_does_no
     assert isinstance(second.exception(), RuntimeError)
     await stop_task(None)
     await cancel_and_wait()
+
+
+async def test_a_stop_inside_a_stop_cancels_the_inner_task_again() -> None:
+    """The outer stop's re-cancels interrupt the inner stop's wait; the inner one still re-cancels on time
+    (SIGTERM while a reload stops a driver that swallowed its cancel)."""
+    cancels = 0
+
+    async def swallows_once() -> None:
+        nonlocal cancels
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancels += 1
+                if cancels == 2:
+                    raise
+
+    inner = asyncio.create_task(swallows_once())
+    await asyncio.sleep(0)
+
+    async def stopping_inner() -> None:
+        await cancel_and_wait(inner, recancel_s=QUICK)
+
+    outer = asyncio.create_task(stopping_inner())
+    await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        await stop_task(outer, recancel_s=QUICK)
+    assert inner.cancelled()
+    assert outer.cancelled()

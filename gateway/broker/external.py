@@ -125,10 +125,12 @@ class ExternalBroker:
     ) -> None:
         self._draining = True
         self._closing = True
-        await stop_task(self._consumer)
-        if self._link is not None:
-            await self._link.close(goodbye=self._connected)
-        self._connected = False
+        try:
+            await stop_task(self._consumer)
+        finally:  # the connection closes (with its goodbye) whatever the consumer's stop raised
+            if self._link is not None:
+                await self._link.close(goodbye=self._connected)
+            self._connected = False
 
     def when_connected(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Call ``callback`` (on the event loop) after every (re)connection: retained messages of the

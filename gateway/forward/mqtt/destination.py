@@ -224,6 +224,8 @@ class MqttDestination:
             self._loop.call_soon_threadsafe(fn, *args)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        if client is not self._client:
+            return  # a client given up (see _on_disconnect)
         if reason.is_failure:
             unsupported = reason.value in (1, 0x84)  # 3.1.1 "unacceptable protocol version" / 5 "unsupported"
             if unsupported and self._settings.protocol == "auto" and self._version == MQTTProtocolVersion.MQTTv5:
@@ -264,6 +266,8 @@ class MqttDestination:
         self._connect()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        if client is not self._client:
+            return  # the MQTT 5 client given up for 3.1.1, closing late: the new one may be connected already
         if (not self.protocol_in_use and self._settings.protocol == "auto"
                 and self._version == MQTTProtocolVersion.MQTTv5):
             # Closed before any CONNACK we could read: a 3.1.1-only broker answers an MQTT 5 CONNECT

@@ -241,25 +241,31 @@ async def test_cancel_and_wait_cancels_again_a_task_that_swallowed_its_cancel(
         assert "after it was cancelled: cancelling it again" in caplog.text
 
 
-async def test_a_task_that_ignores_cancels_for_a_while_is_cancelled_until_it_ends() -> None:
-    cancels = 0
+class _Stubborn:
+    """A task body that ends on its ``n``-th cancel only (``cancels`` counts them)."""
 
-    async def stubborn() -> None:
-        nonlocal cancels
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.cancels = 0
+
+    async def __call__(self) -> None:
         while True:
             try:
                 await asyncio.sleep(3600)
             except asyncio.CancelledError:
-                cancels += 1
-                if cancels == 3:
+                self.cancels += 1
+                if self.cancels == self.n:
                     raise
 
+
+async def test_a_task_that_ignores_cancels_for_a_while_is_cancelled_until_it_ends() -> None:
+    stubborn = _Stubborn(3)
     task = asyncio.create_task(stubborn())
     await asyncio.sleep(0)
     async with asyncio.timeout(5):
         await stop_task(task, recancel_s=QUICK)
     assert task.cancelled()
-    assert cancels == 3
+    assert stubborn.cancels == 3
 
 
 async def test_a_cleanup_shorter_than_the_recancel_time_is_not_cut() -> None:
@@ -327,19 +333,7 @@ async def test_stop_task_raises_what_the_task_raised_and_cancel_and_wait_does_no
 async def test_a_stop_inside_a_stop_cancels_the_inner_task_again() -> None:
     """The outer stop's re-cancels interrupt the inner stop's wait; the inner one still re-cancels on time
     (SIGTERM while a reload stops a driver that swallowed its cancel)."""
-    cancels = 0
-
-    async def swallows_once() -> None:
-        nonlocal cancels
-        while True:
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                cancels += 1
-                if cancels == 2:
-                    raise
-
-    inner = asyncio.create_task(swallows_once())
+    inner = asyncio.create_task(_Stubborn(2)())
     await asyncio.sleep(0)
 
     async def stopping_inner() -> None:

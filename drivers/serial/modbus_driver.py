@@ -137,22 +137,21 @@ class ModbusDriver:
             await self._reject(sink, FrameError(f"exception_{code}", detail))
             return
         function = FUNCTION[block.kind]
-        if response.function_code != function or len(response.registers) != block.count:
-            # The answer to another read (a reply later than the quiet time): its words are not this block's.
-            if response.function_code != function:
-                misfit = FrameError("wrong_function", f"a function {response.function_code} reply to a {function} read")
-            else:
-                misfit = FrameError("bad_length", f"{len(response.registers)} registers, expected {block.count}")
-            await self._reject(sink, misfit)
+        if response.function_code != function:  # the answer to another read, later than the quiet time
+            detail = f"a function {response.function_code} reply to a {function} read"
+            await self._reject(sink, FrameError("wrong_function", detail))
             await self._quiet()  # this read's own reply is on its way: let it pass
             return
         self.stats.frames += 1
-        for item in decode_block(block, response.registers):
+        items = decode_block(block, response.registers)
+        for item in items:
             if isinstance(item, FrameError):
                 await self._reject(sink, item)
                 continue
             self.stats.readings += 1
             await sink.reading(DriverReading(self.device_id, item.metric, item.value, item.unit))
+        if items and isinstance(items[0], FrameError) and items[0].reason == "bad_length":
+            await self._quiet()  # another read's answer too (decode_block checks the size)
 
     async def _quiet(self) -> None:
         """After a read with no usable reply: wait, so that a late reply arrives with no request waiting
